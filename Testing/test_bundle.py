@@ -1,0 +1,75 @@
+"""Bundles: round trip, hashes verified, clear refusals, no pickle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cldf.bundle import BundleError, load_bundle, read_card
+
+
+@pytest.fixture
+def copy(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
+
+
+def test_card_lists_channels_hashes_split_and_settings(tiny_bundle):
+    card = read_card(tiny_bundle)
+    assert card["channels"] == ["FLAIR", "T1"]
+    assert set(card["files"]) == {"cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors", "decoders.safetensors"}
+    assert all(len(h) == 64 for h in card["files"].values())
+    assert card["training"]["split"]["test"] and card["config"]["diffusion"]["num_train_timesteps"] == 1000
+    assert card["training"]["wall_clock_s"]["total"] > 0 and card["training"]["device"].startswith("cpu")
+
+
+def test_loads_every_network_and_decoder_seed(tiny_bundle):
+    b = load_bundle(tiny_bundle)
+    assert sorted(b.decoders) == ["cdm", "untrained"] and sorted(b.decoders["cdm"]) == [0, 1]
+    assert b.id.startswith("tiny@")
+
+
+def test_refuses_a_tampered_weight_file(copy):
+    data = bytearray((copy / "cam_classifier.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "cam_classifier.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="cam_classifier.safetensors does not match the sha256"):
+        load_bundle(copy)
+
+
+def test_refuses_a_missing_file(copy):
+    (copy / "decoders.safetensors").unlink()
+    with pytest.raises(BundleError, match="bundle file missing: .*decoders.safetensors"):
+        load_bundle(copy)
+
+
+def test_refuses_an_unknown_format_version(copy):
+    card = json.loads((copy / "bundle.json").read_text())
+    card["format_version"] = 99
+    (copy / "bundle.json").write_text(json.dumps(card))
+    with pytest.raises(BundleError, match="format version 99; this cldf reads version 1"):
+        load_bundle(copy)
+
+
+def test_refuses_a_corrupted_card(copy):
+    (copy / "bundle.json").write_text('{"format_version": 1, "files": ')
+    with pytest.raises(BundleError, match="corrupted"):
+        load_bundle(copy)
+
+
+def test_refuses_a_folder_that_is_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no bundle.json"):
+        load_bundle(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_no_pickle_anywhere_in_the_package():
+    from pathlib import Path
+
+    import cldf
+
+    for path in Path(cldf.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text, path

@@ -1,0 +1,123 @@
+"""The `cldf` command end to end on real scans: segment, evaluate, train resume, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cldf.cli import main
+
+from conftest import oblique_direction, write_image
+
+
+@pytest.fixture(scope="module")
+def oblique_case(case_paths, tmp_path_factory):
+    """A real case's voxels on an oblique, right-handed, anisotropic grid."""
+    d = tmp_path_factory.mktemp("oblique")
+    geometry = {"spacing": (0.7, 0.9, 3.3), "origin": (-12.5, 40.0, 7.25), "direction": oblique_direction()}
+    out = {}
+    for name in ("FLAIR", "T1"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths[name])))[:, :200, :180]
+        out[name] = write_image(a, d / f"{name}.nrrd", **geometry)
+    return out
+
+
+def _segment(bundle, inputs, out, *extra):
+    args = ["-q", "segment", "--bundle", str(bundle), "--out", str(out), "--device", "cpu"]
+    for k, v in inputs.items():
+        args += ["--input", f"{k}={v}"]
+    return main(args + list(extra))
+
+
+def test_outputs_have_the_inputs_exact_geometry(tiny_bundle, oblique_case, tmp_path):
+    assert _segment(tiny_bundle, oblique_case, tmp_path / "o") == 0
+    ref = sitk.ReadImage(str(oblique_case["FLAIR"]))
+    for name in ("cam", "mean_gradient", "seeds", "mask"):
+        img = sitk.ReadImage(str(tmp_path / "o" / f"{name}.nii.gz"))
+        assert img.GetSize() == ref.GetSize() == (180, 200, ref.GetSize()[2])
+        np.testing.assert_allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-5)
+        np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+        np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-5)
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "mask.nii.gz")))
+    seeds = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "seeds.nii.gz")))
+    assert set(np.unique(mask)) <= {0, 1} and set(np.unique(seeds)) <= {0, 1, 2}
+    cam = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "cam.nii.gz")))
+    assert cam.min() >= 0 and cam.max() <= 1
+    rows = (tmp_path / "o" / "slices.csv").read_text().splitlines()
+    assert rows[0].startswith("slice,presence_probability") and len(rows) == ref.GetSize()[2] + 1
+
+
+def test_two_runs_with_the_same_seed_give_identical_masks(tiny_bundle, case_paths, tmp_path):
+    inputs = {"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}
+    assert _segment(tiny_bundle, inputs, tmp_path / "a") == 0
+    assert _segment(tiny_bundle, inputs, tmp_path / "b", "--batch-size", "3") == 0
+    for name in ("mask", "seeds", "cam"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{name}.nii.gz")))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / f"{name}.nii.gz")))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_refuses_an_output_folder_with_results_unless_overwrite(tiny_bundle, case_paths, tmp_path, capsys):
+    inputs = {"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}
+    assert _segment(tiny_bundle, inputs, tmp_path / "o", "--format", "nrrd") == 0
+    before = (tmp_path / "o" / "mask.nrrd").stat().st_mtime_ns
+    assert _segment(tiny_bundle, inputs, tmp_path / "o", "--format", "nrrd") == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert (tmp_path / "o" / "mask.nrrd").stat().st_mtime_ns == before
+    assert _segment(tiny_bundle, inputs, tmp_path / "o", "--format", "nrrd", "--overwrite") == 0
+
+
+@pytest.mark.parametrize("inputs,message", [
+    (lambda p: {"FLAIR": p["FLAIR"]}, "missing channel"),
+    (lambda p: {"FLAIR": p["FLAIR"], "T1": p["T1"], "T1ce": p["T1"]}, "unexpected channel"),
+    (lambda p: {"FLAIR": p["FLAIR"], "T1": p["mask"].parent / "nothing.nii.gz"}, "file not found"),
+])
+def test_bad_inputs_get_a_clear_error_and_write_nothing(tiny_bundle, case_paths, tmp_path, capsys, inputs, message):
+    assert _segment(tiny_bundle, inputs(case_paths), tmp_path / "o") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refuses_channels_on_different_grids(tiny_bundle, case_paths, oblique_case, tmp_path, capsys):
+    assert _segment(tiny_bundle, {"FLAIR": case_paths["FLAIR"], "T1": oblique_case["T1"]}, tmp_path / "o") == 2
+    assert "different voxel grids" in capsys.readouterr().err
+
+
+def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["-q", "evaluate", "--bundle", str(tiny_bundle), "--data", str(small_manifest),
+                 "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["methods"]) == {"gradcam", "layercam", "mg", "fusion", "cldf", "cldf-untrained"}
+    cldf = report["methods"]["cldf"]
+    assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
+    assert "| cldf |" in capsys.readouterr().out
+
+
+def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path):
+    out = tmp_path / "bundle"
+    args = ["-q", "train", "--data", str(small_manifest), "--target", "1", "--channels", "FLAIR,T1",
+            "--out", str(out), "--device", "cpu", "--decoder-seeds", "0", "--set", "data.resolution=32",
+            "--set", "diffusion.steps=3", "--set", "noisy_classifier.steps=3", "--set", "cam_classifier.steps=3",
+            "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32"]
+    assert main(args) == 0
+    first = json.loads((out / "bundle.json").read_text())
+    cdm_meta = json.loads((out / ".checkpoints" / "cdm.json").read_text())
+    assert cdm_meta["step"] == 3
+    assert main(args) == 0  # every stage found complete: nothing retrained
+    second = json.loads((out / "bundle.json").read_text())
+    assert second["files"] == first["files"]
+    assert first["training"]["command"].startswith("cldf ") and "--channels FLAIR,T1" in first["training"]["command"]
+    longer = [a.replace("diffusion.steps=3", "diffusion.steps=5") for a in args]
+    assert main(longer) == 0
+    assert json.loads((out / ".checkpoints" / "cdm.json").read_text())["step"] == 5
+
+
+def test_train_help_is_for_newcomers(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "resumes" in text and "--preset" in text and "slice labels" in text

@@ -1,0 +1,44 @@
+"""Resumable training state in safetensors + JSON (no pickle): network, optimiser, step."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Write ``<path>.safetensors`` and ``<path>.json`` atomically (JSON last: it marks a complete save)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    save_file(tensors, str(weights.with_suffix(".tmp")))
+    os.replace(weights.with_suffix(".tmp"), weights)
+    doc = {**meta, "param_groups": opt["param_groups"]}
+    path.with_suffix(".json.tmp").write_text(json.dumps(doc))
+    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """Restore a checkpoint written by `save_checkpoint`; None when there is none."""
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, idx, key = k.split(".", 2)
+            state.setdefault(int(idx), {})[key] = v
+    optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
+    return meta

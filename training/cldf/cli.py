@@ -1,0 +1,232 @@
+"""The `cldf` command: train a bundle, segment volumes, evaluate, demo, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+CLDF: weakly supervised segmentation with contrastive learning on diffusion features.
+
+Train once on scans with slice-level labels only ("target present / absent"),
+then segment new scans: you get a class activation map (CAM), a mean-gradient
+map, the seeds derived from them and the final mask, on the input's voxel grid.
+
+  cldf train    --data manifest.json --target 1 --channels FLAIR,T1 --out my-bundle
+  cldf segment  --bundle my-bundle --input FLAIR=flair.nii.gz --input T1=t1.nii.gz --out results/
+  cldf evaluate --bundle my-bundle --data manifest.json --split test --out report.json
+  cldf demo     (segment a sample with the shipped brain bundle, write a PNG montage)
+  cldf bench    (seconds per slice and peak memory: fast path vs the paper-literal path)
+
+Run `cldf COMMAND --help` for the options of one command.
+"""
+
+
+TRAIN_DESCRIPTION = """\
+Train every CLDF stage and write a model bundle:
+  1. a class-conditional diffusion model (CDM) of your slices,
+  2. a classifier of noisy slices (for the mean-gradient map),
+  3. a classifier of clean slices (for the CAM, and to judge which slices hold the target),
+  4. pixel decoders trained on seeds where CAM and mean gradient agree.
+
+Training sees the volumes and one label per slice only: the slice labels come
+from a CSV per case, or are derived from masks (--target picks the mask values;
+a slice is positive when the target covers more than 1% of it).
+
+Interrupted? Run the same command again: it resumes from the checkpoints in
+OUT/.checkpoints (the diffusion model is checkpointed every few minutes).
+"""
+
+
+def _labels(text: str | None) -> list[int] | None:
+    if text is None or text.strip() in ("", "any"):
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target takes mask values like '1' or '2,3', not '{text}'") from None
+
+
+def _inputs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--input takes NAME=PATH (e.g. FLAIR=flair.nii.gz), not '{item}'")
+        if name in out:
+            raise ValueError(f"channel '{name}' is given twice in --input")
+        out[name] = path
+    return out
+
+
+def _apply_overrides(config, items: list[str]) -> None:
+    """``--set section.key=value`` (value as JSON, else a string) on a config."""
+    for item in items:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not hasattr(config, section) or not hasattr(getattr(config, section), name):
+            raise ValueError(f"--set takes SECTION.KEY=VALUE with a known setting (see bundle.json 'config'), not '{item}'")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cldf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model bundle from volumes and slice labels",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_DESCRIPTION)
+    t.add_argument("--data", required=True, type=Path, help="dataset manifest (JSON; format in the README)")
+    t.add_argument("--target", type=_labels, default=None,
+                   help="mask values that form the target, e.g. '1' or '2,3' (default: any non-zero); "
+                        "used only to derive slice labels")
+    t.add_argument("--channels", required=True, help="channel names in input order, e.g. FLAIR,T1")
+    t.add_argument("--out", required=True, type=Path, help="bundle directory to create (or resume)")
+    t.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
+                   help="cpu: 64x64, fits a 2-core machine (default); paper: the paper's 256x256 scale, for a GPU")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto uses CUDA when present")
+    t.add_argument("--seed", type=int, default=0, help="seed of the split, the networks and the sampling")
+    t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
+    t.add_argument("--target-name", default="target", help="name of the segment, e.g. tumour")
+    t.add_argument("--color", default="230,80,60", help="segment colour as R,G,B")
+    t.add_argument("--decoder-seeds", default="0,1,2", help="train one pixel decoder per seed (default 0,1,2)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one setting of the preset, e.g. --set diffusion.steps=8000 (repeatable)")
+
+    s = sub.add_parser("segment", help="segment one volume with a bundle",
+                       description="Write cam, mean_gradient, seeds (1 foreground, 2 background) and mask (0/1) "
+                                   "on the input's voxel grid, plus slices.csv (presence probability per slice).")
+    s.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
+    s.add_argument("--input", dest="inputs", action="append", required=True, metavar="NAME=PATH",
+                   help="one per bundle channel, e.g. --input FLAIR=flair.nii.gz --input T1=t1.nii.gz")
+    s.add_argument("--out", required=True, type=Path, help="output directory")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--format", choices=["nifti", "nrrd"], default="nifti", help=".nii.gz (default) or .nrrd")
+    s.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    s.add_argument("--decoder-seed", type=int, default=0, help="which shipped pixel decoder to use")
+    s.add_argument("--batch-size", type=int, default=8, help="slices per step")
+
+    e = sub.add_parser("evaluate", help="score every method on a split against ground truth",
+                       description="Dice, IoU, HD95 on positive slices and 3D Dice per case for gradcam, layercam, "
+                                   "mg, fusion, cldf and cldf-untrained; prints a Markdown table.")
+    e.add_argument("--bundle", required=True, type=Path)
+    e.add_argument("--data", required=True, type=Path, help="dataset manifest with masks")
+    e.add_argument("--split", default="test", help="train, val, test (as recorded in the bundle) or all")
+    e.add_argument("--target", type=_labels, default=None, help="mask values of the target (default: the bundle's)")
+    e.add_argument("--out", required=True, type=Path, help="report JSON to write")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
+    d.add_argument("--out", type=Path, default=Path("demo-output"))
+    d.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
+    d.add_argument("--data", type=Path, default=None, help="LGG manifest (default: ../shared/data/lgg or $CLDF_DATA/lgg)")
+
+    b = sub.add_parser("bench", help="speed and peak memory: fast path vs paper-literal reference path")
+    b.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
+    b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: LGG)")
+    b.add_argument("--case", default=None, help="case id (default: the first test case)")
+    b.add_argument("--slices", type=int, default=0, help="use only this many slices (0: all)")
+    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from .bundle import BundleError
+    from .data import InputError
+
+    try:
+        return COMMANDS[args.command](args, argv if argv is not None else sys.argv[1:])
+    except (InputError, BundleError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"cldf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cldf {args.command}: interrupted; nothing half-written was kept. "
+              "`cldf train` resumes from its checkpoints when run again.", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args, argv) -> int:
+    from .config import preset
+    from .train import TrainRequest, train
+
+    cfg = preset(args.preset)
+    cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
+    if not cfg.data.channels:
+        raise ValueError("--channels needs at least one channel name, e.g. FLAIR,T1")
+    _apply_overrides(cfg, args.overrides)
+    color = tuple(int(v) for v in args.color.split(","))
+    if len(color) != 3 or not all(0 <= v <= 255 for v in color):
+        raise ValueError(f"--color takes R,G,B in 0..255, not '{args.color}'")
+    out = train(TrainRequest(
+        manifest=args.data, out=args.out, config=cfg, target_labels=args.target, device=args.device, seed=args.seed,
+        decoder_seeds=tuple(int(v) for v in args.decoder_seeds.split(",")), name=args.name or args.out.name,
+        target_name=args.target_name, target_color=color, command="cldf " + shlex.join(argv), progress=not args.quiet,
+    ))
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_segment(args, argv) -> int:
+    from .bundle import load_bundle
+    from .outputs import check_out_dir, write_result
+    from .segment import Segmenter
+
+    inputs = _inputs(args.inputs)
+    check_out_dir(args.out, args.format, args.overwrite)
+    bundle = load_bundle(args.bundle)
+    job = Segmenter(bundle, args.device, args.batch_size).start(inputs, args.decoder_seed)
+    result = job.run(progress=not args.quiet)
+    paths = write_result(result, args.out, args.format, args.overwrite)
+    n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
+    print(f"{job.total} slices, {n_pos} judged to contain the target, {int(result.mask.sum())} mask voxels")
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args, argv) -> int:
+    from .bundle import load_bundle
+    from .data import load_manifest
+    from .evaluate import case_ids_for_split, evaluate, markdown_table, write_report
+
+    bundle = load_bundle(args.bundle)
+    manifest = load_manifest(args.data)
+    labels = args.target if args.target is not None else bundle.card.get("task", {}).get("mask_labels")
+    cases = case_ids_for_split(bundle, manifest, args.split)
+    report = evaluate(bundle, manifest, cases, labels, args.device, progress=not args.quiet)
+    report["split"] = args.split
+    write_report(report, args.out)
+    print(f"{args.split} split, {len(cases)} cases (positive slices: target > "
+          f"{bundle.config.data.positive_fraction:.0%} of the slice)\n")
+    print(markdown_table(report))
+    print(f"\nreport written to {args.out}")
+    return 0
+
+
+def cmd_demo(args, argv) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.bundle, args.data, progress=not args.quiet)
+    return 0
+
+
+def cmd_bench(args, argv) -> int:
+    from .bench import run_bench
+
+    run_bench(args.bundle, args.data, args.case, args.slices, args.device)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The one source of defaults: every setting of a CLDF model bundle.
+
+Each stage of the pipeline has a dataclass; `CLDFConfig` groups them and is
+written into ``bundle.json``. The paper's stated values (Zeng et al. 2025) are
+the defaults; a preset lists the departures it makes and why, and a bundle
+records the settings it was trained and tuned with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    """Reading volumes and cutting slices.
+
+    Attributes:
+        channels: channel names in the order the networks see them.
+        resolution: square in-plane size slices are padded and resized to.
+        percentiles: robust intensity range mapped to [-1, 1] per volume and channel.
+        positive_fraction: a slice is positive when the target covers more than
+            this fraction of it; slices with 0 < fraction <= this are ambiguous
+            and dropped from training.
+        body_threshold: normalised intensity above which (in any channel) a
+            pixel counts as body; air carries no information.
+        split_fractions: train / validation / test fractions of patients.
+    """
+
+    channels: list[str] = field(default_factory=lambda: ["FLAIR", "T1"])
+    resolution: int = 64
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    positive_fraction: float = 0.01
+    body_threshold: float = -0.8
+    split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
+
+
+@dataclass
+class DiffusionConfig:
+    """The class-conditional DDPM (CDM) and its noise schedule.
+
+    Every timestep ``t`` in the other configs is an index into this schedule.
+    """
+
+    num_train_timesteps: int = 1000
+    schedule: str = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 32
+    steps: int = 4000
+    batch_size: int = 16
+    lr: float = 2e-4
+
+
+@dataclass
+class ClassifierConfig:
+    """A slice classifier: the UNet encoder with global average pooling.
+
+    Used twice: the external classifier on noisy ``x_t`` (for the mean-gradient
+    map) and the CAM classifier on clean slices (``max_timestep = 0``), which
+    also judges slice presence at inference.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    num_res_blocks: int = 1
+    norm_num_groups: int = 32
+    max_timestep: int = 1000
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 2e-4
+
+
+@dataclass
+class MapConfig:
+    """Class activation and mean-gradient maps (DESIGN steps 3 and 4)."""
+
+    cam_method: str = "layercam"
+    cam_layers: tuple[int, ...] = (0, 1, 2)
+    gradcam_layer: int = 2
+    mg_timesteps: tuple[int, ...] = tuple(range(10, 201, 10))
+    noise_seed: int = 0
+
+
+@dataclass
+class SeedConfig:
+    """Seed fusion (DESIGN step 5). A threshold is ``"otsu"`` or a number in [0, 1]."""
+
+    cam_threshold: str | float = "otsu"
+    mg_threshold: str | float = "otsu"
+    background_per_slice: int = 5000
+    background_in_body: bool = True
+
+
+@dataclass
+class FeatureConfig:
+    """Diffusion features from the frozen CDM (DESIGN step 6)."""
+
+    blocks: tuple[int, ...] = (0, 1)
+    timesteps: tuple[int, ...] = (1, 10, 50, 100)
+    class_label: int = 1
+    noise_seed: int = 0
+
+
+@dataclass
+class DecoderConfig:
+    """The MLP pixel decoder and its supervised contrastive training (step 7)."""
+
+    hidden: tuple[int, ...] = (16, 16, 16, 16)
+    temperature: float = 0.1
+    lr: float = 1.0
+    momentum: float = 0.0
+    epochs: int = 5
+    batch_slices: int = 4
+    pixels_per_class: int = 0
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    """Inference (step 8): slice gating, K-means and the foreground rule."""
+
+    presence_threshold: float = 0.5
+    k: int = 2
+    within_body: bool = False
+    seed: int = 0
+
+
+@dataclass
+class CLDFConfig:
+    """Every setting of a bundle, grouped by stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cam_classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000))
+    maps: MapConfig = field(default_factory=MapConfig)
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLDFConfig":
+        """Rebuild from ``to_dict`` output; unknown keys are refused by name."""
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            sub = d.get(f.name, {})
+            sub_cls = type(getattr(cls(), f.name))
+            names = {g.name: g for g in dataclasses.fields(sub_cls)}
+            unknown = set(sub) - set(names)
+            if unknown:
+                raise ValueError(f"unknown setting(s) {sorted(unknown)} in section '{f.name}' of the config")
+            kwargs[f.name] = sub_cls(**{k: _restore(v, names[k]) for k, v in sub.items()})
+        return cls(**kwargs)
+
+
+def _restore(value: Any, f: dataclasses.Field) -> Any:
+    """JSON turns tuples into lists: give tuple-typed fields their tuples back."""
+    if isinstance(value, list) and "tuple" in str(f.type):
+        return tuple(value)
+    return value
+
+
+# The paper's scale (256x256, its decoder and schedule), for a GPU.
+PAPER = CLDFConfig(
+    data=DataConfig(resolution=256),
+    diffusion=DiffusionConfig(
+        channels=(64, 128, 256, 256),
+        attention_levels=(False, False, True, True),
+        num_res_blocks=2,
+        steps=50000,
+        batch_size=16,
+        lr=1e-4,
+    ),
+    noisy_classifier=ClassifierConfig(
+        channels=(64, 128, 256, 256), attention_levels=(False, False, True, True), num_res_blocks=2, steps=20000
+    ),
+    cam_classifier=ClassifierConfig(
+        channels=(64, 128, 256, 256), attention_levels=(False, False, False, False), num_res_blocks=2,
+        max_timestep=0, steps=10000,
+    ),
+    features=FeatureConfig(blocks=(0, 1, 2)),
+)
+
+# What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the
+# paper chosen on the validation split are listed in the README and recorded in
+# bundle.json next to these values.
+CPU = CLDFConfig()
+
+PRESETS: dict[str, CLDFConfig] = {"cpu": CPU, "paper": PAPER}
+
+
+def preset(name: str) -> CLDFConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
+    return CLDFConfig.from_dict(PRESETS[name].to_dict())

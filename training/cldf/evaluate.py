@@ -1,0 +1,198 @@
+"""`cldf evaluate`: every method of the paper's tables on one split, scored against ground truth.
+
+Protocol (the papers'): Dice, IoU and HD95 over positive slices, i.e. slices
+where the target covers more than the bundle's ``positive_fraction``; plus a
+3D Dice per case over all slices. Maps are thresholded per slice with Otsu
+(`gradcam`, `layercam`, `mg`); `fusion` is CAM AND MG with the bundle's seed
+thresholds; `cldf` and `cldf-untrained` are the product's masks (slices judged
+negative stay empty) for every shipped decoder seed, reported as means over seeds.
+HD95 is in millimetres; an empty prediction on a positive slice scores the
+slice's diagonal. Ground truth is read here for scoring only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.metrics import compute_hausdorff_distance
+from tqdm.auto import tqdm
+
+from .bundle import Bundle
+from .data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
+from .maps import GradCAM, LayerCAM
+from .seeds import FOREGROUND, otsu_threshold
+from .segment import Segmenter
+
+BASELINES = ("gradcam", "layercam", "mg", "fusion")
+CLDF_METHODS = ("cldf", "cldf-untrained")
+METHODS = BASELINES + CLDF_METHODS
+
+
+@dataclass
+class SliceScores:
+    dice: list[float]
+    iou: list[float]
+    hd95: list[float]
+    dice_3d: list[float]  # one per case
+
+
+def case_ids_for_split(bundle: Bundle, manifest: Manifest, split: str) -> list[str]:
+    if split == "all":
+        return [c.id for c in manifest.cases]
+    splits = bundle.card.get("training", {}).get("split", {})
+    if split not in splits:
+        raise ValueError(f"split '{split}' is not recorded in the bundle; choose one of {sorted(splits)} or 'all'")
+    known = {c.id for c in manifest.cases}
+    missing = [i for i in splits[split] if i not in known]
+    if missing:
+        raise InputError(f"the bundle's {split} split names cases missing from {manifest.path}: {missing[:5]}")
+    return list(splits[split])
+
+
+def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_labels: list[int] | None,
+             device: str = "auto", batch_size: int = 8, methods: tuple[str, ...] = METHODS,
+             progress: bool = True) -> dict:
+    """Score ``methods`` on the cases; returns the report (overall and per case)."""
+    seeds = tuple(sorted(bundle.decoders["cdm"]))
+    segs = {"cldf": Segmenter(bundle, device, batch_size)}
+    if "cldf-untrained" in methods:
+        segs["cldf-untrained"] = Segmenter(bundle, device, batch_size, cdm="untrained")
+    per_case = {}
+    pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [])))
+    for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
+        masks, gt, spacing = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
+        per_case[cid] = {}
+        frac = gt.mean(axis=(1, 2))
+        positive = np.nonzero(frac > bundle.config.data.positive_fraction)[0]
+        for method, by_seed in masks.items():
+            entry = {}
+            for s, m in by_seed.items():
+                sc = _slice_scores(m, gt, positive, spacing)
+                pooled[method][s].dice += sc.dice
+                pooled[method][s].iou += sc.iou
+                pooled[method][s].hd95 += sc.hd95
+                pooled[method][s].dice_3d.append(_dice(m, gt))
+                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": _dice(m, gt)}
+            per_case[cid][method] = _over_seeds(entry)
+    overall = {}
+    for method, by_seed in pooled.items():
+        stats = {s: {"dice": _mean(v.dice), "dice_std": _std(v.dice), "iou": _mean(v.iou), "iou_std": _std(v.iou),
+                     "hd95_mm": _mean(v.hd95), "hd95_std": _std(v.hd95),
+                     "dice_3d": _mean(v.dice_3d),
+                     "n_slices": len(v.dice)} for s, v in by_seed.items()}
+        overall[method] = _over_seeds(stats)
+    return {
+        "bundle": bundle.id,
+        "cases": list(case_ids),
+        "protocol": __doc__.split("Protocol (the papers'): ")[1].split("\n\n")[0].replace("\n", " "),
+        "decoder_seeds": list(seeds),
+        "methods": overall,
+        "per_case": per_case,
+    }
+
+
+def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds):
+    case = manifest.case(cid)
+    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
+    if case.mask is None:
+        raise InputError(f"case '{cid}' has no mask: evaluation needs ground truth")
+    gt = target_mask(case.mask, target_labels)
+    cfg = bundle.config
+    slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), cfg.data.resolution)
+    seg = segs["cldf"]
+    gradcam = GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer])
+    layercam = LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)
+    hw = volume.shape[2:]
+    maps = {m: np.zeros(gt.shape, np.float32) for m in ("gradcam", "layercam", "mg")}
+    out = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in CLDF_METHODS if m in methods}
+    fusion = np.zeros(gt.shape, bool)
+    for start in range(0, len(slices), seg.batch_size):
+        stop = min(start + seg.batch_size, len(slices))
+        x = slices[start:stop].to(seg.device)
+        sm = seg.slice_maps(x, torch.arange(start, stop), gate=False)
+        maps["mg"][start:stop] = from_slices(sm.mean_gradient, hw)
+        maps["layercam"][start:stop] = from_slices(layercam(x)[0], hw)
+        maps["gradcam"][start:stop] = from_slices(gradcam(x)[0], hw)
+        fusion[start:stop] = from_slices((sm.seeds == FOREGROUND).float(), hw, mode="mask")
+        sm.seeds[sm.presence < bundle.config.cluster.presence_threshold] = 0
+        for method, by_seed in out.items():
+            for s, m in segs[method].masks(x, sm, seeds).items():
+                by_seed[s][start:stop] = from_slices(m, hw, mode="mask")
+    masks = {m: {0: np.stack([a > otsu_threshold(a) for a in maps[m]])} for m in ("gradcam", "layercam", "mg") if m in methods}
+    if "fusion" in methods:
+        masks["fusion"] = {0: fusion}
+    masks.update(out)
+    spacing = ref.GetSpacing()[:2]
+    return masks, gt, spacing
+
+
+def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacing) -> SliceScores:
+    sc = SliceScores([], [], [], [])
+    diag = math.hypot(gt.shape[1] * spacing[1], gt.shape[2] * spacing[0])
+    for z in positive:
+        p, g = pred[z], gt[z]
+        inter = float((p & g).sum())
+        sc.dice.append(2 * inter / (p.sum() + g.sum()))
+        sc.iou.append(inter / float((p | g).sum()))
+        sc.hd95.append(_hd95(p, g, spacing, diag))
+    return sc
+
+
+def _hd95(p: np.ndarray, g: np.ndarray, spacing, diag: float) -> float:
+    if not p.any():
+        return diag
+    d = compute_hausdorff_distance(
+        torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None], percentile=95, spacing=(spacing[1], spacing[0])
+    )
+    v = float(d)
+    return v if math.isfinite(v) else diag
+
+
+def _dice(p: np.ndarray, g: np.ndarray) -> float:
+    s = p.sum() + g.sum()
+    return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
+
+
+def _mean(v: list[float]) -> float:
+    return float(np.mean(v)) if v else float("nan")
+
+
+def _std(v: list[float]) -> float:
+    return float(np.std(v)) if v else float("nan")
+
+
+def _over_seeds(by_seed: dict[int, dict]) -> dict:
+    """One seed: its numbers. Several: means over seeds, the spread of seed means, and each seed."""
+    if len(by_seed) == 1:
+        return next(iter(by_seed.values()))
+    keys = next(iter(by_seed.values())).keys()
+    out = {k: float(np.mean([d[k] for d in by_seed.values()])) for k in keys}
+    out["dice_seed_std"] = float(np.std([d["dice"] for d in by_seed.values()]))
+    out["by_seed"] = by_seed
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    rows = ["| method | Dice | IoU | HD95 (mm) | 3D Dice | slices |", "|---|---|---|---|---|---|"]
+    for method, r in report["methods"].items():
+        seed_note = f" (±{r['dice_seed_std']:.3f} over {len(r['by_seed'])} seeds)" if "by_seed" in r else ""
+        rows.append(
+            f"| {method} | {r['dice']:.3f} ± {r['dice_std']:.3f}{seed_note} | {r['iou']:.3f} ± {r['iou_std']:.3f} "
+            f"| {r['hd95_mm']:.1f} ± {r['hd95_std']:.1f} | {r['dice_3d']:.3f} | {r['n_slices']:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def write_report(report: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,121 @@
+"""Diffusion features of the frozen CDM (CLDF, Sec. 2.4).
+
+Outputs of the UNet's decoder blocks (``up_blocks[i]``) for the noised slice at
+several timesteps, one seeded noise shared across timesteps, class label 1,
+averaged over timesteps. They stay at each block's native resolution: the pixel
+decoder's first layer is linear, so it is applied before upsampling (see
+`decoder.PixelDecoder.embed`), and training gathers them at seed pixels only.
+`literal_feature_stack` builds the paper's full ``D x H x W`` stack for reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet, get_timestep_embedding
+
+from .config import FeatureConfig
+from .maps.base import ActivationRecorder
+from .models import NoiseSchedule
+
+
+class DiffusionFeatures:
+    """Timestep-averaged decoder-block features of a frozen CDM."""
+
+    def __init__(self, unet: DiffusionModelUNet, schedule: NoiseSchedule, cfg: FeatureConfig):
+        n = len(unet.up_blocks)
+        bad = [b for b in cfg.blocks if not 0 <= b < n]
+        if bad:
+            raise ValueError(f"feature blocks {bad} do not exist; the CDM has decoder blocks 0..{n - 1}")
+        schedule.check(cfg.timesteps, "feature timesteps")
+        self.unet = unet.eval()
+        self.schedule = schedule
+        self.cfg = cfg
+
+    @property
+    def block_channels(self) -> list[int]:
+        """Channels of each selected block; D is their sum."""
+        return [self.unet.up_blocks[b].resnets[-1].out_channels for b in self.cfg.blocks]
+
+    def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Timesteps batched into the batch dimension: ``(T*B, C, H, W)`` inputs, timesteps, labels."""
+        b, n_t = len(x0), len(self.cfg.timesteps)
+        g = torch.Generator().manual_seed(self.cfg.noise_seed)
+        noise = torch.randn(x0.shape[1:], generator=g).to(x0.device, x0.dtype)
+        t = torch.tensor(self.cfg.timesteps, device=x0.device).repeat_interleave(b)
+        xt = self.schedule.add_noise(x0.repeat(n_t, 1, 1, 1), noise.expand(n_t * b, *x0.shape[1:]), t)
+        labels = torch.full((n_t * b,), self.cfg.class_label, device=x0.device, dtype=torch.long)
+        return xt, t, labels
+
+    @torch.inference_mode()
+    def __call__(self, x0: torch.Tensor) -> list[torch.Tensor]:
+        """``(B, C, H, W)`` slices -> per block ``(B, C_i, h_i, w_i)`` features averaged over t."""
+        xt, t, labels = self.noised(x0)
+        outs = _up_block_outputs(self.unet, xt, t, labels, max(self.cfg.blocks))
+        n_t = len(self.cfg.timesteps)
+        return [outs[b].float().view(n_t, len(x0), *outs[b].shape[1:]).mean(dim=0) for b in self.cfg.blocks]
+
+
+def _up_block_outputs(
+    unet: DiffusionModelUNet, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, last: int
+) -> list[torch.Tensor]:
+    """MONAI's forward pass, stopped after ``up_blocks[last]``: the rest is never needed."""
+    emb = unet.time_embed(get_timestep_embedding(t, unet.block_out_channels[0]).to(x.dtype))
+    emb = emb + unet.class_embedding(labels).to(x.dtype)
+    h = unet.conv_in(x)
+    residuals = [h]
+    for block in unet.down_blocks:
+        h, res = block(hidden_states=h, temb=emb, context=None)
+        residuals.extend(res)
+    h = unet.middle_block(hidden_states=h, temb=emb, context=None)
+    outs = []
+    for block in unet.up_blocks[: last + 1]:
+        n = len(block.resnets)
+        h = block(hidden_states=h, res_hidden_states_list=residuals[-n:], temb=emb, context=None)
+        residuals = residuals[:-n]
+        outs.append(h)
+    return outs
+
+
+def gather_at_pixels(features: list[torch.Tensor], pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Values of the upsampled features at some pixels, without upsampling anything.
+
+    Bilinear upsampling (``align_corners=False``) to ``size`` evaluated at a pixel
+    equals ``grid_sample`` at that pixel's centre with border padding.
+
+    Args:
+        features: per block ``(1, C_i, h_i, w_i)`` features of one slice.
+        pixels: ``(P,)`` flat indices into an ``H x W`` slice.
+        size: ``(H, W)``.
+
+    Returns:
+        ``(P, D)`` features.
+    """
+    h, w = size
+    y = (pixels // w).float()
+    x = (pixels % w).float()
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1).view(1, 1, -1, 2)
+    cols = [F.grid_sample(f.float(), grid.to(f.device), mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0] for f in features]
+    return torch.cat(cols).T
+
+
+@torch.inference_mode()
+def literal_feature_stack(unet: DiffusionModelUNet, schedule: NoiseSchedule, cfg: FeatureConfig, x0: torch.Tensor) -> torch.Tensor:
+    """The paper's way: per timestep, a full forward pass, every block upsampled and concatenated.
+
+    Reference for tests and the benchmark only.
+
+    Returns:
+        ``(B, D, H, W)`` stack averaged over timesteps.
+    """
+    g = torch.Generator().manual_seed(cfg.noise_seed)
+    noise = torch.randn(x0.shape[1:], generator=g).to(x0.device, x0.dtype)
+    labels = torch.full((len(x0),), cfg.class_label, device=x0.device, dtype=torch.long)
+    stacks = []
+    with ActivationRecorder([unet.up_blocks[b] for b in cfg.blocks]) as rec:
+        for step in cfg.timesteps:
+            t = torch.full((len(x0),), step, device=x0.device, dtype=torch.long)
+            unet(schedule.add_noise(x0, noise.expand_as(x0), t), t, class_labels=labels)
+            ups = [F.interpolate(o.float(), size=x0.shape[-2:], mode="bilinear", align_corners=False) for o in rec.outputs]
+            stacks.append(torch.cat(ups, dim=1))
+    return torch.stack(stacks).mean(dim=0)

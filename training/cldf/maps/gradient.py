@@ -1,0 +1,40 @@
+"""The mean-gradient map of the noisy-image classifier (CLDF, Sec. 2.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..models import NoiseSchedule, SliceClassifier
+from .base import normalise_per_slice
+
+
+class MeanGradient:
+    """``mean_t |d log p(y=1 | x_t, t) / d x_t|``, summed over channels, min-max per slice.
+
+    One seeded noise per timestep is shared by every slice, so a slice's map
+    does not depend on which batch it was in.
+    """
+
+    def __init__(self, classifier: SliceClassifier, schedule: NoiseSchedule, timesteps: Sequence[int], noise_seed: int):
+        schedule.check(timesteps, "mean-gradient timesteps")
+        self.classifier = classifier
+        self.schedule = schedule
+        self.timesteps = list(timesteps)
+        self.noise_seed = noise_seed
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` clean slices -> ``(B, H, W)`` maps in [0, 1]."""
+        b, n_t = len(x0), len(self.timesteps)
+        g = torch.Generator().manual_seed(self.noise_seed)
+        noise = torch.randn((n_t, *x0.shape[1:]), generator=g).to(x0.device, x0.dtype)
+        t = torch.tensor(self.timesteps, device=x0.device).repeat_interleave(b)
+        # timesteps go into the batch dimension: (T*B, C, H, W)
+        xt = self.schedule.add_noise(x0.repeat(n_t, 1, 1, 1), noise.repeat_interleave(b, dim=0), t)
+        with torch.enable_grad():
+            xt = xt.detach().requires_grad_(True)
+            log_p = self.classifier(xt, t).float().log_softmax(dim=1)[:, 1]
+            (grad,) = torch.autograd.grad(log_p.sum(), xt)
+        mg = grad.float().abs().sum(dim=1).view(n_t, b, *x0.shape[-2:]).mean(dim=0)
+        return normalise_per_slice(mg)

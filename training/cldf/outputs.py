@@ -1,0 +1,71 @@
+"""Writing results: volumes on the input's exact grid, written atomically, never over existing results silently."""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .segment import VolumeResult
+
+FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+MAP_NAMES = ("cam", "mean_gradient", "seeds", "mask")
+
+
+def output_paths(out_dir: Path, fmt: str) -> dict[str, Path]:
+    if fmt not in FORMATS:
+        raise ValueError(f"output format must be one of {sorted(FORMATS)}, not '{fmt}'")
+    paths = {name: out_dir / f"{name}{FORMATS[fmt]}" for name in MAP_NAMES}
+    paths["slices"] = out_dir / "slices.csv"
+    return paths
+
+
+def check_out_dir(out_dir: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse an output folder that already holds results, unless ``overwrite``."""
+    existing = [p.name for p in output_paths(out_dir, fmt).values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out_dir} already holds results ({', '.join(existing)}); choose another --out or pass --overwrite"
+        )
+
+
+def write_volume(array: np.ndarray, reference: sitk.Image, path: Path) -> None:
+    """Write ``(Z, Y, X)`` ``array`` with the reference's spacing, origin and direction, atomically."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes))
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, useCompression=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", overwrite: bool = False) -> dict[str, Path]:
+    """Write cam, mean_gradient, seeds, mask and slices.csv; returns their paths."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, fmt, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out_dir, fmt)
+    arrays = {
+        "cam": result.cam.astype(np.float32),
+        "mean_gradient": result.mean_gradient.astype(np.float32),
+        "seeds": result.seeds.astype(np.uint8),
+        "mask": result.mask.astype(np.uint8),
+    }
+    for name, array in arrays.items():
+        write_volume(array, result.reference, paths[name])
+    tmp = paths["slices"].with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["slice", "presence_probability", "mask_voxels"])
+        for z, p in enumerate(result.presence):
+            w.writerow([z, f"{p:.4f}", int(result.mask[z].sum())])
+    os.replace(tmp, paths["slices"])
+    return paths

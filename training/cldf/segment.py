@@ -1,0 +1,228 @@
+"""Inference (CLDF, Sec. 2.5): maps, seeds, gating, diffusion features, clustering, back to the input grid.
+
+`Segmenter.start` returns a `SegmentationJob` that processes one batch of slices
+per `step()`; the CLI drives it with a progress bar, the Slicer module from a
+timer so the interface never freezes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm.auto import tqdm
+
+from .bundle import Bundle
+from .cluster import foreground_cluster
+from .data import from_slices, normalise, read_channels, to_slices
+from .features import DiffusionFeatures
+from .maps import MeanGradient, build_cam
+from .seeds import FOREGROUND, body_mask, fuse_seeds
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not '{name}'")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class SliceMaps:
+    """Per-slice results at bundle resolution, ``(B, R, R)`` unless noted."""
+
+    cam: torch.Tensor
+    mean_gradient: torch.Tensor
+    presence: torch.Tensor  # (B,) probability that the target is in the slice
+    body: torch.Tensor
+    seeds: torch.Tensor  # 1 foreground, 2 background, 0 none; empty on slices judged negative
+
+
+class Segmenter:
+    """A bundle's networks on a device, ready to segment slices.
+
+    Args:
+        bundle: a loaded bundle.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: slices per step.
+        cdm: ``"cdm"`` (the trained CDM) or ``"untrained"`` (a random one, for comparison).
+    """
+
+    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = 8, cdm: str = "cdm"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self.bundle = bundle
+        self.cfg = bundle.config
+        self.batch_size = batch_size
+        self.variant = cdm
+        if cdm not in bundle.decoders:
+            raise ValueError(f"the bundle has no decoder for CDM variant '{cdm}'; it has {sorted(bundle.decoders)}")
+        self._cdm = bundle.cdm if cdm == "cdm" else bundle.untrained_cdm()
+        self.to(resolve_device(device))
+
+    def to(self, device: torch.device) -> "Segmenter":
+        self.device = device
+        b, cfg, sched = self.bundle, self.cfg, self.bundle.schedule
+        self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer)
+        self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed)
+        self.features = DiffusionFeatures(self._cdm.to(device), sched, cfg.features)
+        for d in b.decoders[self.variant].values():
+            d.mlp_.to(device)
+        return self
+
+    # ------------------------------------------------------------------ per batch
+    def slice_maps(self, x: torch.Tensor, slice_ids: torch.Tensor, gate: bool = True) -> SliceMaps:
+        """CAM, mean gradient, presence, body and seeds of ``(B, C, R, R)`` slices.
+
+        With ``gate`` (inference) slices judged negative get no seeds; training
+        passes ``gate=False`` because it knows which slices are positive.
+        """
+        with autocast(self.device):
+            cam, presence = self.cam(x)
+            mg = self.mg(x)
+        body = body_mask(x, self.cfg.data.body_threshold)
+        seeds = fuse_seeds(cam, mg, body, self.cfg.seeds, slice_ids, self.cfg.maps.noise_seed)
+        if gate:
+            seeds[presence < self.cfg.cluster.presence_threshold] = 0
+        return SliceMaps(cam.float(), mg.float(), presence.float(), body, seeds)
+
+    def masks(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,)) -> dict[int, torch.Tensor]:
+        """Final masks per decoder seed; slices judged negative stay empty (no features, no K-means)."""
+        out = {s: torch.zeros(maps.cam.shape, dtype=torch.bool) for s in decoder_seeds}
+        positive = (maps.presence >= self.cfg.cluster.presence_threshold).nonzero()[:, 0].cpu()
+        if len(positive) == 0:
+            return out
+        with autocast(self.device):
+            feats = self.features(x[positive.to(x.device)])
+        size = tuple(x.shape[-2:])
+        for s in decoder_seeds:
+            decoder = self.bundle.decoders[self.variant][s]
+            with torch.inference_mode():
+                emb = decoder.embed(feats, size, self.features.block_channels).float().cpu()
+            for j, i in enumerate(positive.tolist()):
+                out[s][i] = self._cluster(emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder)
+        return out
+
+    def _cluster(self, emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, decoder) -> torch.Tensor:
+        e = emb.flatten(1).T  # (H*W, E)
+        fg = seeds.flatten() == FOREGROUND
+        ref = e[fg].mean(dim=0) if fg.any() else decoder.foreground_prototype_.cpu()
+        ref = torch.nn.functional.normalize(ref, dim=0)
+        pixels = body.flatten() if self.cfg.cluster.within_body else torch.ones(len(e), dtype=torch.bool)
+        mask = torch.zeros(len(e), dtype=torch.bool)
+        chosen = foreground_cluster(e[pixels].numpy(), ref.numpy(), self.cfg.cluster.k, self.cfg.cluster.seed)
+        mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
+        return mask.view(emb.shape[1:])
+
+    # ------------------------------------------------------------------ volumes
+    def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0) -> "SegmentationJob":
+        """Validate and read the inputs (refusing bad ones before any work), return a stepwise job."""
+        volume, reference = read_channels(inputs, self.bundle.channels)
+        return SegmentationJob(self, volume, reference, decoder_seed)
+
+
+@dataclass
+class VolumeResult:
+    """Outputs on the input's voxel grid, ``(Z, Y, X)`` arrays, plus the reference image for geometry."""
+
+    reference: sitk.Image
+    cam: np.ndarray
+    mean_gradient: np.ndarray
+    seeds: np.ndarray
+    mask: np.ndarray
+    presence: np.ndarray
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class SegmentationJob:
+    """One volume, segmented one batch of slices per `step()`."""
+
+    def __init__(self, segmenter: Segmenter, volume: np.ndarray, reference: sitk.Image, decoder_seed: int = 0):
+        if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:
+            raise ValueError(f"the bundle has no decoder with seed {decoder_seed}")
+        self.segmenter = segmenter
+        self.decoder_seed = decoder_seed
+        cfg = segmenter.cfg.data
+        self.slices = to_slices(normalise(volume, cfg.percentiles), cfg.resolution)
+        self.shape = volume.shape[1:]
+        z, y, x = self.shape
+        self.result = VolumeResult(
+            reference,
+            cam=np.zeros(self.shape, np.float32),
+            mean_gradient=np.zeros(self.shape, np.float32),
+            seeds=np.zeros(self.shape, np.uint8),
+            mask=np.zeros(self.shape, np.uint8),
+            presence=np.zeros(z, np.float32),
+        )
+        self.done = 0
+        self.cancelled = False
+
+    @property
+    def total(self) -> int:
+        return self.shape[0]
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        return self.done, self.total
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def step(self) -> bool:
+        """Process the next batch; True while slices remain."""
+        if self.cancelled or self.done >= self.total:
+            return False
+        seg = self.segmenter
+        stop = min(self.done + seg.batch_size, self.total)
+        try:
+            self._run(self.done, stop)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if seg.batch_size > 1:
+                seg.batch_size //= 2
+                log.warning("CUDA out of memory: batch size halved to %d", seg.batch_size)
+            else:
+                log.warning("CUDA out of memory with one slice per batch: continuing on the CPU")
+                seg.to(torch.device("cpu"))
+            return True
+        self.done = stop
+        return self.done < self.total
+
+    def _run(self, start: int, stop: int) -> None:
+        seg = self.segmenter
+        x = self.slices[start:stop].to(seg.device)
+        maps = seg.slice_maps(x, torch.arange(start, stop))
+        mask = seg.masks(x, maps, (self.decoder_seed,))[self.decoder_seed]
+        hw = self.shape[1:]
+        r = self.result
+        r.cam[start:stop] = from_slices(maps.cam, hw)
+        r.mean_gradient[start:stop] = from_slices(maps.mean_gradient, hw)
+        r.seeds[start:stop] = from_slices(maps.seeds, hw, mode="nearest")
+        r.mask[start:stop] = from_slices(mask, hw, mode="mask")
+        r.presence[start:stop] = maps.presence.cpu().numpy()
+
+    def run(self, progress: bool = True) -> VolumeResult:
+        """Step to the end (with a progress bar) and return the result."""
+        with tqdm(total=self.total, desc="segment", unit="slice", disable=not progress) as bar:
+            while self.step():
+                bar.update(self.done - bar.n)
+            bar.update(self.done - bar.n)
+        return self.result

@@ -1,0 +1,294 @@
+"""`cldf train`: every stage of CLDF from volumes and slice labels to a model bundle.
+
+Stages, each checkpointed under ``<out>/.checkpoints`` so an interrupted run
+resumes where it stopped (the long network stages every few minutes too):
+
+1. CDM: class-conditional DDPM on the training slices (epsilon prediction).
+2. Noisy classifier: p(y | x_t, t) for the mean-gradient map.
+3. CAM classifier: p(y | x) on clean slices, also the slice gate at inference.
+4. Pixel decoders: seeds from the maps of positive training slices, diffusion
+   features at the seeds, supervised contrastive training, one decoder per seed,
+   for the trained CDM and for a randomly initialised one (the baseline).
+5. The bundle: weights, settings, split, command, device, wall-clock.
+
+Only slice labels reach this module (`data.SliceSet`); masks never do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .bundle import Bundle, decoders_state, save_bundle, untrained_cdm
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import CLDFConfig, ClassifierConfig
+from .data import SliceSet, load_manifest, load_slice_set, split_cases
+from .decoder import PixelDecoder
+from .features import gather_at_pixels
+from .models import NoiseSchedule, SliceClassifier, build_cdm
+from .segment import Segmenter, autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRequest:
+    manifest: Path
+    out: Path
+    config: CLDFConfig
+    target_labels: list[int] | None = None
+    device: str = "auto"
+    seed: int = 0
+    decoder_seeds: tuple[int, ...] = (0, 1, 2)
+    name: str = "bundle"
+    target_name: str = "target"
+    target_color: tuple[int, int, int] = (230, 80, 60)
+    command: str = ""
+    checkpoint_every_s: float = 300.0
+    progress: bool = True
+    extra_card: dict = field(default_factory=dict)
+
+
+def train(req: TrainRequest) -> Path:
+    """Run (or resume) every stage and write the bundle into ``req.out``."""
+    cfg = req.config
+    device = resolve_device(req.device)
+    torch.manual_seed(req.seed)
+    ckdir = req.out / ".checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(req.manifest)
+    splits = split_cases(manifest, cfg.data.split_fractions, req.seed)
+    if not splits["train"]:
+        raise ValueError(f"{req.manifest}: no case falls in the training split")
+    _record_split(ckdir, splits)
+    log.info("loading %d training cases", len(splits["train"]))
+    train_set = load_slice_set(
+        manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
+        req.target_labels, cfg.data.positive_fraction,
+    )
+    if len(torch.unique(train_set.labels)) < 2:
+        raise ValueError("the training split needs both positive and negative slices")
+    n_in = len(cfg.data.channels)
+    schedule = NoiseSchedule(cfg.diffusion)
+    seconds: dict[str, float] = {}
+
+    cdm = build_cdm(cfg.diffusion, n_in).to(device)
+    seconds["cdm"] = _fit(
+        "cdm", cdm, _cdm_loss(cdm, train_set, schedule, cfg, req.seed, device),
+        cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req,
+    )
+    noisy = SliceClassifier(cfg.noisy_classifier, n_in).to(device)
+    seconds["noisy_classifier"] = _fit(
+        "noisy_classifier", noisy, _classifier_loss(noisy, train_set, schedule, cfg.noisy_classifier, req.seed + 1, device),
+        cfg.noisy_classifier.steps, cfg.noisy_classifier.lr, ckdir, device, req,
+    )
+    cam = SliceClassifier(cfg.cam_classifier, n_in).to(device)
+    seconds["cam_classifier"] = _fit(
+        "cam_classifier", cam, _classifier_loss(cam, train_set, schedule, cfg.cam_classifier, req.seed + 2, device),
+        cfg.cam_classifier.steps, cfg.cam_classifier.lr, ckdir, device, req,
+    )
+    for net in (cdm, noisy, cam):
+        net.eval().requires_grad_(False)
+    untrained_seed = req.seed + 1000
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {"cdm": {}, "untrained": {}})
+    t0 = time.time()
+    decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir)
+    seconds["decoders"] = time.time() - t0
+
+    card = {
+        "name": req.name,
+        "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels},
+        "untrained_cdm": {"seed": untrained_seed},
+        "training": {
+            "command": req.command,
+            "manifest": str(req.manifest),
+            "split": splits,
+            "seed": req.seed,
+            "device": _device_name(device),
+            "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
+            "data_card": _data_card(train_set, cfg),
+            "decoders": decoder_card,
+        },
+        **req.extra_card,
+    }
+    networks = {
+        "cdm": cdm.state_dict(),
+        "noisy_classifier": noisy.state_dict(),
+        "cam_classifier": cam.state_dict(),
+        "decoders": decoders_state(decoders),
+    }
+    return save_bundle(req.out, cfg, networks, card)
+
+
+# --------------------------------------------------------------------------- network stages
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    """Per-step randomness from (seed, step): a resumed run draws exactly what the uninterrupted one would."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random left-right flips (the only augmentation)."""
+    flip = torch.rand(len(x), generator=g) < 0.5
+    x = x.clone()
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _cdm_loss(cdm, data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+    def loss(step: int) -> torch.Tensor:
+        g = _step_generator(seed, step)
+        idx = torch.randint(len(data), (cfg.diffusion.batch_size,), generator=g)
+        x0 = _flip(data.images[idx], g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(schedule.num_train_timesteps, (len(idx),), generator=g)
+        xt = schedule.add_noise(x0, noise, t)
+        with autocast(device):
+            pred = cdm(xt.to(device), t.to(device), class_labels=data.labels[idx].to(device))
+        return F.mse_loss(pred.float(), noise.to(device))
+
+    return loss
+
+
+def _classifier_loss(net, data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+    pos = (data.labels == 1).nonzero()[:, 0]
+    neg = (data.labels == 0).nonzero()[:, 0]
+
+    def loss(step: int) -> torch.Tensor:
+        g = _step_generator(seed, step)
+        half = cfg.batch_size // 2
+        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                         neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
+        x0 = _flip(data.images[idx], g)
+        t = torch.randint(cfg.max_timestep + 1, (len(idx),), generator=g)
+        xt = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t) if cfg.max_timestep > 0 else x0
+        with autocast(device):
+            logits = net(xt.to(device), t.to(device))
+        return F.cross_entropy(logits.float(), data.labels[idx].to(device))
+
+    return loss
+
+
+def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
+         ckdir: Path, device: torch.device, req: TrainRequest) -> float:
+    """AdamW for ``steps`` steps, resuming from and saving to ``ckdir/name``; returns total seconds."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    meta = load_checkpoint(ckdir / name, model, opt) or {"step": 0, "seconds": 0.0, "loss": []}
+    model.to(device)
+    if meta["step"] >= steps:
+        return float(meta["seconds"])
+    model.train()
+    bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not req.progress)
+    t_start, t_saved, running = time.time(), time.time(), []
+    for step in range(meta["step"], steps):
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running.append(loss.item())
+        bar.update()
+        if len(running) == 50:
+            meta["loss"].append([step + 1, sum(running) / len(running)])
+            bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
+            running = []
+        if time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
+            meta["step"] = step + 1
+            meta["seconds"] += time.time() - t_start
+            t_start = t_saved = time.time()
+            save_checkpoint(ckdir / name, model, opt, meta)
+    bar.close()
+    return float(meta["seconds"])
+
+
+# --------------------------------------------------------------------------- decoders
+def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], batch: int = 8,
+                  progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """Diffusion features at the seed pixels of every positive slice, for each CDM variant.
+
+    Returns:
+        per variant a list of ``(P_i, D)`` features, and the list of ``(P_i,)`` seed labels.
+    """
+    segs = {v: Segmenter(bundle, str(device), batch, cdm=v) for v in variants}
+    first = segs[variants[0]]
+    pos = (data.labels == 1).nonzero()[:, 0]
+    feats: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+    labels: list[torch.Tensor] = []
+    size = (data.images.shape[-2], data.images.shape[-1])
+    for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
+        idx = pos[start : start + batch]
+        x = data.images[idx].to(device)
+        maps = first.slice_maps(x, idx, gate=False)
+        block = {v: segs[v].features(x) for v in variants}
+        for j in range(len(idx)):
+            s = maps.seeds[j].flatten().cpu()
+            pixels = s.nonzero()[:, 0]
+            if not (s == 1).any():
+                continue
+            labels.append(s[pixels].long())
+            for v in variants:
+                feats[v].append(gather_at_pixels([f[j : j + 1] for f in block[v]], pixels.to(x.device), size).cpu())
+    return feats, labels
+
+
+def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path):
+    """One decoder per (CDM variant, seed); finished decoders are kept in the checkpoint folder."""
+    path = ckdir / "decoders.safetensors"
+    done = load_file(str(path)) if path.is_file() else {}
+    variants = ["cdm", "untrained"]
+    feats, labels = seed_features(bundle, data, device, variants, progress=req.progress)
+    if not labels:
+        raise ValueError("no positive training slice produced foreground seeds: check the slice labels and maps")
+    decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
+    card = {"seed_slices": len(labels), "foreground_seeds": int(sum((l == 1).sum() for l in labels)),
+            "background_seeds": int(sum((l == 2).sum() for l in labels)), "final_loss": {}}
+    for v in variants:
+        for s in req.decoder_seeds:
+            prefix = f"{v}.{s}."
+            cfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
+            cfg.seed = s
+            if any(k.startswith(prefix) for k in done):
+                d = PixelDecoder(cfg).load_state_dict({k[len(prefix):]: t for k, t in done.items() if k.startswith(prefix)})
+            else:
+                d = PixelDecoder(cfg).fit(feats[v], labels, progress=req.progress)
+                card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
+                done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
+                save_file(done, str(path))
+            decoders[v][s] = d
+    return decoders, card
+
+
+# --------------------------------------------------------------------------- card
+def _record_split(ckdir: Path, splits: dict[str, list[str]]) -> None:
+    path = ckdir / "split.json"
+    if path.is_file() and json.loads(path.read_text()) != splits:
+        raise ValueError(
+            f"{path} records a different patient split than this run would use (other data or seed?); "
+            "resume with the same --data and --seed, or start over in a new --out folder"
+        )
+    path.write_text(json.dumps(splits, indent=1))
+
+
+def _data_card(data: SliceSet, cfg: CLDFConfig) -> dict:
+    return {
+        "training_slices": len(data),
+        "positive_slices": int((data.labels == 1).sum()),
+        "negative_slices": int((data.labels == 0).sum()),
+        "slice_label_rule": (
+            f"positive when the target covers more than {cfg.data.positive_fraction:.1%} of the slice, "
+            "negative when absent; slices in between are dropped from training"
+        ),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
