@@ -24,6 +24,18 @@ def test_card_lists_channels_hashes_split_and_settings(tiny_bundle):
     assert card["training"]["wall_clock_s"]["total"] > 0 and card["training"]["device"].startswith("cpu")
 
 
+def test_departures_are_chosen_on_validation_and_recorded(tiny_bundle):
+    card = read_card(tiny_bundle)
+    sel = card["selection"]
+    assert sel["validation_cases"] == card["training"]["split"]["val"]
+    assert len(sel["table"]) == 2 * 2 * 3 * 2 * 2 * 2
+    dices = [row["val_dice"] for row in sel["table"]]
+    assert dices == sorted(dices, reverse=True) and sel["chosen"] == sel["table"][0]["settings"]
+    for key, value in sel["chosen"].items():
+        section, name = key.split(".")
+        assert card["config"][section][name] == value
+
+
 def test_loads_every_network_and_decoder_seed(tiny_bundle):
     b = load_bundle(tiny_bundle)
     assert sorted(b.decoders) == ["cdm", "untrained"] and sorted(b.decoders["cdm"]) == [0, 1]

@@ -1,30 +1,26 @@
 """`cldf bench`: seconds per slice and peak memory of the fast feature path vs the paper-literal one.
 
 Both paths turn the same slices into the final pixel embeddings (every slice is
-treated as positive, so both do the full work):
-
-* fast: `DiffusionFeatures` (timesteps batched, forward stopped after the last
-  needed block, features at native resolution) + `PixelDecoder.embed`
-  (project, then upsample), 8 slices per batch;
-* literal: `literal_feature_stack` (a full forward per timestep, every block
-  upsampled to a ``D x H x W`` stack) + `PixelDecoder.embed_stack`, one slice
-  at a time as the paper's reference code does.
-
-Each path runs in a fresh process so that one's allocations never hide the
-other's peak. Both run under the same autocast (bf16 on CUDA), so the ratios
-compare the algorithms, not the precision.
+treated as positive). Fast: `DiffusionFeatures` (timesteps batched, forward
+stopped after the last needed block, native-resolution features) then
+`PixelDecoder.embed` (project, then upsample), 8 slices per batch. Literal:
+`literal_feature_stack` (full forward per timestep, every block upsampled into a
+``D x H x W`` stack) then `PixelDecoder.embed_stack`, one slice at a time as the
+paper's reference code does. Each path runs in a fresh process, both under the
+same autocast (bf16 on CUDA), so the ratios compare the algorithms, not the precision.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import contextlib
+import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -37,18 +33,18 @@ BATCH = 8
 PATHS = ("fast", "literal")
 
 
-def embed_fast(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
-    """Fast path on one batch of ``(B, C, R, R)`` slices -> ``(B, E, R, R)`` embeddings."""
+def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """Fast path on ``(B, C, R, R)`` slices -> ``(B, E, R, R)`` embeddings (``amp``: the segmenter's autocast)."""
     feats = DiffusionFeatures(bundle.cdm, bundle.schedule, bundle.config.features)
-    with autocast(x.device):
+    with autocast(x.device) if amp else contextlib.nullcontext():
         f = feats(x)
     with torch.inference_mode():
         return _decoder(bundle).embed(f, tuple(x.shape[-2:]), feats.block_channels)
 
 
-def embed_literal(bundle: Bundle, x: torch.Tensor) -> torch.Tensor:
-    """Literal path on one batch of slices."""
-    with autocast(x.device):
+def embed_literal(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    """Literal path on ``(B, C, R, R)`` slices."""
+    with autocast(x.device) if amp else contextlib.nullcontext():
         stack = literal_feature_stack(bundle.cdm, bundle.schedule, bundle.config.features, x)
     with torch.inference_mode():
         return _decoder(bundle).embed_stack(stack)
@@ -64,55 +60,77 @@ def _to(bundle: Bundle, device: torch.device) -> None:
     _decoder(bundle).mlp_.to(device)
 
 
-def _maxrss_mib() -> float:
-    """Peak RSS so far: ``ru_maxrss`` is KiB on Linux, bytes on macOS."""
+def _peak_rss_mib() -> float:
+    """RSS high-water mark: Linux's ``VmHWM`` (a child's ``ru_maxrss`` also counts its parent's peak at the exec)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        hwm = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _reset_peak_rss() -> bool:
-    """Reset the process's RSS high-water mark to the current RSS (Linux >= 4.0), so loading's peak cannot hide the path's."""
+    """Reset the high-water mark to the current RSS (Linux >= 4.0), so loading's peak cannot hide the path's."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
 
 
-def measure(path: str, bundle_dir: str, slices: np.ndarray, device: str) -> dict:
-    """Run one path over all slices in this (fresh) process: seconds and peak memory above the baseline."""
-    torch.manual_seed(0)
-    bundle, dev = load_bundle(bundle_dir), torch.device(device)
-    x_all = torch.from_numpy(slices)
-    _to(bundle, dev)
-    if dev.type == "cuda":
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    cuda_base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-    exact = _reset_peak_rss()
-    rss_base = _maxrss_mib()  # baseline: bundle, slices (and the CUDA context) loaded, nothing else run
+
+
+def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.device, desc: str) -> float:
+    """Embed every slice with one path; returns the seconds it took."""
     step, fn = (BATCH, embed_fast) if path == "fast" else (1, embed_literal)
     start = time.perf_counter()
-    for i in tqdm(range(0, len(x_all), step), desc=path, unit="batch" if step > 1 else "slice", leave=False):
-        fn(bundle, x_all[i : i + step].to(dev))
+    for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False):
+        fn(bundle, x_all[i : i + step].to(device))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str) -> dict:
+    """One path in this (fresh) process: peak memory of a cold pass, then seconds of a warm pass.
+
+    The memory baseline is taken with the bundle, the slices (and the CUDA context)
+    loaded and nothing else run; timing a second pass keeps one-off set-up out of s/slice.
+    """
+    bundle, dev = load_bundle(bundle_dir), torch.device(device)
+    _to(bundle, dev)
+    _sync(dev)
+    cuda_base = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
     if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    out = {"path": path, "seconds": seconds, "s_per_slice": seconds / len(x_all),
-           "peak_rss_mib": _maxrss_mib() - rss_base, "rss_exact": exact}
+        torch.cuda.reset_peak_memory_stats()
+    exact = _reset_peak_rss()
+    rss_base = _peak_rss_mib()
+    cold = _run_path(path, bundle, slices, dev, f"{path} (memory)")
+    out = {"path": path, "peak_rss_mib": _peak_rss_mib() - rss_base, "rss_exact": exact, "cold_seconds": cold}
     if dev.type == "cuda":
         out["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / (1 << 20)
+    out["seconds"] = _run_path(path, bundle, slices, dev, f"{path} (time)")
+    out["s_per_slice"] = out["seconds"] / len(slices)
     return out
 
 
-def _in_fresh_process(path: str, bundle_dir: Path, slices: np.ndarray, device: str) -> dict:
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure, (path, str(bundle_dir), slices, device))
+def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device: str) -> dict:
+    """`measure` in a new interpreter (``python -m cldf.bench``): nothing of this process's memory counts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        x_file, out_file = Path(tmp) / "slices.pt", Path(tmp) / "result.json"
+        torch.save(slices.contiguous(), x_file)
+        cmd = [sys.executable, "-m", "cldf.bench", path, str(bundle_dir), str(x_file), device, str(out_file)]
+        done = subprocess.run(cmd)
+        if done.returncode != 0 or not out_file.is_file():
+            raise RuntimeError(f"the {path} path's benchmark process failed (exit code {done.returncode})")
+        return json.loads(out_file.read_text())
 
 
 def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: Path) -> tuple[str, torch.Tensor]:
-    """``(Z, C, R, R)`` slices of the chosen case at the bundle's resolution (a phantom when the default data is absent)."""
+    """``(Z, C, R, R)`` slices of the case at the bundle's resolution (a phantom when the data is absent)."""
     from .demo import default_data, sample_case
     from .phantom import make_phantom
 
@@ -147,45 +165,57 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     print(f"bundle {b.id}, case {case_id}: {len(x)} slices at {r}x{r}, device {dev}")
 
     diff = check_equal(b, x[:BATCH], dev)
-    print(f"check: fast vs literal embeddings on the first batch ({min(BATCH, len(x))} slices): max |diff| = {diff:.2e}")
+    print(f"check: fast vs literal embeddings of the first batch ({min(BATCH, len(x))} slices): max |diff| = {diff:.2e}")
     results = {}
     for path in PATHS:
         print(f"{path} path (fresh process)...")
-        results[path] = _in_fresh_process(path, bundle_dir, x.numpy(), str(dev))
+        results[path] = _in_fresh_process(path, bundle_dir, x, str(dev))
     report = summarise(results, dev)
     report.update(bundle=b.id, case=case_id, slices=len(x), resolution=r, device=str(dev), max_abs_diff=diff)
     return report
 
 
 def check_equal(bundle: Bundle, x: torch.Tensor, device: torch.device) -> float:
-    """Max abs difference of the two paths' embeddings, in float32 (no autocast)."""
+    """Max abs difference of the two paths' embeddings of ``x``, in float32."""
     _to(bundle, device)
     x = x.to(device)
-    with torch.inference_mode():
-        fast = DiffusionFeatures(bundle.cdm, bundle.schedule, bundle.config.features)
-        emb_fast = _decoder(bundle).embed(fast(x), tuple(x.shape[-2:]), fast.block_channels)
-        emb_lit = torch.cat([_decoder(bundle).embed_stack(
-            literal_feature_stack(bundle.cdm, bundle.schedule, bundle.config.features, x[i : i + 1])) for i in range(len(x))])
+    fast = embed_fast(bundle, x, amp=False)
+    literal = torch.cat([embed_literal(bundle, x[i : i + 1], amp=False) for i in range(len(x))])
     _to(bundle, torch.device("cpu"))
-    return float((emb_fast.float() - emb_lit.float()).abs().max())
+    return float((fast - literal).abs().max())
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 def summarise(results: dict[str, dict], device: torch.device) -> dict:
-    """Print the table and the fast-vs-literal ratios; return them with the raw numbers."""
-    key = "peak_cuda_mib" if device.type == "cuda" else "peak_rss_mib"
-    fast, lit = results["fast"], results["literal"]
-    speedup = lit["s_per_slice"] / fast["s_per_slice"]
-    mem_ratio = lit[key] / fast[key] if fast[key] > 0 else float("inf")
+    """Print the table and the fast-vs-literal ratios; return them with the raw numbers.
+
+    Memory ratios use CUDA's peak allocation on a GPU, the RSS increase otherwise.
+    """
     cuda = device.type == "cuda"
-    print("\n| path | s/slice | peak RSS MiB |" + (" peak CUDA MiB |" if cuda else "") + " ratio (time / memory) |")
+    key = "peak_cuda_mib" if cuda else "peak_rss_mib"
+    fast = results["fast"]
+    extra = " peak CUDA MiB |" if cuda else ""
+    print(f"\n| path | s/slice | peak RSS MiB |{extra} ratio to fast (time / memory) |")
     print("|---|---|---|" + ("---|" if cuda else "") + "---|")
     for name, res in results.items():
-        t, m = res["s_per_slice"] / fast["s_per_slice"], (res[key] / fast[key] if fast[key] > 0 else float("inf"))
         cells = [name, f"{res['s_per_slice']:.4f}", f"{res['peak_rss_mib']:.1f}"]
-        cells += [f"{res['peak_cuda_mib']:.1f}"] if cuda else []
-        print("| " + " | ".join(cells + [f"{t:.2f} / {m:.2f}"]) + " |")
-    what = "CUDA" if cuda else "RSS"
-    print(f"\nfast path: {speedup:.1f}x faster per slice, {mem_ratio:.1f}x less peak {what} memory than the literal path")
+        cells += [f"{res[key]:.1f}"] if cuda else []
+        ratios = f"{_ratio(res['s_per_slice'], fast['s_per_slice']):.2f} / {_ratio(res[key], fast[key]):.2f}"
+        print("| " + " | ".join([*cells, ratios]) + " |")
+    lit = results["literal"]
+    speedup, memory = _ratio(lit["s_per_slice"], fast["s_per_slice"]), _ratio(lit[key], fast[key])
+    print(f"\nfast vs literal: the literal path takes {speedup:.2f}x the time per slice "
+          f"and {memory:.2f}x the peak {'CUDA' if cuda else 'RSS'} memory of the fast path")
     if not (fast["rss_exact"] and lit["rss_exact"]):
-        print("(could not reset the RSS high-water mark: RSS increases are lower bounds)")
-    return {"fast": fast, "literal": lit, "speedup": speedup, "memory_ratio": mem_ratio, "memory_measure": key}
+        print("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
+    return {"fast": fast, "literal": lit, "speedup": speedup, "memory_ratio": memory, "memory_measure": key}
+
+
+if __name__ == "__main__":
+    # child of `_in_fresh_process`: PATH BUNDLE_DIR SLICES_PT DEVICE RESULT_JSON
+    name, bundle_arg, x_arg, device_arg, result_arg = sys.argv[1:6]
+    res = measure(name, bundle_arg, torch.load(x_arg, weights_only=True), device_arg)
+    Path(result_arg).write_text(json.dumps(res))

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-name", default="target", help="name of the segment, e.g. tumour")
     t.add_argument("--color", default="230,80,60", help="segment colour as R,G,B")
     t.add_argument("--decoder-seeds", default="0,1,2", help="train one pixel decoder per seed (default 0,1,2)")
+    t.add_argument("--no-select", action="store_true",
+                   help="keep the preset's settings instead of choosing them on the validation split")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one setting of the preset, e.g. --set diffusion.steps=8000 (repeatable)")
 
@@ -171,6 +173,7 @@ def cmd_train(args, argv) -> int:
         manifest=args.data, out=args.out, config=cfg, target_labels=args.target, device=args.device, seed=args.seed,
         decoder_seeds=tuple(int(v) for v in args.decoder_seeds.split(",")), name=args.name or args.out.name,
         target_name=args.target_name, target_color=color, command="cldf " + shlex.join(argv), progress=not args.quiet,
+        select=not args.no_select,
     ))
     print(f"bundle written to {out}")
     return 0

@@ -123,11 +123,23 @@ class DecoderConfig:
 
 @dataclass
 class ClusterConfig:
-    """Inference (step 8): slice gating, K-means and the foreground rule."""
+    """Inference (step 8): slice gating, K-means and the foreground rule.
+
+    Attributes:
+        presence_threshold: slices whose presence probability is below it get an empty mask.
+        k: K-means clusters per slice (2 in the paper).
+        rule: ``"nearest"`` keeps the one cluster nearest the foreground seeds'
+            mean embedding (the paper); ``"closer_than_background"`` keeps every
+            cluster nearer to it than to the background seeds' mean.
+        within_body: cluster only body pixels (air is never foreground).
+        seeded_components: keep only connected components that hold a foreground seed.
+    """
 
     presence_threshold: float = 0.5
     k: int = 2
+    rule: str = "nearest"
     within_body: bool = False
+    seeded_components: bool = False
     seed: int = 0
 
 

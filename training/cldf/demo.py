@@ -122,6 +122,8 @@ def build_montage(image: np.ndarray, result: VolumeResult, color: tuple[int, ...
     grey, cam, mg = to_unit(image), to_unit(result.cam), to_unit(result.mean_gradient)
     rows = []
     for z in pick_slices(result.mask):
-        panels = [np.repeat(grey[z][..., None], 3, axis=-1), heat(cam[z]), heat(mg[z]), overlay(grey[z], result.mask[z], color)]
-        rows.append(np.concatenate([np.pad(p, ((0, GAP), (0, GAP), (0, 0)), constant_values=0.5) for p in panels], axis=1))
+        panels = [np.repeat(grey[z][..., None], 3, axis=-1), heat(cam[z]), heat(mg[z]),
+                  overlay(grey[z], result.mask[z], color)]
+        padded = [np.pad(p, ((0, GAP), (0, GAP), (0, 0)), constant_values=0.5) for p in panels]
+        rows.append(np.concatenate(padded, axis=1))
     return (np.concatenate(rows, axis=0)[:-GAP, :-GAP] * 255).round().astype(np.uint8)

@@ -77,3 +77,12 @@ def fuse_seeds(
             idx = idx[torch.randperm(len(idx), generator=g)[: cfg.background_per_slice].to(idx.device)]
         seeds[b].view(-1)[idx] = BACKGROUND
     return seeds
+
+
+def keep_seeded_components(mask: torch.Tensor, foreground_seeds: torch.Tensor) -> torch.Tensor:
+    """Keep the connected components (8-connected) of a ``(H, W)`` mask that hold a foreground seed."""
+    labels, n = ndimage.label(mask.cpu().numpy(), structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return mask
+    keep = np.unique(labels[foreground_seeds.cpu().numpy() & (labels > 0)])
+    return torch.from_numpy(np.isin(labels, keep[keep > 0])).to(mask.device)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
@@ -22,7 +23,7 @@ from .cluster import foreground_cluster
 from .data import from_slices, normalise, read_channels, to_slices
 from .features import DiffusionFeatures
 from .maps import MeanGradient, build_cam
-from .seeds import FOREGROUND, body_mask, fuse_seeds
+from .seeds import BACKGROUND, FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
 
 log = logging.getLogger(__name__)
 
@@ -122,15 +123,21 @@ class Segmenter:
         return out
 
     def _cluster(self, emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, decoder) -> torch.Tensor:
+        """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask."""
+        cfg = self.cfg.cluster
         e = emb.flatten(1).T  # (H*W, E)
-        fg = seeds.flatten() == FOREGROUND
-        ref = e[fg].mean(dim=0) if fg.any() else decoder.foreground_prototype_.cpu()
-        ref = torch.nn.functional.normalize(ref, dim=0)
-        pixels = body.flatten() if self.cfg.cluster.within_body else torch.ones(len(e), dtype=torch.bool)
+        s = seeds.flatten()
+        fg, bg = s == FOREGROUND, s == BACKGROUND
+        ref_fg = F.normalize(e[fg].mean(dim=0) if fg.any() else decoder.foreground_prototype_.cpu(), dim=0)
+        ref_bg = F.normalize(e[bg].mean(dim=0), dim=0).numpy() if bg.any() else None
+        pixels = body.flatten() if cfg.within_body else torch.ones(len(e), dtype=torch.bool)
+        chosen = foreground_cluster(e[pixels].numpy(), ref_fg.numpy(), ref_bg, cfg.k, cfg.seed, cfg.rule)
         mask = torch.zeros(len(e), dtype=torch.bool)
-        chosen = foreground_cluster(e[pixels].numpy(), ref.numpy(), self.cfg.cluster.k, self.cfg.cluster.seed)
         mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
-        return mask.view(emb.shape[1:])
+        mask = mask.view(emb.shape[1:])
+        if cfg.seeded_components and fg.any():
+            mask = keep_seeded_components(mask, fg.view(emb.shape[1:]))
+        return mask
 
     # ------------------------------------------------------------------ volumes
     def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0) -> "SegmentationJob":

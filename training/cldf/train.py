@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from .decoder import PixelDecoder
 from .features import gather_at_pixels
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 from .segment import Segmenter, autocast, resolve_device
+from .select import apply_settings, select_settings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class TrainRequest:
     target_color: tuple[int, int, int] = (230, 80, 60)
     command: str = ""
     checkpoint_every_s: float = 300.0
+    select: bool = True
     progress: bool = True
     extra_card: dict = field(default_factory=dict)
 
@@ -101,6 +104,12 @@ def train(req: TrainRequest) -> Path:
     untrained_seed = req.seed + 1000
     bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {"cdm": {}, "untrained": {}})
     t0 = time.time()
+    selection = None
+    if req.select and splits["val"]:
+        bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
+        selection = json.loads((ckdir / "selection.json").read_text())
+    seconds["selection"] = time.time() - t0
+    t0 = time.time()
     decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir)
     seconds["decoders"] = time.time() - t0
 
@@ -118,6 +127,7 @@ def train(req: TrainRequest) -> Path:
             "data_card": _data_card(train_set, cfg),
             "decoders": decoder_card,
         },
+        "selection": selection,
         **req.extra_card,
     }
     networks = {
@@ -241,7 +251,9 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
 def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path):
     """One decoder per (CDM variant, seed); finished decoders are kept in the checkpoint folder."""
     path = ckdir / "decoders.safetensors"
-    done = load_file(str(path)) if path.is_file() else {}
+    cfg = bundle.config
+    tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
+    done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
     variants = ["cdm", "untrained"]
     feats, labels = seed_features(bundle, data, device, variants, progress=req.progress)
     if not labels:
@@ -252,17 +264,36 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
     for v in variants:
         for s in req.decoder_seeds:
             prefix = f"{v}.{s}."
-            cfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
-            cfg.seed = s
+            dcfg = CLDFConfig.from_dict(cfg.to_dict()).decoder
+            dcfg.seed = s
             if any(k.startswith(prefix) for k in done):
-                d = PixelDecoder(cfg).load_state_dict({k[len(prefix):]: t for k, t in done.items() if k.startswith(prefix)})
+                d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items() if k.startswith(prefix)})
             else:
-                d = PixelDecoder(cfg).fit(feats[v], labels, progress=req.progress)
+                d = PixelDecoder(dcfg).fit(feats[v], labels, progress=req.progress)
                 card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
                 done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
-                save_file(done, str(path))
+                save_file(done, str(path), metadata={"settings": tag})
             decoders[v][s] = d
     return decoders, card
+
+
+def safe_open_metadata(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], req: TrainRequest, ckdir: Path) -> CLDFConfig:
+    """Settings chosen on the validation split (cached in the checkpoint folder)."""
+    path = ckdir / "selection.json"
+    if path.is_file():
+        rows = json.loads(path.read_text())["table"]
+        return apply_settings(bundle.config, rows[0]["settings"])
+    config, rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels, req.decoder_seeds,
+                                   req.device, req.progress)
+    doc = {"validation_cases": val_ids, "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
+           "chosen": rows[0]["settings"], "table": rows}
+    path.write_text(json.dumps(doc, indent=1))
+    return config
 
 
 # --------------------------------------------------------------------------- card

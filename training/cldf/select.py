@@ -1,0 +1,166 @@
+"""Choosing the departures from the paper on the validation split (never on the test split).
+
+The grid below lists every setting the bundle may change from the paper's
+values. Decoders are trained on training-split seeds for each seed rule and
+optimiser (three decoder seeds each); every clustering variant is then scored
+by positive-slice Dice on the validation patients, as a mean over decoder
+seeds. The winner goes into the bundle; the whole table goes into bundle.json.
+Validation masks are read for scoring only: decoders still see seeds only.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .bundle import Bundle
+from .cluster import choose_clusters, kmeans
+from .config import CLDFConfig, SeedConfig
+from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
+from .decoder import PixelDecoder
+from .features import gather_at_pixels
+from .seeds import BACKGROUND, FOREGROUND, fuse_seeds, keep_seeded_components
+from .segment import Segmenter
+
+# The paper's value first in every list: ties keep the paper's setting.
+DECODER_GRID = {
+    "seeds.cam_threshold": ["otsu", 0.5],
+    "decoder.lr_momentum": [(1.0, 0.0), (0.1, 0.9)],
+}
+CLUSTER_GRID = {
+    "cluster.k": [2, 3, 5],
+    "cluster.within_body": [False, True],
+    "cluster.rule": ["nearest", "closer_than_background"],
+    "cluster.seeded_components": [False, True],
+}
+
+
+@dataclass
+class _Slices:
+    """Per-slice maps and native-resolution features of a set of slices, on the CPU."""
+
+    x_ids: torch.Tensor
+    cam: torch.Tensor
+    mg: torch.Tensor
+    body: torch.Tensor
+    presence: torch.Tensor
+    features: list[list[torch.Tensor]]  # per slice, per block (1, C_i, h_i, w_i)
+
+
+def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int, desc: str, progress: bool) -> _Slices:
+    cams, mgs, bodies, pres, feats = [], [], [], [], []
+    for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
+        x = images[start : start + batch].to(seg.device)
+        sm = seg.slice_maps(x, ids[start : start + batch], gate=False)
+        block = [f.cpu() for f in seg.features(x)]
+        cams.append(sm.cam.cpu()), mgs.append(sm.mean_gradient.cpu()), bodies.append(sm.body.cpu()), pres.append(sm.presence.cpu())
+        feats += [[f[j : j + 1] for f in block] for j in range(len(x))]
+    return _Slices(ids, torch.cat(cams), torch.cat(mgs), torch.cat(bodies), torch.cat(pres), feats)
+
+
+def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool):
+    """Validation slices with target > positive_fraction, their maps, features and ground truth."""
+    cfg = seg.cfg.data
+    images, ids, truths, shapes = [], [], [], []
+    for cid in case_ids:
+        case = manifest.case(cid)
+        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
+        gt = target_mask(case.mask, target_labels)
+        positive = np.nonzero(gt.mean(axis=(1, 2)) > cfg.positive_fraction)[0]
+        slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
+        images.append(slices[positive]), ids.append(torch.from_numpy(positive))
+        truths += [gt[z] for z in positive]
+        shapes += [gt.shape[1:]] * len(positive)
+    data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress)
+    return data, truths, shapes
+
+
+def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val_ids: list[str], target_labels,
+                    decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[CLDFConfig, list[dict]]:
+    """Score the grid on the validation split; returns the best config and every row, best first."""
+    seg = Segmenter(bundle, device, 8)
+    pos = (train_set.labels == 1).nonzero()[:, 0]
+    train = _collect(seg, train_set.images[pos], pos, 8, "training maps", progress)
+    val, truths, shapes = _val_slices(seg, manifest, val_ids, target_labels, progress)
+    gate = val.presence >= bundle.config.cluster.presence_threshold
+    size = tuple(train_set.images.shape[-2:])
+    rows = []
+    combos = list(itertools.product(*DECODER_GRID.values()))
+    for cam_threshold, (lr, momentum) in tqdm(combos, desc="selection", disable=not progress):
+        seed_cfg = SeedConfig(**{**bundle.config.seeds.__dict__, "cam_threshold": cam_threshold})
+        train_seeds = fuse_seeds(train.cam, train.mg, train.body, seed_cfg, train.x_ids, bundle.config.maps.noise_seed)
+        feats, labels = _seed_pixels(train, train_seeds, size)
+        val_seeds = fuse_seeds(val.cam, val.mg, val.body, seed_cfg, val.x_ids, bundle.config.maps.noise_seed)
+        scores: dict[tuple, list[float]] = {}
+        for s in decoder_seeds:
+            dcfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
+            dcfg.lr, dcfg.momentum, dcfg.seed = lr, momentum, s
+            decoder = PixelDecoder(dcfg).fit(feats, labels, progress=False)
+            for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
+                scores.setdefault(key, []).append(dice)
+        for key, per_seed in scores.items():
+            settings = {"seeds.cam_threshold": cam_threshold, "decoder.lr": lr, "decoder.momentum": momentum,
+                        **dict(zip(CLUSTER_GRID, key))}
+            rows.append({"settings": settings, "val_dice": float(np.mean(per_seed)),
+                         "val_dice_seed_std": float(np.std(per_seed))})
+    rows.sort(key=lambda r: -r["val_dice"])  # stable: among equals the paper-first order stays
+    return apply_settings(bundle.config, rows[0]["settings"]), rows
+
+
+def _seed_pixels(data: _Slices, seeds: torch.Tensor, size) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    feats, labels = [], []
+    for j in range(len(seeds)):
+        s = seeds[j].flatten()
+        if not (s == FOREGROUND).any():
+            continue
+        pixels = s.nonzero()[:, 0]
+        feats.append(gather_at_pixels(data.features[j], pixels, size))
+        labels.append(s[pixels].long())
+    return feats, labels
+
+
+def _cluster_scores(decoder: PixelDecoder, val: _Slices, seeds: torch.Tensor, gate: torch.Tensor, truths, shapes, size,
+                    seg: Segmenter) -> dict[tuple, float]:
+    """Mean positive-slice Dice of every clustering variant for one decoder."""
+    dice: dict[tuple, list[float]] = {}
+    chans = seg.features.block_channels
+    for j in range(len(truths)):
+        if not gate[j]:
+            for key in itertools.product(*CLUSTER_GRID.values()):
+                dice.setdefault(key, []).append(0.0)
+            continue
+        with torch.inference_mode():
+            emb = decoder.embed(val.features[j], size, chans)[0]
+        e = emb.flatten(1).T
+        s = seeds[j].flatten()
+        fg, bg = s == FOREGROUND, s == BACKGROUND
+        ref_fg = F.normalize(e[fg].mean(0) if fg.any() else decoder.foreground_prototype_, dim=0).numpy()
+        ref_bg = F.normalize(e[bg].mean(0), dim=0).numpy() if bg.any() else None
+        for k, within_body in itertools.product(*list(CLUSTER_GRID.values())[:2]):
+            pixels = val.body[j].flatten() if within_body else torch.ones(len(e), dtype=torch.bool)
+            labels, centers = kmeans(e[pixels].numpy(), k, seg.cfg.cluster.seed)
+            for rule, components in itertools.product(*list(CLUSTER_GRID.values())[2:]):
+                mask = torch.zeros(len(e), dtype=torch.bool)
+                if centers is not None:
+                    chosen = np.isin(labels, choose_clusters(centers, ref_fg, ref_bg, rule))
+                    mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
+                mask = mask.view(size)
+                if components and fg.any():
+                    mask = keep_seeded_components(mask, fg.view(size))
+                pred = from_slices(mask[None].float(), shapes[j], mode="mask")[0]
+                g = truths[j]
+                dice.setdefault((k, within_body, rule, components), []).append(2 * float((pred & g).sum()) / float(pred.sum() + g.sum()))
+    return {key: float(np.mean(v)) for key, v in dice.items()}
+
+
+def apply_settings(config: CLDFConfig, settings: dict) -> CLDFConfig:
+    out = CLDFConfig.from_dict(config.to_dict())
+    for key, value in settings.items():
+        section, name = key.split(".")
+        setattr(getattr(out, section), name, value)
+    return out
