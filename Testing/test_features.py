@@ -64,3 +64,11 @@ def test_refuses_blocks_and_timesteps_that_do_not_exist(cdm):
         DiffusionFeatures(cdm, sched, FeatureConfig(blocks=(0, 7)))
     with pytest.raises(ValueError, match=r"timesteps \[1000\] are outside"):
         DiffusionFeatures(cdm, sched, FeatureConfig(timesteps=(1, 1000)))
+
+
+def test_chunked_forward_passes_give_the_same_features(cdm, slices):
+    sched = NoiseSchedule(DiffusionConfig())
+    one = DiffusionFeatures(cdm, sched, FeatureConfig(max_batch=1))(slices)
+    all_at_once = DiffusionFeatures(cdm, sched, FeatureConfig(max_batch=64))(slices)
+    for a, b in zip(one, all_at_once):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

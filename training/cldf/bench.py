@@ -22,15 +22,27 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .bundle import Bundle, load_bundle
+from .config import preset
 from .data import load_manifest, normalise, read_channels, to_slices
+from .models import NoiseSchedule
 from .features import DiffusionFeatures, literal_feature_stack
 from .segment import autocast, resolve_device
 
 BATCH = 8
-PATHS = ("fast", "literal")
+PATHS = ("fast", "fast-all", "literal")
+
+
+def presence(bundle: Bundle, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The slice gate: probability that each slice holds the target (clean-slice classifier)."""
+    clf = bundle.cam_classifier.to(device)
+    with torch.inference_mode():
+        probs = [clf(b.to(device), torch.zeros(len(b), dtype=torch.long, device=device)).float().softmax(1)[:, 1]
+                 for b in x.split(BATCH)]
+    return torch.cat(probs).cpu()
 
 
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -85,8 +97,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.device, desc: str) -> float:
-    """Embed every slice with one path; returns the seconds it took."""
-    step, fn = (BATCH, embed_fast) if path == "fast" else (1, embed_literal)
+    """Embed the slices one path works on; returns the seconds it took.
+
+    ``fast`` embeds only the slices the classifier judges positive (as `cldf segment`
+    does); ``fast-all`` and ``literal`` embed every slice.
+    """
+    step, fn = (BATCH, embed_fast) if path.startswith("fast") else (1, embed_literal)
+    if path == "fast":
+        x_all = x_all[presence(bundle, x_all, device) >= bundle.config.cluster.presence_threshold]
     start = time.perf_counter()
     for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False):
         fn(bundle, x_all[i : i + step].to(device))
@@ -120,8 +138,8 @@ def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str) -> di
 def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device: str) -> dict:
     """`measure` in a new interpreter (``python -m cldf.bench``): nothing of this process's memory counts."""
     with tempfile.TemporaryDirectory() as tmp:
-        x_file, out_file = Path(tmp) / "slices.pt", Path(tmp) / "result.json"
-        torch.save(slices.contiguous(), x_file)
+        x_file, out_file = Path(tmp) / "slices.safetensors", Path(tmp) / "result.json"
+        save_file({"slices": slices.contiguous()}, str(x_file))
         cmd = [sys.executable, "-m", "cldf.bench", path, str(bundle_dir), str(x_file), device, str(out_file)]
         done = subprocess.run(cmd)
         if done.returncode != 0 or not out_file.is_file():
@@ -148,14 +166,45 @@ def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: P
     return case_id, to_slices(normalise(volume, d.percentiles), d.resolution)
 
 
+def random_bundle(preset_name: str, channels: list[str], out: Path) -> Path:
+    """A bundle of randomly initialised networks at a preset's scale: for speed and memory only.
+
+    Time and memory of the two paths do not depend on the weights, so this
+    measures the paper's 256x256 scale without training it.
+    """
+    from .bundle import decoders_state, save_bundle
+    from .decoder import PixelDecoder
+    from .models import SliceClassifier, build_cdm
+
+    cfg = preset(preset_name)
+    cfg.data.channels = list(channels)
+    torch.manual_seed(0)
+    n = len(channels)
+    cdm = build_cdm(cfg.diffusion, n)
+    d_in = sum(DiffusionFeatures(cdm, NoiseSchedule(cfg.diffusion), cfg.features).block_channels)
+    g = torch.Generator().manual_seed(0)
+    decoder = PixelDecoder(cfg.decoder).fit([torch.randn(64, d_in, generator=g)], [torch.tensor([1, 2] * 32)], progress=False)
+    networks = {"cdm": cdm.state_dict(), "noisy_classifier": SliceClassifier(cfg.noisy_classifier, n).state_dict(),
+                "cam_classifier": SliceClassifier(cfg.cam_classifier, n).state_dict(),
+                "decoders": decoders_state({"cdm": {0: decoder}})}
+    return save_bundle(out, cfg, networks, {"name": f"random-{preset_name}-scale"})
+
+
 def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | None = None,
-              slices: int = 0, device: str = "auto") -> dict:
-    """Benchmark both paths on one volume; prints a Markdown table and returns the numbers."""
+              slices: int = 0, device: str = "auto", scale: str | None = None) -> dict:
+    """Benchmark both paths on one volume; prints a Markdown table and returns the numbers.
+
+    With ``scale`` (a preset name) the networks are random ones at that preset's
+    size and resolution, on the same volume as the shipped bundle would use.
+    """
     from .demo import default_bundle
 
     if slices < 0:
         raise ValueError(f"--slices takes 0 (all) or a positive count, not {slices}")
     bundle_dir = Path(bundle) if bundle is not None else default_bundle()
+    if scale is not None:
+        channels = load_bundle(bundle_dir).channels if (bundle_dir / "bundle.json").is_file() else ["FLAIR", "T1"]
+        bundle_dir = random_bundle(scale, channels, Path(tempfile.mkdtemp(prefix="cldf-bench-")))
     b = load_bundle(bundle_dir)
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +213,9 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     r = b.config.data.resolution
     print(f"bundle {b.id}, case {case_id}: {len(x)} slices at {r}x{r}, device {dev}")
 
+    n_pos = int((presence(b, x, dev) >= b.config.cluster.presence_threshold).sum())
+    print(f"{n_pos} of {len(x)} slices judged positive: `fast` embeds those (as `cldf segment` does), "
+          "`fast-all` and `literal` embed every slice; s/slice is over all slices")
     diff = check_equal(b, x[:BATCH], dev)
     print(f"check: fast vs literal embeddings of the first batch ({min(BATCH, len(x))} slices): max |diff| = {diff:.2e}")
     results = {}
@@ -171,7 +223,8 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
         print(f"{path} path (fresh process)...")
         results[path] = _in_fresh_process(path, bundle_dir, x, str(dev))
     report = summarise(results, dev)
-    report.update(bundle=b.id, case=case_id, slices=len(x), resolution=r, device=str(dev), max_abs_diff=diff)
+    report.update(bundle=b.id, case=case_id, slices=len(x), positive_slices=n_pos, resolution=r, device=str(dev),
+                  max_abs_diff=diff)
     return report
 
 
@@ -211,11 +264,11 @@ def summarise(results: dict[str, dict], device: torch.device) -> dict:
           f"and {memory:.2f}x the peak {'CUDA' if cuda else 'RSS'} memory of the fast path")
     if not (fast["rss_exact"] and lit["rss_exact"]):
         print("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
-    return {"fast": fast, "literal": lit, "speedup": speedup, "memory_ratio": memory, "memory_measure": key}
+    return {**results, "speedup": speedup, "memory_ratio": memory, "memory_measure": key}
 
 
 if __name__ == "__main__":
     # child of `_in_fresh_process`: PATH BUNDLE_DIR SLICES_PT DEVICE RESULT_JSON
     name, bundle_arg, x_arg, device_arg, result_arg = sys.argv[1:6]
-    res = measure(name, bundle_arg, torch.load(x_arg, weights_only=True), device_arg)
+    res = measure(name, bundle_arg, load_file(x_arg)["slices"], device_arg)
     Path(result_arg).write_text(json.dumps(res))

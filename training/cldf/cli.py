@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--case", default=None, help="case id (default: the first test case)")
     b.add_argument("--slices", type=int, default=0, help="use only this many slices (0: all)")
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--scale", choices=["cpu", "paper"], default=None,
+                   help="benchmark random networks at a preset's scale (e.g. paper: 256x256) instead of the bundle's")
     return p
 
 
@@ -225,7 +227,7 @@ def cmd_demo(args, argv) -> int:
 def cmd_bench(args, argv) -> int:
     from .bench import run_bench
 
-    run_bench(args.bundle, args.data, args.case, args.slices, args.device)
+    run_bench(args.bundle, args.data, args.case, args.slices, args.device, args.scale)
     return 0
 
 

@@ -52,7 +52,8 @@ class DiffusionConfig:
     attention_levels: tuple[bool, ...] = (False, False, False)
     num_res_blocks: int = 1
     norm_num_groups: int = 32
-    steps: int = 4000
+    num_head_channels: int = 8
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 2e-4
 
@@ -70,6 +71,7 @@ class ClassifierConfig:
     attention_levels: tuple[bool, ...] = (False, False, False)
     num_res_blocks: int = 1
     norm_num_groups: int = 32
+    num_head_channels: int = 8
     max_timestep: int = 1000
     steps: int = 1500
     batch_size: int = 32
@@ -105,6 +107,7 @@ class FeatureConfig:
     timesteps: tuple[int, ...] = (1, 10, 50, 100)
     class_label: int = 1
     noise_seed: int = 0
+    max_batch: int = 8  # noised images per forward pass (timesteps x slices); bounds peak memory
 
 
 @dataclass
@@ -187,20 +190,22 @@ PAPER = CLDFConfig(
     data=DataConfig(resolution=256),
     diffusion=DiffusionConfig(
         channels=(64, 128, 256, 256),
-        attention_levels=(False, False, True, True),
+        attention_levels=(False, False, False, True),
         num_res_blocks=2,
+        num_head_channels=64,
         steps=50000,
         batch_size=16,
         lr=1e-4,
     ),
     noisy_classifier=ClassifierConfig(
-        channels=(64, 128, 256, 256), attention_levels=(False, False, True, True), num_res_blocks=2, steps=20000
+        channels=(64, 128, 256, 256), attention_levels=(False, False, False, True), num_res_blocks=2,
+        num_head_channels=64, steps=20000
     ),
     cam_classifier=ClassifierConfig(
         channels=(64, 128, 256, 256), attention_levels=(False, False, False, False), num_res_blocks=2,
         max_timestep=0, steps=10000,
     ),
-    features=FeatureConfig(blocks=(0, 1, 2)),
+    features=FeatureConfig(blocks=(0, 1, 2), max_batch=2),
 )
 
 # What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the

@@ -49,11 +49,24 @@ class DiffusionFeatures:
 
     @torch.inference_mode()
     def __call__(self, x0: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, C, H, W)`` slices -> per block ``(B, C_i, h_i, w_i)`` features averaged over t."""
+        """``(B, C, H, W)`` slices -> per block ``(B, C_i, h_i, w_i)`` features averaged over t.
+
+        Timesteps go into the batch dimension, at most ``max_batch`` noised images
+        per forward pass; the average over t is accumulated chunk by chunk.
+        """
         xt, t, labels = self.noised(x0)
-        outs = _up_block_outputs(self.unet, xt, t, labels, max(self.cfg.blocks))
-        n_t = len(self.cfg.timesteps)
-        return [outs[b].float().view(n_t, len(x0), *outs[b].shape[1:]).mean(dim=0) for b in self.cfg.blocks]
+        b = len(x0)
+        slice_of = torch.arange(len(xt), device=x0.device) % b  # xt is timestep-major
+        sums: list[torch.Tensor] | None = None
+        for start in range(0, len(xt), max(1, self.cfg.max_batch)):
+            part = slice(start, start + max(1, self.cfg.max_batch))
+            outs = _up_block_outputs(self.unet, xt[part], t[part], labels[part], max(self.cfg.blocks))
+            outs = [outs[i].float() for i in self.cfg.blocks]
+            if sums is None:
+                sums = [torch.zeros((b, *o.shape[1:]), device=o.device) for o in outs]
+            for acc, o in zip(sums, outs):
+                acc.index_add_(0, slice_of[part], o)
+        return [acc / len(self.cfg.timesteps) for acc in sums]
 
 
 def _up_block_outputs(

@@ -20,7 +20,7 @@ def build_cdm(cfg: DiffusionConfig, in_channels: int) -> DiffusionModelUNet:
         attention_levels=tuple(cfg.attention_levels),
         num_res_blocks=cfg.num_res_blocks,
         norm_num_groups=cfg.norm_num_groups,
-        num_head_channels=8,
+        num_head_channels=cfg.num_head_channels,
         num_class_embeds=2,
     )
 
@@ -42,7 +42,7 @@ class SliceClassifier(DiffusionModelEncoder):
             attention_levels=tuple(cfg.attention_levels),
             num_res_blocks=cfg.num_res_blocks,
             norm_num_groups=cfg.norm_num_groups,
-            num_head_channels=8,
+            num_head_channels=cfg.num_head_channels,
         )
         self.out = nn.Linear(cfg.channels[-1], 2)
 

@@ -1,0 +1,54 @@
+"""The stepwise segmentation job the CLI and the Slicer module drive."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cldf.bundle import load_bundle
+from cldf.segment import Segmenter, resolve_device
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_bundle):
+    return Segmenter(load_bundle(tiny_bundle), "cpu", batch_size=4)
+
+
+def test_steps_report_monotonic_progress_and_fill_maps_as_they_go(segmenter, case_paths):
+    job = segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]})
+    seen = [job.progress]
+    assert job.step()
+    assert job.result.cam[:4].any() and not job.result.cam[4:].any()
+    while job.step():
+        seen.append(job.progress)
+    seen.append(job.progress)
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1] == (job.total, job.total)
+    assert not job.step()
+
+
+def test_cancel_stops_at_once(segmenter, case_paths):
+    job = segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]})
+    job.step()
+    job.cancel()
+    assert not job.step() and job.progress == (4, job.total)
+    assert not job.result.mask[4:].any()
+
+
+def test_slices_judged_negative_get_an_empty_mask(segmenter, case_paths):
+    result = segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}).run(progress=False)
+    negative = result.presence < segmenter.cfg.cluster.presence_threshold
+    assert not result.mask[negative].any()
+    assert not result.seeds[negative].any()
+    assert set(np.unique(result.mask)) <= {0, 1}
+
+
+def test_device_choices_are_checked():
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("tpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_unknown_decoder_seed_is_refused(segmenter, case_paths):
+    with pytest.raises(ValueError, match="no decoder with seed 7"):
+        segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}, decoder_seed=7)
