@@ -27,7 +27,7 @@ bundles: $(STAMP)
 		--out $(BRAIN) --name brain-mri-flair-t1 --target-name tumour --seed 0
 
 evaluate: $(STAMP)
-	$(VENV)/bin/cldf evaluate --bundle $(BRAIN) --data $(DATA)/lgg/manifest.json --split test --out benchmarks/brain-test.json
+	$(VENV)/bin/cldf evaluate --bundle $(BRAIN) --data $(DATA)/lgg/manifest.json --split test --out benchmarks/brain-test.json --record
 
 bench: $(STAMP)
 	$(VENV)/bin/cldf bench

@@ -89,8 +89,11 @@ def test_refuses_channels_on_different_grids(tiny_bundle, case_paths, oblique_ca
 def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, capsys):
     out = tmp_path / "report.json"
     assert main(["-q", "evaluate", "--bundle", str(tiny_bundle), "--data", str(small_manifest),
-                 "--split", "test", "--out", str(out), "--device", "cpu"]) == 0
+                 "--split", "test", "--out", str(out), "--device", "cpu", "--record"]) == 0
     report = json.loads(out.read_text())
+    recorded = json.loads((tiny_bundle / "bundle.json").read_text())["metrics"]["test"]
+    assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
+    assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
     assert set(report["methods"]) == {"gradcam", "layercam", "mg", "fusion", "cldf", "cldf-untrained"}
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,6 @@ def _load_decoders(path: Path, config: CLDFConfig) -> dict[str, dict[int, PixelD
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("cldf")
     except PackageNotFoundError:

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--target", type=_labels, default=None, help="mask values of the target (default: the bundle's)")
     e.add_argument("--out", required=True, type=Path, help="report JSON to write")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--record", action="store_true",
+                   help="also write the overall numbers into the bundle's bundle.json (section 'metrics')")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -210,6 +212,13 @@ def cmd_evaluate(args, argv) -> int:
     report = evaluate(bundle, manifest, cases, labels, args.device, progress=not args.quiet)
     report["split"] = args.split
     write_report(report, args.out)
+    if args.record:
+        from .bundle import update_card
+
+        summary = {m: {k: v for k, v in r.items() if k != "by_seed"} for m, r in report["methods"].items()}
+        metrics = {**bundle.card.get("metrics", {}), args.split: {
+            "command": "cldf " + shlex.join(argv), "cases": cases, "protocol": report["protocol"], "methods": summary}}
+        update_card(args.bundle, metrics=metrics)
     print(f"{args.split} split, {len(cases)} cases (positive slices: target > "
           f"{bundle.config.data.positive_fraction:.0%} of the slice)\n")
     print(markdown_table(report))

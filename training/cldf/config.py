@@ -120,7 +120,7 @@ class DecoderConfig:
     momentum: float = 0.0
     epochs: int = 5
     batch_slices: int = 4
-    pixels_per_class: int = 0
+    pixels_per_class: int = 256
     seed: int = 0
 
 
@@ -206,6 +206,7 @@ PAPER = CLDFConfig(
         max_timestep=0, steps=10000,
     ),
     features=FeatureConfig(blocks=(0, 1, 2), max_batch=2),
+    decoder=DecoderConfig(pixels_per_class=0),  # every seed pixel, as in the paper
 )
 
 # What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the
