@@ -38,6 +38,9 @@ def test_fast_embeddings_equal_the_literal_path(cdm, slices, blocks):
     fast = decoder.embed(block, (32, 32), feats.block_channels)
     literal = decoder.embed_stack(stack)
     torch.testing.assert_close(fast, literal, atol=1e-4, rtol=1e-4)
+    projected = feats(slices, project=decoder.block_weights(feats.block_channels))
+    assert all(p.shape[1] == 16 for p in projected)
+    torch.testing.assert_close(decoder.embed_projected(projected, (32, 32)), literal, atol=1e-4, rtol=1e-4)
 
 
 def test_gathering_at_seed_pixels_equals_indexing_the_upsampled_stack(cdm, slices):

@@ -1,9 +1,11 @@
 """`cldf bench`: seconds per slice and peak memory of the fast feature path vs the paper-literal one.
 
 Both paths turn the same slices into the final pixel embeddings (every slice is
-treated as positive). Fast: `DiffusionFeatures` (timesteps batched, forward
-stopped after the last needed block, native-resolution features) then
-`PixelDecoder.embed` (project, then upsample), 8 slices per batch. Literal:
+treated as positive by `fast-all`; `fast` keeps only the slices the classifier
+judges positive, as `cldf segment` does). Fast: `DiffusionFeatures` (timesteps
+batched, forward stopped after the last needed block, each block projected by
+the decoder's first layer at its native resolution) then
+`PixelDecoder.embed_projected` (upsample and add), 8 slices per batch. Literal:
 `literal_feature_stack` (full forward per timestep, every block upsampled into a
 ``D x H x W`` stack) then `PixelDecoder.embed_stack`, one slice at a time as the
 paper's reference code does. Each path runs in a fresh process, both under the
@@ -48,10 +50,11 @@ def presence(bundle: Bundle, x: torch.Tensor, device: torch.device) -> torch.Ten
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
     """Fast path on ``(B, C, R, R)`` slices -> ``(B, E, R, R)`` embeddings (``amp``: the segmenter's autocast)."""
     feats = DiffusionFeatures(bundle.cdm, bundle.schedule, bundle.config.features)
+    decoder = _decoder(bundle)
     with autocast(x.device) if amp else contextlib.nullcontext():
-        f = feats(x)
+        projected = feats(x, project=decoder.block_weights(feats.block_channels))
     with torch.inference_mode():
-        return _decoder(bundle).embed(f, tuple(x.shape[-2:]), feats.block_channels)
+        return decoder.embed_projected(projected, tuple(x.shape[-2:]))
 
 
 def embed_literal(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:

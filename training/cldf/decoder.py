@@ -125,23 +125,33 @@ class PixelDecoder:
                 ys.append(l[idx])
         return torch.cat(xs), torch.cat(ys)
 
+    def block_weights(self, block_channels: list[int]) -> list[torch.Tensor]:
+        """The first layer split per feature block: ``W_i`` of shape ``(hidden[0], C_i)``."""
+        w, _ = self.mlp_.first_layer()
+        return list(torch.split(w, block_channels, dim=1))
+
     def embed(self, block_features: list[torch.Tensor], size: tuple[int, int], block_channels: list[int]) -> torch.Tensor:
-        """Fast path: project each block at its native resolution, then upsample and add.
+        """Fast path from native-resolution block features ``(B, C_i, h_i, w_i)``; see `embed_projected`."""
+        projected = [torch.einsum("oc,bchw->bohw", w_i.to(f.dtype), f)
+                     for w_i, f in zip(self.block_weights(block_channels), block_features)]
+        return self.embed_projected(projected, size)
+
+    def embed_projected(self, projected: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """Fast path: blocks already projected by ``W_i`` at native resolution, upsampled and added.
 
         ``W . concat_i(up(f_i)) + b = sum_i up(W_i . f_i) + b`` because the first layer
         and bilinear upsampling are both linear (and act on different axes).
 
         Args:
-            block_features: per block ``(B, C_i, h_i, w_i)``.
+            projected: per block ``(B, hidden[0], h_i, w_i)``.
 
         Returns:
             ``(B, E, H, W)`` L2-normalised embeddings.
         """
-        w, b = self.mlp_.first_layer()
+        _, b = self.mlp_.first_layer()
         h = b.view(1, -1, 1, 1)
-        for w_i, f in zip(torch.split(w, block_channels, dim=1), block_features):
-            proj = torch.einsum("oc,bchw->bohw", w_i.to(f.dtype), f)
-            h = h + F.interpolate(proj, size=size, mode="bilinear", align_corners=False)
+        for p in projected:
+            h = h + F.interpolate(p.float(), size=size, mode="bilinear", align_corners=False)
         out = self.mlp_.tail(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return F.normalize(out, dim=1)
 

@@ -48,11 +48,14 @@ class DiffusionFeatures:
         return xt, t, labels
 
     @torch.inference_mode()
-    def __call__(self, x0: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x0: torch.Tensor, project: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """``(B, C, H, W)`` slices -> per block ``(B, C_i, h_i, w_i)`` features averaged over t.
 
         Timesteps go into the batch dimension, at most ``max_batch`` noised images
-        per forward pass; the average over t is accumulated chunk by chunk.
+        per forward pass; the average over t is accumulated chunk by chunk. With
+        ``project`` (per block ``(K, C_i)``, the decoder's first layer), each block
+        is projected to K channels before accumulating, so only ``(B, K, h_i, w_i)``
+        is ever kept: projection and the average over t commute.
         """
         xt, t, labels = self.noised(x0)
         b = len(x0)
@@ -62,6 +65,8 @@ class DiffusionFeatures:
             part = slice(start, start + max(1, self.cfg.max_batch))
             outs = _up_block_outputs(self.unet, xt[part], t[part], labels[part], max(self.cfg.blocks))
             outs = [outs[i].float() for i in self.cfg.blocks]
+            if project is not None:
+                outs = [torch.einsum("kc,nchw->nkhw", w.to(o), o) for w, o in zip(project, outs)]
             if sums is None:
                 sums = [torch.zeros((b, *o.shape[1:]), device=o.device) for o in outs]
             for acc, o in zip(sums, outs):

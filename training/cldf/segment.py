@@ -111,13 +111,16 @@ class Segmenter:
         positive = (maps.presence >= self.cfg.cluster.presence_threshold).nonzero()[:, 0].cpu()
         if len(positive) == 0:
             return out
+        decoders = [self.bundle.decoders[self.variant][s] for s in decoder_seeds]
+        # every decoder's first layer in one projection: the UNet runs once for all seeds
+        weights = [torch.cat(ws) for ws in zip(*[d.block_weights(self.features.block_channels) for d in decoders])]
         with autocast(self.device):
-            feats = self.features(x[positive.to(x.device)])
+            projected = self.features(x[positive.to(x.device)], project=weights)
         size = tuple(x.shape[-2:])
-        for s in decoder_seeds:
-            decoder = self.bundle.decoders[self.variant][s]
+        for n, (s, decoder) in enumerate(zip(decoder_seeds, decoders)):
+            k = decoder.cfg.hidden[0]
             with torch.inference_mode():
-                emb = decoder.embed(feats, size, self.features.block_channels).float().cpu()
+                emb = decoder.embed_projected([p[:, n * k : (n + 1) * k] for p in projected], size).float().cpu()
             for j, i in enumerate(positive.tolist()):
                 out[s][i] = self._cluster(emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder)
         return out
