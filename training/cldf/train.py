@@ -108,7 +108,7 @@ def train(req: TrainRequest) -> Path:
     if req.select and splits["val"]:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
         selection = json.loads((ckdir / "selection.json").read_text())
-    seconds["selection"] = time.time() - t0
+    seconds["selection"] = selection.get("seconds", 0.0) if selection else 0.0
     t0 = time.time()
     decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir)
     seconds["decoders"] = time.time() - t0
@@ -288,9 +288,11 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
     if path.is_file():
         rows = json.loads(path.read_text())["table"]
         return apply_settings(bundle.config, rows[0]["settings"])
+    t0 = time.time()
     config, rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels, req.decoder_seeds,
                                    req.device, req.progress)
-    doc = {"validation_cases": val_ids, "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
+    doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
+           "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
            "chosen": rows[0]["settings"], "table": rows}
     path.write_text(json.dumps(doc, indent=1))
     return config
