@@ -118,8 +118,8 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
         x = slices[start:stop].to(seg.device)
         sm = seg.slice_maps(x, torch.arange(start, stop), gate=False)
         maps["mg"][start:stop] = from_slices(sm.mean_gradient, hw)
-        maps["layercam"][start:stop] = from_slices(layercam(x)[0], hw)
-        maps["gradcam"][start:stop] = from_slices(gradcam(x)[0], hw)
+        for name, cam in (("layercam", layercam), ("gradcam", gradcam)):  # the bundle's own CAM is in sm already
+            maps[name][start:stop] = from_slices(sm.cam if cfg.maps.cam_method == name else cam(x)[0], hw)
         fusion[start:stop] = from_slices((sm.seeds == FOREGROUND).float(), hw, mode="mask")
         sm.seeds[sm.presence < bundle.config.cluster.presence_threshold] = 0
         for method, by_seed in out.items():

@@ -53,14 +53,15 @@ class _Slices:
 
 
 def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int, desc: str, progress: bool) -> _Slices:
-    cams, mgs, bodies, pres, feats = [], [], [], [], []
+    maps, feats = [], []
     for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
         x = images[start : start + batch].to(seg.device)
         sm = seg.slice_maps(x, ids[start : start + batch], gate=False)
+        maps.append([t.cpu() for t in (sm.cam, sm.mean_gradient, sm.body, sm.presence)])
         block = [f.cpu() for f in seg.features(x)]
-        cams.append(sm.cam.cpu()), mgs.append(sm.mean_gradient.cpu()), bodies.append(sm.body.cpu()), pres.append(sm.presence.cpu())
         feats += [[f[j : j + 1] for f in block] for j in range(len(x))]
-    return _Slices(ids, torch.cat(cams), torch.cat(mgs), torch.cat(bodies), torch.cat(pres), feats)
+    cam, mg, body, presence = (torch.cat(parts) for parts in zip(*maps))
+    return _Slices(ids, cam, mg, body, presence, feats)
 
 
 def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool):
@@ -73,7 +74,8 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         gt = target_mask(case.mask, target_labels)
         positive = np.nonzero(gt.mean(axis=(1, 2)) > cfg.positive_fraction)[0]
         slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
-        images.append(slices[positive]), ids.append(torch.from_numpy(positive))
+        images.append(slices[positive])
+        ids.append(torch.from_numpy(positive))
         truths += [gt[z] for z in positive]
         shapes += [gt.shape[1:]] * len(positive)
     data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress)
