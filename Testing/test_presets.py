@@ -58,3 +58,15 @@ def test_config_round_trips_through_json_and_refuses_unknown_settings():
     bad["decoder"]["learning_rate"] = 1.0
     with pytest.raises(ValueError, match="unknown setting"):
         CLDFConfig.from_dict(bad)
+
+
+def test_every_preset_keeps_its_timesteps_inside_the_schedule():
+    from cldf.models import NoiseSchedule
+
+    for name in ("cpu", "paper"):
+        cfg = preset(name)
+        sched = NoiseSchedule(cfg.diffusion)
+        for clf in (cfg.noisy_classifier, cfg.cam_classifier):
+            assert 0 <= clf.max_timestep < sched.num_train_timesteps
+        sched.check(cfg.maps.mg_timesteps, "mg")
+        sched.check(cfg.features.timesteps, "features")

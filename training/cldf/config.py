@@ -72,7 +72,7 @@ class ClassifierConfig:
     num_res_blocks: int = 1
     norm_num_groups: int = 32
     num_head_channels: int = 8
-    max_timestep: int = 1000
+    max_timestep: int = 999  # noisy inputs at t uniform in 0..max_timestep (0: clean slices)
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-4

@@ -169,6 +169,9 @@ def _cdm_loss(cdm, data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, see
 
 
 def _classifier_loss(net, data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+    if not 0 <= cfg.max_timestep < schedule.num_train_timesteps:
+        raise ValueError(f"classifier max_timestep {cfg.max_timestep} is outside the schedule's "
+                         f"0..{schedule.num_train_timesteps - 1}")
     pos = (data.labels == 1).nonzero()[:, 0]
     neg = (data.labels == 0).nonzero()[:, 0]
 
