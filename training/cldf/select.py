@@ -32,6 +32,9 @@ DECODER_GRID = {
     "seeds.cam_threshold": ["otsu", 0.5],
     "decoder.lr_momentum": [(1.0, 0.0), (0.1, 0.9)],
 }
+# Slice gate: chosen first, by balanced accuracy of present / absent on validation slices
+# (positive-slice Dice alone would always prefer no gate at all).
+GATE_THRESHOLDS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]
 CLUSTER_GRID = {
     "cluster.k": [2, 3, 5],
     "cluster.within_body": [False, True],
@@ -67,7 +70,7 @@ def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int
 def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool):
     """Validation slices with target > positive_fraction, their maps, features and ground truth."""
     cfg = seg.cfg.data
-    images, ids, truths, shapes = [], [], [], []
+    images, ids, truths, shapes, negatives = [], [], [], [], []
     for cid in case_ids:
         case = manifest.case(cid)
         volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
@@ -76,20 +79,40 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
         images.append(slices[positive])
         ids.append(torch.from_numpy(positive))
+        negatives.append(slices[gt.sum(axis=(1, 2)) == 0])
         truths += [gt[z] for z in positive]
         shapes += [gt.shape[1:]] * len(positive)
     data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress)
-    return data, truths, shapes
+    return data, truths, shapes, _presence(seg, torch.cat(negatives))
+
+
+def _presence(seg: Segmenter, x: torch.Tensor) -> torch.Tensor:
+    clf = seg.bundle.cam_classifier
+    with torch.inference_mode():
+        return torch.cat([clf(b.to(seg.device), torch.zeros(len(b), dtype=torch.long, device=seg.device))
+                          .float().softmax(1)[:, 1].cpu() for b in x.split(16)]) if len(x) else torch.zeros(0)
+
+
+def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, list[dict]]:
+    """The presence threshold with the best balanced accuracy on validation slices (ties: the higher one)."""
+    rows = []
+    for th in GATE_THRESHOLDS:
+        tpr = float((positive >= th).float().mean()) if len(positive) else 0.0
+        tnr = float((negative < th).float().mean()) if len(negative) else 0.0
+        rows.append({"presence_threshold": th, "sensitivity": tpr, "specificity": tnr, "balanced_accuracy": (tpr + tnr) / 2})
+    best = max(rows, key=lambda r: r["balanced_accuracy"])  # first maximum: the higher threshold
+    return best["presence_threshold"], rows
 
 
 def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val_ids: list[str], target_labels,
-                    decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[CLDFConfig, list[dict]]:
-    """Score the grid on the validation split; returns the best config and every row, best first."""
+                    decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[CLDFConfig, list[dict], list[dict]]:
+    """Score the grid on the validation split; returns the best config, every row (best first) and the gate table."""
     seg = Segmenter(bundle, device, 8)
     pos = (train_set.labels == 1).nonzero()[:, 0]
     train = _collect(seg, train_set.images[pos], pos, 8, "training maps", progress)
-    val, truths, shapes = _val_slices(seg, manifest, val_ids, target_labels, progress)
-    gate = val.presence >= bundle.config.cluster.presence_threshold
+    val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress)
+    threshold, gate_rows = choose_gate(val.presence, negative_presence)
+    gate = val.presence >= threshold
     size = tuple(train_set.images.shape[-2:])
     rows = []
     combos = list(itertools.product(*DECODER_GRID.values()))
@@ -106,12 +129,12 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
             for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
                 scores.setdefault(key, []).append(dice)
         for key, per_seed in scores.items():
-            settings = {"seeds.cam_threshold": cam_threshold, "decoder.lr": lr, "decoder.momentum": momentum,
-                        **dict(zip(CLUSTER_GRID, key))}
+            settings = {"cluster.presence_threshold": threshold, "seeds.cam_threshold": cam_threshold,
+                        "decoder.lr": lr, "decoder.momentum": momentum, **dict(zip(CLUSTER_GRID, key))}
             rows.append({"settings": settings, "val_dice": float(np.mean(per_seed)),
                          "val_dice_seed_std": float(np.std(per_seed))})
     rows.sort(key=lambda r: -r["val_dice"])  # stable: among equals the paper-first order stays
-    return apply_settings(bundle.config, rows[0]["settings"]), rows
+    return apply_settings(bundle.config, rows[0]["settings"]), rows, gate_rows
 
 
 def _seed_pixels(data: _Slices, seeds: torch.Tensor, size) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

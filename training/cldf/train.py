@@ -292,11 +292,11 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
         rows = json.loads(path.read_text())["table"]
         return apply_settings(bundle.config, rows[0]["settings"])
     t0 = time.time()
-    config, rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels, req.decoder_seeds,
-                                   req.device, req.progress)
+    config, rows, gate_rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels,
+                                              req.decoder_seeds, req.device, req.progress)
     doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
            "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
-           "chosen": rows[0]["settings"], "table": rows}
+           "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}
     path.write_text(json.dumps(doc, indent=1))
     return config
 
