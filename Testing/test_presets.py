@@ -70,3 +70,13 @@ def test_every_preset_keeps_its_timesteps_inside_the_schedule():
             assert 0 <= clf.max_timestep < sched.num_train_timesteps
         sched.check(cfg.maps.mg_timesteps, "mg")
         sched.check(cfg.features.timesteps, "features")
+
+
+def test_classifier_augmentation_is_seeded_and_stays_in_range():
+    from cldf.train import _augment
+
+    x = torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = _augment(x, torch.Generator().manual_seed(1))
+    b = _augment(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+    assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0

@@ -73,6 +73,7 @@ class ClassifierConfig:
     norm_num_groups: int = 32
     num_head_channels: int = 8
     max_timestep: int = 999  # noisy inputs at t uniform in 0..max_timestep (0: clean slices)
+    augment: bool = False  # random intensity scale/shift and shifts of up to 4 pixels (flips always)
     steps: int = 1500
     batch_size: int = 32
     lr: float = 2e-4
@@ -153,7 +154,9 @@ class CLDFConfig:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    cam_classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000))
+    cam_classifier: ClassifierConfig = field(
+        default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True)
+    )
     maps: MapConfig = field(default_factory=MapConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -153,6 +153,14 @@ def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x
 
 
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Flips, per-channel intensity scale (0.8-1.2) and shift (+-0.1), shifts of up to 4 pixels."""
+    n, c = x.shape[:2]
+    x = _flip(x, g) * (0.8 + 0.4 * torch.rand(n, c, 1, 1, generator=g)) + (0.2 * torch.rand(n, c, 1, 1, generator=g) - 0.1)
+    shifts = torch.randint(-4, 5, (n, 2), generator=g)
+    return torch.stack([xi.roll(tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)]).clamp(-1.0, 1.0)
+
+
 def _cdm_loss(cdm, data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
     def loss(step: int) -> torch.Tensor:
         g = _step_generator(seed, step)
@@ -180,7 +188,7 @@ def _classifier_loss(net, data: SliceSet, schedule: NoiseSchedule, cfg: Classifi
         half = cfg.batch_size // 2
         idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
                          neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
-        x0 = _flip(data.images[idx], g)
+        x0 = _augment(data.images[idx], g) if cfg.augment else _flip(data.images[idx], g)
         t = torch.randint(cfg.max_timestep + 1, (len(idx),), generator=g)
         xt = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t) if cfg.max_timestep > 0 else x0
         with autocast(device):
