@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from cldf.data import (
     AMBIGUOUS, InputError, from_slices, load_manifest, normalise, read_channels, split_cases, to_slices,

@@ -32,19 +32,11 @@ from .config import preset
 from .data import load_manifest, normalise, read_channels, to_slices
 from .models import NoiseSchedule
 from .features import DiffusionFeatures, literal_feature_stack
-from .segment import autocast, resolve_device
+from .segment import autocast, resolve_device, slice_presence
 
 BATCH = 8
 PATHS = ("fast", "fast-all", "literal")
 
-
-def presence(bundle: Bundle, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The slice gate: probability that each slice holds the target (clean-slice classifier)."""
-    clf = bundle.cam_classifier.to(device)
-    with torch.inference_mode():
-        probs = [clf(b.to(device), torch.zeros(len(b), dtype=torch.long, device=device)).float().softmax(1)[:, 1]
-                 for b in x.split(BATCH)]
-    return torch.cat(probs).cpu()
 
 
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -107,7 +99,7 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     """
     step, fn = (BATCH, embed_fast) if path.startswith("fast") else (1, embed_literal)
     if path == "fast":
-        x_all = x_all[presence(bundle, x_all, device) >= bundle.config.cluster.presence_threshold]
+        x_all = x_all[slice_presence(bundle.cam_classifier.to(device), x_all, device, BATCH) >= bundle.config.cluster.presence_threshold]
     start = time.perf_counter()
     for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False):
         fn(bundle, x_all[i : i + step].to(device))
@@ -216,7 +208,7 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     r = b.config.data.resolution
     print(f"bundle {b.id}, case {case_id}: {len(x)} slices at {r}x{r}, device {dev}")
 
-    n_pos = int((presence(b, x, dev) >= b.config.cluster.presence_threshold).sum())
+    n_pos = int((slice_presence(b.cam_classifier.to(dev), x, dev, BATCH) >= b.config.cluster.presence_threshold).sum())
     print(f"{n_pos} of {len(x)} slices judged positive: `fast` embeds those (as `cldf segment` does), "
           "`fast-all` and `literal` embed every slice; s/slice is over all slices")
     diff = check_equal(b, x[:BATCH], dev)

@@ -46,6 +46,31 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def slice_presence(classifier: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int = 16) -> torch.Tensor:
+    """Probability that each of ``(N, C, H, W)`` clean slices holds the target (the slice gate)."""
+    if len(x) == 0:
+        return torch.zeros(0)
+    with torch.inference_mode():
+        return torch.cat([classifier(b.to(device), torch.zeros(len(b), dtype=torch.long, device=device))
+                          .float().softmax(1)[:, 1].cpu() for b in x.split(batch)])
+
+
+def seed_references(e: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tensor):
+    """Normalised mean embeddings of a slice's foreground and background seeds.
+
+    Args:
+        e: ``(H*W, E)`` pixel embeddings; seeds: ``(H*W,)`` seed labels;
+        prototype: the bundle's foreground prototype, used when the slice has no foreground seed.
+
+    Returns:
+        foreground reference ``(E,)``, background reference ``(E,)`` or None, foreground-seed mask.
+    """
+    fg, bg = seeds == FOREGROUND, seeds == BACKGROUND
+    ref_fg = F.normalize(e[fg].mean(dim=0) if fg.any() else prototype.cpu(), dim=0).numpy()
+    ref_bg = F.normalize(e[bg].mean(dim=0), dim=0).numpy() if bg.any() else None
+    return ref_fg, ref_bg, fg
+
+
 @dataclass
 class SliceMaps:
     """Per-slice results at bundle resolution, ``(B, R, R)`` unless noted."""
@@ -129,12 +154,9 @@ class Segmenter:
         """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask."""
         cfg = self.cfg.cluster
         e = emb.flatten(1).T  # (H*W, E)
-        s = seeds.flatten()
-        fg, bg = s == FOREGROUND, s == BACKGROUND
-        ref_fg = F.normalize(e[fg].mean(dim=0) if fg.any() else decoder.foreground_prototype_.cpu(), dim=0)
-        ref_bg = F.normalize(e[bg].mean(dim=0), dim=0).numpy() if bg.any() else None
+        ref_fg, ref_bg, fg = seed_references(e, seeds.flatten(), decoder.foreground_prototype_)
         pixels = body.flatten() if cfg.within_body else torch.ones(len(e), dtype=torch.bool)
-        chosen = foreground_cluster(e[pixels].numpy(), ref_fg.numpy(), ref_bg, cfg.k, cfg.seed, cfg.rule)
+        chosen = foreground_cluster(e[pixels].numpy(), ref_fg, ref_bg, cfg.k, cfg.seed, cfg.rule)
         mask = torch.zeros(len(e), dtype=torch.bool)
         mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
         mask = mask.view(emb.shape[1:])

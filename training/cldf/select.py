@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
@@ -24,8 +23,8 @@ from .config import CLDFConfig, SeedConfig
 from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
-from .seeds import BACKGROUND, FOREGROUND, fuse_seeds, keep_seeded_components
-from .segment import Segmenter
+from .seeds import FOREGROUND, fuse_seeds, keep_seeded_components
+from .segment import Segmenter, seed_references, slice_presence
 
 # The paper's value first in every list: ties keep the paper's setting.
 DECODER_GRID = {
@@ -83,14 +82,7 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         truths += [gt[z] for z in positive]
         shapes += [gt.shape[1:]] * len(positive)
     data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress)
-    return data, truths, shapes, _presence(seg, torch.cat(negatives))
-
-
-def _presence(seg: Segmenter, x: torch.Tensor) -> torch.Tensor:
-    clf = seg.bundle.cam_classifier
-    with torch.inference_mode():
-        return torch.cat([clf(b.to(seg.device), torch.zeros(len(b), dtype=torch.long, device=seg.device))
-                          .float().softmax(1)[:, 1].cpu() for b in x.split(16)]) if len(x) else torch.zeros(0)
+    return data, truths, shapes, slice_presence(seg.bundle.cam_classifier, torch.cat(negatives), seg.device)
 
 
 def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, list[dict]]:
@@ -162,10 +154,7 @@ def _cluster_scores(decoder: PixelDecoder, val: _Slices, seeds: torch.Tensor, ga
         with torch.inference_mode():
             emb = decoder.embed(val.features[j], size, chans)[0]
         e = emb.flatten(1).T
-        s = seeds[j].flatten()
-        fg, bg = s == FOREGROUND, s == BACKGROUND
-        ref_fg = F.normalize(e[fg].mean(0) if fg.any() else decoder.foreground_prototype_, dim=0).numpy()
-        ref_bg = F.normalize(e[bg].mean(0), dim=0).numpy() if bg.any() else None
+        ref_fg, ref_bg, fg = seed_references(e, seeds[j].flatten(), decoder.foreground_prototype_)
         for k, within_body in itertools.product(*list(CLUSTER_GRID.values())[:2]):
             pixels = val.body[j].flatten() if within_body else torch.ones(len(e), dtype=torch.bool)
             labels, centers = kmeans(e[pixels].numpy(), k, seg.cfg.cluster.seed)

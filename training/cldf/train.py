@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, decoders_state, save_bundle, untrained_cdm
+from .bundle import Bundle, decoders_state, save_bundle
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CLDFConfig, ClassifierConfig
 from .data import SliceSet, load_manifest, load_slice_set, split_cases
@@ -103,7 +103,6 @@ def train(req: TrainRequest) -> Path:
         net.eval().requires_grad_(False)
     untrained_seed = req.seed + 1000
     bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {"cdm": {}, "untrained": {}})
-    t0 = time.time()
     selection = None
     if req.select and splits["val"]:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
