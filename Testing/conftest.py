@@ -85,3 +85,31 @@ def oblique_direction() -> tuple[float, ...]:
     r = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
     assert np.isclose(np.linalg.det(r), 1.0)
     return tuple(r.flatten())
+
+
+BRAIN_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
+#: A test-split patient of the shipped brain bundle, with a large tumour in slices 9..18.
+TUMOUR_CASE = "TCGA_CS_6669_20020102"
+
+
+@pytest.fixture(scope="session")
+def brain_bundle() -> Path:
+    return BRAIN_BUNDLE
+
+
+@pytest.fixture(scope="session")
+def tumour_case(lgg_manifest: Path) -> dict[str, Path]:
+    """Channel and mask files of a real LGG test patient."""
+    case = next(c for c in json.loads(lgg_manifest.read_text())["cases"] if c["id"] == TUMOUR_CASE)
+    root = lgg_manifest.parent
+    return {**{k: root / v for k, v in case["channels"].items()}, "mask": root / case["mask"]}
+
+
+@pytest.fixture()
+def mrml_scene():
+    """A fresh, real MRML scene (slicer-core) as ``slicer.mrmlScene``, with the logics the module relies on."""
+    from CLDFSegmentationLib.headless import setUpScene
+
+    scene = setUpScene()
+    yield scene
+    scene.Clear(True)

@@ -58,6 +58,12 @@ def test_refuses_a_2d_image(tmp_path, pair):
         read_channels({"FLAIR": flat, "T1": pair["T1"]}, ["FLAIR", "T1"])
 
 
+def test_refuses_a_volume_of_one_slice(tmp_path, pair):
+    one = write_image(np.random.default_rng(2).random((1, 20, 24)).astype(np.float32), tmp_path / "one.nii.gz")
+    with pytest.raises(InputError, match="single 2D slice"):
+        read_channels({"FLAIR": one, "T1": pair["T1"]}, ["FLAIR", "T1"])
+
+
 def test_refuses_a_constant_volume(tmp_path, pair):
     const = write_image(np.full((6, 20, 24), 7, np.float32), tmp_path / "const.nii.gz")
     with pytest.raises(InputError, match="constant: every voxel is 7"):

@@ -87,15 +87,7 @@ def read_channels(paths: dict[str, str | Path], channels: list[str]) -> tuple[np
     Returns:
         ``(C, Z, Y, X)`` float32 array and the first channel's image (the reference grid).
     """
-    missing = [c for c in channels if c not in paths]
-    extra = [c for c in paths if c not in channels]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing channel(s) {missing}")
-        if extra:
-            parts.append(f"unexpected channel(s) {extra}")
-        raise InputError(f"{' and '.join(parts)}: this bundle needs exactly {channels}, given {list(paths)}")
+    check_channel_names(list(paths), channels)
     images = {}
     for name in channels:
         p = Path(paths[name])
@@ -105,6 +97,16 @@ def read_channels(paths: dict[str, str | Path], channels: list[str]) -> tuple[np
             images[name] = sitk.ReadImage(str(p))
         except RuntimeError as e:
             raise InputError(f"channel '{name}': cannot read {p} as an image ({e})") from e
+    return stack_channels(images, channels)
+
+
+def stack_channels(images: dict[str, sitk.Image], channels: list[str]) -> tuple[np.ndarray, sitk.Image]:
+    """Check images already in memory (one per channel) and stack them in the bundle's order.
+
+    Returns:
+        ``(C, Z, Y, X)`` float32 array and the first channel's image (the reference grid).
+    """
+    check_channel_names(list(images), channels)
     ref = images[channels[0]]
     for name in channels:
         check_volume(images[name], name)
@@ -114,6 +116,19 @@ def read_channels(paths: dict[str, str | Path], channels: list[str]) -> tuple[np
     for name, a in zip(channels, arrays):
         check_values(a, name)
     return np.stack(arrays), ref
+
+
+def check_channel_names(given: list[str], channels: list[str]) -> None:
+    """Exactly the bundle's channels, no more, no fewer."""
+    missing = [c for c in channels if c not in given]
+    extra = [c for c in given if c not in channels]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing channel(s) {missing}")
+        if extra:
+            parts.append(f"unexpected channel(s) {extra}")
+        raise InputError(f"{' and '.join(parts)}: this bundle needs exactly {channels}, given {given}")
 
 
 def check_volume(image: sitk.Image, name: str) -> None:
@@ -126,6 +141,11 @@ def check_volume(image: sitk.Image, name: str) -> None:
         )
     if 0 in image.GetSize():
         raise InputError(f"channel '{name}' is empty (size {image.GetSize()})")
+    if image.GetSize()[2] == 1:
+        raise InputError(
+            f"channel '{name}' is a single 2D slice (size {image.GetSize()}); "
+            "a 3D volume (a stack of axial slices) is needed"
+        )
 
 
 def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str) -> None:

@@ -70,7 +70,7 @@ class DiffusionFeatures:
             if sums is None:
                 sums = [torch.zeros((b, *o.shape[1:]), device=o.device) for o in outs]
             for acc, o in zip(sums, outs):
-                acc.index_add_(0, slice_of[part], o)
+                acc.index_add_(0, slice_of[part], o.float())
         return [acc / len(self.cfg.timesteps) for acc in sums]
 
 

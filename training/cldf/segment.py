@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .bundle import Bundle
 from .cluster import foreground_cluster
-from .data import from_slices, normalise, read_channels, to_slices
+from .data import from_slices, normalise, read_channels, stack_channels, to_slices
 from .features import DiffusionFeatures
 from .maps import MeanGradient, build_cam
 from .seeds import BACKGROUND, FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
@@ -168,6 +168,11 @@ class Segmenter:
     def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0) -> "SegmentationJob":
         """Validate and read the inputs (refusing bad ones before any work), return a stepwise job."""
         volume, reference = read_channels(inputs, self.bundle.channels)
+        return SegmentationJob(self, volume, reference, decoder_seed)
+
+    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0) -> "SegmentationJob":
+        """As `start`, for images already in memory (the Slicer module's volume nodes)."""
+        volume, reference = stack_channels(images, self.bundle.channels)
         return SegmentationJob(self, volume, reference, decoder_seed)
 
 

@@ -1,0 +1,18 @@
+"""Qt-free logic of the CLDFSegmentation module: MRML nodes <-> the `cldf` engine, overlays, export.
+
+Imports `slicer` (MRML) but never `qt` or `ctk`, and `cldf` (hence torch) only
+when a run starts, so the module loads before its dependencies are installed.
+"""
+
+from .bundles import BundleInfo, readBundleInfo, shippedBundles
+from .job import CLDFSegmentationJob, CLDFSegmentationResult
+from .logic import CLDFSegmentationLogic
+
+__all__ = [
+    "BundleInfo",
+    "CLDFSegmentationJob",
+    "CLDFSegmentationLogic",
+    "CLDFSegmentationResult",
+    "readBundleInfo",
+    "shippedBundles",
+]

@@ -1,0 +1,135 @@
+"""The extension as Slicer builds it: CMake lists complete, sources compile, layers keep their imports, deps sane."""
+
+from __future__ import annotations
+
+import ast
+import py_compile
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from CLDFSegmentationLib import dependencies
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE = REPO / "CLDFSegmentation"
+ENGINE = REPO / "training" / "cldf"
+LIB = MODULE / "CLDFSegmentationLib"
+
+
+def cmake_list(name: str) -> list[str]:
+    text = (MODULE / "CMakeLists.txt").read_text()
+    match = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S)
+    assert match, f"CMakeLists.txt has no set({name} ...)"
+    return match.group(1).split()
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def test_every_module_file_is_listed_in_the_module_cmake_lists():
+    listed = {MODULE / f for f in cmake_list("MODULE_PYTHON_SCRIPTS") + cmake_list("MODULE_PYTHON_RESOURCES")}
+    on_disk = files_under(MODULE) - {MODULE / "CMakeLists.txt"}
+    assert not on_disk - listed, f"not in CLDFSegmentation/CMakeLists.txt: {sorted(map(str, on_disk - listed))}"
+    assert not listed - on_disk, f"listed but missing: {sorted(map(str, listed - on_disk))}"
+
+
+def test_every_engine_file_is_bundled_with_the_module():
+    listed = {REPO / "training" / f for f in cmake_list("CLDF_ENGINE_SCRIPTS")}
+    on_disk = {p for p in files_under(ENGINE) if p.suffix == ".py"}
+    assert listed == on_disk, f"differ: {sorted(map(str, listed ^ on_disk))}"
+
+
+def test_the_top_level_cmake_lists_build_the_module_as_an_extension():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for needed in ("find_package(Slicer REQUIRED)", "add_subdirectory(CLDFSegmentation)",
+                   "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK", "EXTENSION_DEPENDS"):
+        assert needed in text
+
+
+@pytest.mark.parametrize("path", sorted(list(MODULE.rglob("*.py")) + list(ENGINE.rglob("*.py"))), ids=lambda p: p.name)
+def test_python_sources_compile(path, tmp_path):
+    py_compile.compile(str(path), cfile=str(tmp_path / "out.pyc"), doraise=True)
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(LIB.glob("*.py")), ids=lambda p: p.name)
+def test_the_logic_library_imports_no_qt(path):
+    assert not imported_modules(path) & {"qt", "ctk", "PythonQt"}, f"{path.name} imports Qt"
+
+
+def test_the_engine_imports_neither_slicer_nor_qt():
+    for path in ENGINE.rglob("*.py"):
+        assert not imported_modules(path) & {"slicer", "qt", "ctk", "vtk"}, path
+
+
+def test_torch_is_imported_lazily_by_the_module_and_library():
+    for path in [MODULE / "CLDFSegmentation.py", *LIB.glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        top = set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                top |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                top.add(node.module.split(".")[0])
+        assert not top & {"torch", "cldf", "monai"}, f"{path.name} imports the engine at load time"
+
+
+# ------------------------------------------------------------------ dependencies inside Slicer
+IMPORT_TO_DISTRIBUTION = {"sklearn": "scikit-learn", "SimpleITK": "SimpleITK"}
+
+
+def test_requirements_never_touch_slicers_own_packages_or_torch():
+    names = {n.lower() for n, _, _ in dependencies.requirements()}
+    assert not names & {"torch", "numpy", "simpleitk", "vtk"}
+
+
+def test_requirements_cover_every_third_party_import_of_the_engine():
+    import sys
+
+    names = {n.lower() for n, _, _ in dependencies.requirements()}
+    provided = {"torch", "numpy", "simpleitk", "vtk"}
+    third_party = set()
+    for path in ENGINE.rglob("*.py"):
+        third_party |= {m for m in imported_modules(path) if m not in sys.stdlib_module_names and m != "cldf"}
+    for module in third_party:
+        dist = IMPORT_TO_DISTRIBUTION.get(module, module).lower()
+        assert dist in names | provided, f"cldf imports {module}, which requirements.txt does not install"
+
+
+def test_requirements_agree_with_the_package_metadata():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = {re.split(r"[=<>]", d)[0].lower(): d.replace(" ", "") for d in project}
+    for name, op, version in dependencies.requirements():
+        assert name.lower() in pinned, f"{name} is in requirements.txt but not in pyproject.toml"
+        assert f"{op}{version}" in pinned[name.lower()], f"{name}{op}{version} vs {pinned[name.lower()]}"
+
+
+def test_constraints_pin_slicers_own_packages_to_what_is_installed():
+    import importlib.metadata
+
+    lines = dependencies.constraints().split()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in lines
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in lines
+
+
+def test_unreadable_requirements_are_refused(tmp_path):
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("monai~=1.6\n")
+    with pytest.raises(ValueError, match="cannot read requirement 'monai~=1.6'"):
+        dependencies.requirements(bad)
+    ok = tmp_path / "ok.txt"
+    ok.write_text("# a comment\nnumpy>=1.0\nnot-a-real-package-cldf==1.0\n")
+    assert dependencies.missingRequirements(ok) == ["not-a-real-package-cldf==1.0"]
