@@ -6,7 +6,7 @@ DATA    ?= $(or $(CLDF_DATA),../shared/data)
 MODELS  := CLDFSegmentation/Resources/Models
 BRAIN   := $(MODELS)/brain-mri-flair-t1
 
-.PHONY: demo test bundles bench evaluate screenshots clean
+.PHONY: demo test bundles bench evaluate results figure screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,16 +30,33 @@ bundles: $(STAMP)
 		--out $(MODELS)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 1 --channels CT \
 		--out $(MODELS)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0
+	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 6 --channels CT \
+		--out $(MODELS)/abdomen-ct-liver --name abdomen-ct-liver --target-name liver --color 221,130,101 --seed 0
 
-evaluate: $(STAMP)
-	$(VENV)/bin/cldf evaluate --bundle $(BRAIN) --data $(DATA)/lgg/manifest.json --split test --out benchmarks/brain-test.json --record
+# Every method on each shipped bundle's test split (recorded into its bundle.json), then the results table.
+BUNDLES := $(patsubst %/bundle.json,%,$(wildcard $(addsuffix /bundle.json,$(BRAIN) \
+	$(MODELS)/abdomen-ct-kidney $(MODELS)/abdomen-ct-spleen $(MODELS)/abdomen-ct-liver)))
+dataset = $(if $(findstring brain,$(1)),lgg,btcv)
+
+results: $(STAMP)
+	$(foreach b,$(BUNDLES),$(VENV)/bin/cldf evaluate --bundle $(b) --data $(DATA)/$(call dataset,$(b))/manifest.json \
+		--split test --out benchmarks/$(notdir $(b))-test.json --record &&) true
+	$(VENV)/bin/cldf results $(foreach b,$(BUNDLES),--bundle $(b)) --out benchmarks/results.md
+
+evaluate: results
+
+# The paper's Fig. 3 per shipped bundle: image | ground truth | LayerCAM | MG | CDM | CLDF on three test slices.
+figure: $(STAMP)
+	$(foreach b,$(BUNDLES),$(VENV)/bin/cldf figure --bundle $(b) --data $(DATA)/$(call dataset,$(b))/manifest.json \
+		--out benchmarks/figures/$(notdir $(b)).png &&) true
 
 # README screenshots, rendered headless through vtkMRMLSliceLogic by the rendering tests.
 screenshots: $(STAMP)
 	CLDF_SCREENSHOTS_DIR=Resources/Screenshots $(VENV)/bin/pytest -q Testing/test_rendering.py
 
+# A 155-slice brain volume (a real test patient resampled in z, as deep as a BraTS volume).
 bench: $(STAMP)
-	$(VENV)/bin/cldf bench
+	$(VENV)/bin/cldf bench --case TCGA_DU_6408_19860521 --depth 155 --out benchmarks/speed.md
 
 clean:
 	rm -rf demo-output .pytest_cache

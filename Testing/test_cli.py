@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -94,10 +95,45 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
     recorded = json.loads((tiny_bundle / "bundle.json").read_text())["metrics"]["test"]
     assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
     assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
-    assert set(report["methods"]) == {"gradcam", "layercam", "mg", "fusion", "cldf", "cldf-untrained"}
+    assert list(report["methods"]) == ["gradcam", "layercam", "mg", "fusion", "cdm", "layercam+cl", "mg+cl",
+                                       "cldf-untrained", "cldf"]
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
     assert "| cldf |" in capsys.readouterr().out
+
+
+def test_segment_writes_the_cdm_saliency_map_on_request(tiny_bundle, oblique_case, tmp_path):
+    assert _segment(tiny_bundle, oblique_case, tmp_path / "o", "--maps", "cdm") == 0
+    sal = sitk.ReadImage(str(tmp_path / "o" / "cdm_saliency.nii.gz"))
+    ref = sitk.ReadImage(str(oblique_case["FLAIR"]))
+    assert sal.GetSize() == ref.GetSize() and np.allclose(sal.GetDirection(), ref.GetDirection())
+    a = sitk.GetArrayFromImage(sal)
+    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0
+    assert _segment(tiny_bundle, oblique_case, tmp_path / "p", "--maps", "cam") == 2
+
+
+def test_ablate_adds_the_decoders_train_makes_to_an_older_bundle(tiny_bundle, small_manifest, tmp_path, capsys):
+    import torch
+
+    from cldf.bundle import load_bundle, replace_decoders
+
+    older = shutil.copytree(tiny_bundle, tmp_path / "older", ignore=shutil.ignore_patterns(".checkpoints"))
+    full = load_bundle(tiny_bundle)
+    replace_decoders(older, {v: full.decoders[v] for v in ("cdm", "untrained")})
+    report = tmp_path / "r.json"
+    evaluate = ["-q", "evaluate", "--bundle", str(older), "--data", str(small_manifest), "--out", str(report),
+                "--device", "cpu"]
+    assert main(evaluate + ["--methods", "mg+cl"]) == 2
+    assert "cldf ablate" in capsys.readouterr().err
+    assert main(["-q", "ablate", "--bundle", str(older), "--data", str(small_manifest), "--device", "cpu"]) == 0
+    added = load_bundle(older)
+    for v in ("cam-seeds", "mg-seeds"):
+        for s, d in full.decoders[v].items():
+            for k, t in d.state_dict().items():
+                torch.testing.assert_close(added.decoders[v][s].state_dict()[k], t)
+    assert json.loads((older / "bundle.json").read_text())["added_decoders"]["variants"] == ["cam-seeds", "mg-seeds"]
+    assert main(evaluate + ["--methods", "mg+cl,cdm"]) == 0
+    assert list(json.loads(report.read_text())["methods"]) == ["mg+cl", "cdm"]
 
 
 def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path):
@@ -141,4 +177,20 @@ def test_bench_compares_both_paths_on_the_same_slices(tiny_bundle, small_manifes
 
     report = run_bench(tiny_bundle, small_manifest, None, slices=3, device="cpu")
     assert report["max_abs_diff"] < 1e-4 and report["slices"] == 3
-    assert report["fast"]["s_per_slice"] > 0 and report["literal"]["s_per_slice"] > 0
+    assert all(report[p]["s_per_slice"] > 0 for p in ("fast", "fast-all", "literal", "layercam", "cdm-saliency"))
+    assert "cldf-volume" not in report  # a slice subset is not a volume
+
+
+def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_manifest, tmp_path):
+    from cldf import bench, cli
+
+    assert cli.PATHS == bench.PATHS
+    out = tmp_path / "speed.md"
+    report = bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", depth=7,
+                             paths=("fast", "literal", "cldf-volume"), out=out)
+    assert report["slices"] == 7 and report["cldf-volume"]["seconds"] > 0
+    text = out.read_text()
+    assert "resampled to 7 slices" in text and "| cldf-volume |" in text and "whole volume" in text
+    assert json.loads(out.with_suffix(".json").read_text())["depth"] == 7
+    with pytest.raises(ValueError, match="must include fast and literal"):
+        bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", paths=("layercam",))

@@ -1,13 +1,15 @@
-"""CAM and mean-gradient maps: range, hooks removed, determinism."""
+"""CAM, mean-gradient and CDM-saliency maps, and seeds: range, hooks removed, determinism."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from cldf.config import ClassifierConfig, DiffusionConfig
-from cldf.maps import ActivationRecorder, GradCAM, LayerCAM, MeanGradient, normalise_per_slice
-from cldf.models import NoiseSchedule, SliceClassifier
+from cldf.config import ClassifierConfig, DiffusionConfig, SaliencyConfig, SeedConfig
+from cldf.maps import ActivationRecorder, CDMSaliency, GradCAM, LayerCAM, MeanGradient, normalise_per_slice
+from cldf.maps.cdm import ddim_timesteps
+from cldf.models import NoiseSchedule, SliceClassifier, build_cdm
+from cldf.seeds import BACKGROUND, FOREGROUND, fuse_seeds
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +61,49 @@ def test_normalise_per_slice_maps_a_flat_slice_to_zero():
 def test_unknown_cam_layer_is_refused(classifier):
     with pytest.raises(ValueError, match=r"CAM layers \[5\] do not exist"):
         LayerCAM(classifier, [0, 5])
+
+
+@pytest.fixture(scope="module")
+def cdm():
+    torch.manual_seed(1)
+    return build_cdm(DiffusionConfig(), 2).eval().requires_grad_(False)
+
+
+def test_cdm_saliency_is_deterministic_independent_of_the_batch_and_restores_the_cdm(cdm, classifier, x):
+    before = cdm.class_embedding.weight.clone()
+    sal = CDMSaliency(cdm, classifier, NoiseSchedule(DiffusionConfig()), SaliencyConfig(steps=4), noise_seed=0)
+    a = sal(x)
+    assert a.shape == (4, 32, 32) and float(a.min()) == 0.0 and float(a.max()) == 1.0
+    torch.testing.assert_close(a, sal(x))
+    torch.testing.assert_close(a[2:3], sal(x[2:3]), atol=1e-4, rtol=1e-3)  # float summation order
+    assert cdm.class_embedding.num_embeddings == 2 and torch.equal(cdm.class_embedding.weight, before)
+
+
+def test_cdm_saliency_is_blank_when_the_conditions_do_not_differ(cdm, classifier, x):
+    """tau = 0 and no guidance: both paths are the positive one, so nothing is salient."""
+    same = SaliencyConfig(steps=3, tau=0.0, guidance=0.0)
+    assert float(CDMSaliency(cdm, classifier, NoiseSchedule(DiffusionConfig()), same)(x).abs().max()) == 0.0
+    guided = SaliencyConfig(steps=3, tau=0.0, guidance=10.0)
+    assert float(CDMSaliency(cdm, classifier, NoiseSchedule(DiffusionConfig()), guided)(x).max()) == 1.0
+
+
+def test_ddim_timesteps_stride_from_the_noise_level_to_the_clean_image():
+    pairs = ddim_timesteps(400, 10)
+    assert pairs[0] == (400, 360) and pairs[-1] == (40, -1) and len(pairs) == 10
+    with pytest.raises(ValueError, match="steps <= noise_level"):
+        ddim_timesteps(5, 10)
+    with pytest.raises(ValueError, match="outside the schedule"):
+        CDMSaliency(build_cdm(DiffusionConfig(), 1), None, NoiseSchedule(DiffusionConfig()), SaliencyConfig(noise_level=1000))
+
+
+@pytest.mark.parametrize("source", ["both", "cam", "mg"])
+def test_seeds_from_one_map_or_both(source):
+    g = torch.Generator().manual_seed(0)
+    cam, mg = torch.rand(2, 16, 16, generator=g), torch.rand(2, 16, 16, generator=g)
+    cfg = SeedConfig(cam_threshold=0.5, mg_threshold=0.3, background_per_slice=10_000, background_in_body=False)
+    seeds = fuse_seeds(cam, mg, torch.ones(2, 16, 16, dtype=torch.bool), cfg, torch.arange(2), source=source)
+    on = {"both": (cam > 0.5) & (mg > 0.3), "cam": cam > 0.5, "mg": mg > 0.3}[source]
+    off = {"both": (cam <= 0.5) & (mg <= 0.3), "cam": cam <= 0.5, "mg": mg <= 0.3}[source]
+    assert torch.equal(seeds == FOREGROUND, on) and torch.equal(seeds == BACKGROUND, off)
+    with pytest.raises(ValueError, match="seed source"):
+        fuse_seeds(cam, mg, torch.ones(2, 16, 16, dtype=torch.bool), cfg, torch.arange(2), source="fusion")

@@ -26,7 +26,9 @@ def cmake_list(name: str) -> list[str]:
 
 
 def files_under(root: Path) -> set[Path]:
-    return {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    """Files that ship: not caches, not hidden ones (a bundle's training checkpoints live in `.checkpoints`)."""
+    return {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def test_every_module_file_is_listed_in_the_module_cmake_lists():

@@ -1,6 +1,14 @@
-"""`cldf bench`: seconds per slice and peak memory of the fast feature path vs the paper-literal one.
+"""`cldf bench`: seconds per slice and peak memory of CLDF's fast path, the paper-literal path and the baselines.
 
-Both paths turn the same slices into the final pixel embeddings (every slice is
+On one volume (optionally resampled to a given number of slices, e.g. the 155 of
+a BraTS volume), each in a fresh process:
+
+- ``fast``, ``fast-all``, ``literal``: the diffusion-feature paths (below);
+- ``layercam``: the CAM alone; ``cdm-saliency``: CDM saliency (Hu et al. 2023) alone;
+- ``cldf-volume``: the whole of `cldf segment` on the volume (maps, gate,
+  features, decoder, K-means, back to the input grid).
+
+The feature paths turn the same slices into the final pixel embeddings (every slice is
 treated as positive by `fast-all`; `fast` keeps only the slices the classifier
 judges positive, as `cldf segment` does). Fast: `DiffusionFeatures` (timesteps
 batched, forward stopped after the last needed block, each block projected by
@@ -16,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -32,11 +43,12 @@ from .config import preset
 from .data import load_manifest, normalise, read_channels, to_slices
 from .models import NoiseSchedule
 from .features import DiffusionFeatures, literal_feature_stack
-from .segment import autocast, resolve_device, slice_presence
+from .maps import CDMSaliency, LayerCAM
+from .segment import Segmenter, autocast, resolve_device, slice_presence
 
 BATCH = 8
-PATHS = ("fast", "fast-all", "literal")
-
+FEATURE_PATHS = ("fast", "fast-all", "literal")
+PATHS = FEATURE_PATHS + ("layercam", "cdm-saliency", "cldf-volume")
 
 
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -91,12 +103,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.device, desc: str) -> float:
-    """Embed the slices one path works on; returns the seconds it took.
+def map_fn(path: str, bundle: Bundle, device: torch.device):
+    """The baseline map a path computes, as a function of a batch of slices."""
+    cfg = bundle.config
+    if path == "layercam":
+        return LayerCAM(bundle.cam_classifier.to(device), cfg.maps.cam_layers)
+    bundle.cdm.to(device)
+    return CDMSaliency(bundle.cdm, bundle.noisy_classifier.to(device), bundle.schedule, cfg.saliency, cfg.maps.noise_seed)
+
+
+def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.device, desc: str,
+              inputs: dict[str, str] | None = None) -> float:
+    """Run one path on the slices (or, for ``cldf-volume``, on the input files); returns the seconds it took.
 
     ``fast`` embeds only the slices the classifier judges positive (as `cldf segment`
     does); ``fast-all`` and ``literal`` embed every slice.
     """
+    if path == "cldf-volume":
+        start = time.perf_counter()
+        Segmenter(bundle, str(device), BATCH).start(inputs).run(progress=False)
+        return time.perf_counter() - start
+    if path in ("layercam", "cdm-saliency"):
+        step, fn = BATCH, map_fn(path, bundle, device)
+        start = time.perf_counter()
+        for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch", leave=False):
+            with autocast(device):
+                fn(x_all[i : i + step].to(device))
+        _sync(device)
+        return time.perf_counter() - start
     step, fn = (BATCH, embed_fast) if path.startswith("fast") else (1, embed_literal)
     if path == "fast":
         x_all = x_all[slice_presence(bundle.cam_classifier.to(device), x_all, device, BATCH) >= bundle.config.cluster.presence_threshold]
@@ -107,7 +141,7 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     return time.perf_counter() - start
 
 
-def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str) -> dict:
+def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str, inputs: dict[str, str] | None = None) -> dict:
     """One path in this (fresh) process: peak memory of a cold pass, then seconds of a warm pass.
 
     The memory baseline is taken with the bundle, the slices (and the CUDA context)
@@ -121,29 +155,36 @@ def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str) -> di
         torch.cuda.reset_peak_memory_stats()
     exact = _reset_peak_rss()
     rss_base = _peak_rss_mib()
-    cold = _run_path(path, bundle, slices, dev, f"{path} (memory)")
+    cold = _run_path(path, bundle, slices, dev, f"{path} (memory)", inputs)
     out = {"path": path, "peak_rss_mib": _peak_rss_mib() - rss_base, "rss_exact": exact, "cold_seconds": cold}
     if dev.type == "cuda":
         out["peak_cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / (1 << 20)
-    out["seconds"] = _run_path(path, bundle, slices, dev, f"{path} (time)")
+    out["seconds"] = _run_path(path, bundle, slices, dev, f"{path} (time)", inputs)
     out["s_per_slice"] = out["seconds"] / len(slices)
     return out
 
 
-def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device: str) -> dict:
+def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device: str, inputs: dict[str, str]) -> dict:
     """`measure` in a new interpreter (``python -m cldf.bench``): nothing of this process's memory counts."""
     with tempfile.TemporaryDirectory() as tmp:
         x_file, out_file = Path(tmp) / "slices.safetensors", Path(tmp) / "result.json"
         save_file({"slices": slices.contiguous()}, str(x_file))
-        cmd = [sys.executable, "-m", "cldf.bench", path, str(bundle_dir), str(x_file), device, str(out_file)]
+        cmd = [sys.executable, "-m", "cldf.bench", path, str(bundle_dir), str(x_file), device, str(out_file),
+               json.dumps(inputs)]
         done = subprocess.run(cmd)
         if done.returncode != 0 or not out_file.is_file():
             raise RuntimeError(f"the {path} path's benchmark process failed (exit code {done.returncode})")
         return json.loads(out_file.read_text())
 
 
-def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: Path) -> tuple[str, torch.Tensor]:
-    """``(Z, C, R, R)`` slices of the case at the bundle's resolution (a phantom when the data is absent)."""
+def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: Path,
+                     depth: int = 0) -> tuple[str, torch.Tensor, dict[str, str]]:
+    """``(Z, C, R, R)`` slices of the case at the bundle's resolution (a phantom when the data is absent).
+
+    With ``depth`` the volume is first resampled (linearly) to that many slices
+    over the same extent. Returns the case id, the slices, and the (resampled)
+    channel files written to ``tmp`` for the whole-volume run.
+    """
     from .demo import default_data, sample_case
     from .phantom import make_phantom
 
@@ -156,9 +197,25 @@ def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: P
     else:
         print(f"real data not found at {manifest}: benchmarking a generated phantom instead")
         case_id, inputs = "phantom", make_phantom(tmp)
-    volume, _ = read_channels(inputs, bundle.channels)
+    files = {}
+    for name in bundle.channels:
+        image = sitk.ReadImage(str(inputs[name]))
+        image = resample_depth(image, depth) if depth else image
+        files[name] = str(tmp / f"{name}.nii.gz")
+        sitk.WriteImage(image, files[name])
+    volume, _ = read_channels(files, bundle.channels)
     d = bundle.config.data
-    return case_id, to_slices(normalise(volume, d.percentiles), d.resolution)
+    return case_id, to_slices(normalise(volume, d.percentiles), d.resolution), files
+
+
+def resample_depth(image: sitk.Image, depth: int) -> sitk.Image:
+    """The image resampled (linearly) to ``depth`` slices spanning the same extent."""
+    size = list(image.GetSize())
+    spacing = list(image.GetSpacing())
+    spacing[2] = spacing[2] * size[2] / depth
+    size[2] = depth
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                         image.GetDirection(), 0.0, image.GetPixelID())
 
 
 def random_bundle(preset_name: str, channels: list[str], out: Path) -> Path:
@@ -186,27 +243,35 @@ def random_bundle(preset_name: str, channels: list[str], out: Path) -> Path:
 
 
 def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | None = None,
-              slices: int = 0, device: str = "auto", scale: str | None = None) -> dict:
-    """Benchmark both paths on one volume; prints a Markdown table and returns the numbers.
+              slices: int = 0, device: str = "auto", scale: str | None = None, depth: int = 0,
+              paths: tuple[str, ...] = PATHS, out: Path | None = None) -> dict:
+    """Benchmark the paths on one volume; prints a Markdown table and returns the numbers.
 
     With ``scale`` (a preset name) the networks are random ones at that preset's
     size and resolution, on the same volume as the shipped bundle would use.
+    With ``out`` the table is also written there (Markdown, and JSON beside it).
     """
     from .demo import default_bundle
 
-    if slices < 0:
-        raise ValueError(f"--slices takes 0 (all) or a positive count, not {slices}")
+    if slices < 0 or depth < 0:
+        raise ValueError(f"--slices and --depth take 0 (as is) or a positive count, not {slices}, {depth}")
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown or not {"fast", "literal"} <= set(paths):
+        raise ValueError(f"paths must include fast and literal and come from {', '.join(PATHS)}; got {paths}")
+    if slices and "cldf-volume" in paths:
+        paths = tuple(p for p in paths if p != "cldf-volume")  # the whole volume is not a slice subset
     bundle_dir = Path(bundle) if bundle is not None else default_bundle()
     if scale is not None:
         channels = load_bundle(bundle_dir).channels if (bundle_dir / "bundle.json").is_file() else ["FLAIR", "T1"]
         bundle_dir = random_bundle(scale, channels, Path(tempfile.mkdtemp(prefix="cldf-bench-")))
     b = load_bundle(bundle_dir)
     dev = resolve_device(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        case_id, x = load_case_slices(b, data, case, Path(tmp))
+    tmp = tempfile.TemporaryDirectory()
+    case_id, x, files = load_case_slices(b, data, case, Path(tmp.name), depth)
     x = x[:slices] if slices else x
     r = b.config.data.resolution
-    print(f"bundle {b.id}, case {case_id}: {len(x)} slices at {r}x{r}, device {dev}")
+    print(f"bundle {b.id}, case {case_id}{f' resampled to {depth} slices' if depth else ''}: "
+          f"{len(x)} slices at {r}x{r}, device {dev}, {torch.get_num_threads()} threads")
 
     n_pos = int((slice_presence(b.cam_classifier.to(dev), x, dev, BATCH) >= b.config.cluster.presence_threshold).sum())
     print(f"{n_pos} of {len(x)} slices judged positive: `fast` embeds those (as `cldf segment` does), "
@@ -214,13 +279,20 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     diff = check_equal(b, x[:BATCH], dev)
     print(f"check: fast vs literal embeddings of the first batch ({min(BATCH, len(x))} slices): max |diff| = {diff:.2e}")
     results = {}
-    for path in PATHS:
-        print(f"{path} path (fresh process)...")
-        results[path] = _in_fresh_process(path, bundle_dir, x, str(dev))
+    with tmp:
+        for path in paths:
+            print(f"{path} path (fresh process)...")
+            results[path] = _in_fresh_process(path, bundle_dir, x, str(dev), files)
     report = summarise(results, dev)
-    report.update(bundle=b.id, case=case_id, slices=len(x), positive_slices=n_pos, resolution=r, device=str(dev),
-                  max_abs_diff=diff)
+    report.update(bundle=b.id, case=case_id, depth=depth or None, slices=len(x), positive_slices=n_pos, resolution=r,
+                  device=_device_name(dev), threads=torch.get_num_threads(), max_abs_diff=diff)
+    if out is not None:
+        write_speed_report(report, Path(out))
     return report
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
 
 
 def check_equal(bundle: Bundle, x: torch.Tensor, device: torch.device) -> float:
@@ -238,32 +310,69 @@ def _ratio(a: float, b: float) -> float:
 
 
 def summarise(results: dict[str, dict], device: torch.device) -> dict:
-    """Print the table and the fast-vs-literal ratios; return them with the raw numbers.
+    """Print the table and the fast-vs-literal ratios; return them with the raw numbers and the table.
 
     Memory ratios use CUDA's peak allocation on a GPU, the RSS increase otherwise.
     """
     cuda = device.type == "cuda"
     key = "peak_cuda_mib" if cuda else "peak_rss_mib"
-    fast = results["fast"]
+    fast, lit = results["fast"], results["literal"]
     extra = " peak CUDA MiB |" if cuda else ""
-    print(f"\n| path | s/slice | peak RSS MiB |{extra} ratio to fast (time / memory) |")
-    print("|---|---|---|" + ("---|" if cuda else "") + "---|")
+    rows = [f"| path | s/slice | peak RSS MiB |{extra} ratio to fast (time / memory) |",
+            "|---|---|---|" + ("---|" if cuda else "") + "---|"]
     for name, res in results.items():
         cells = [name, f"{res['s_per_slice']:.4f}", f"{res['peak_rss_mib']:.1f}"]
         cells += [f"{res[key]:.1f}"] if cuda else []
         ratios = f"{_ratio(res['s_per_slice'], fast['s_per_slice']):.2f} / {_ratio(res[key], fast[key]):.2f}"
-        print("| " + " | ".join([*cells, ratios]) + " |")
-    lit = results["literal"]
+        rows.append("| " + " | ".join([*cells, ratios]) + " |")
     speedup, memory = _ratio(lit["s_per_slice"], fast["s_per_slice"]), _ratio(lit[key], fast[key])
-    print(f"\nfast vs literal: the literal path takes {speedup:.2f}x the time per slice "
-          f"and {memory:.2f}x the peak {'CUDA' if cuda else 'RSS'} memory of the fast path")
-    if not (fast["rss_exact"] and lit["rss_exact"]):
-        print("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
-    return {**results, "speedup": speedup, "memory_ratio": memory, "memory_measure": key}
+    lines = [f"fast vs literal: the literal path takes {speedup:.2f}x the time per slice "
+             f"and {memory:.2f}x the peak {'CUDA' if cuda else 'RSS'} memory of the fast path"]
+    if "fast-all" in results:
+        lines.append(f"on every slice (fast-all vs literal): {_ratio(lit['s_per_slice'], results['fast-all']['s_per_slice']):.2f}x")
+    if "cldf-volume" in results:
+        lines.append(f"whole volume with `cldf segment` (cldf-volume): {results['cldf-volume']['seconds']:.1f} s")
+    if not all(r["rss_exact"] for r in results.values()):
+        lines.append("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
+    print("\n" + "\n".join(rows) + "\n\n" + "\n".join(lines))
+    return {**results, "speedup": speedup, "memory_ratio": memory, "memory_measure": key,
+            "table": rows, "notes": lines}
+
+
+def write_speed_report(report: dict, path: Path) -> None:
+    """``report`` as Markdown at ``path`` and as JSON beside it (``.json``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    depth = f", resampled to {report['depth']} slices" if report.get("depth") else ""
+    text = [
+        "# Speed and memory",
+        "",
+        f"`cldf bench` on bundle `{report['bundle']}`, case {report['case']}{depth}: {report['slices']} slices at "
+        f"{report['resolution']} x {report['resolution']} ({report['positive_slices']} judged positive), "
+        f"device {report['device']}, {report['threads']} threads, one run. Each path ran in a fresh process; "
+        "s/slice is over all slices, from a second (warm) pass; peak memory is the increase over the loaded "
+        "bundle during the first pass.",
+        "",
+        "- fast: CLDF's feature path on the slices judged positive (as `cldf segment`); fast-all: on every slice;",
+        "- literal: the paper-literal feature stack, one slice at a time, every slice;",
+        "- layercam: the CAM alone; cdm-saliency: CDM saliency (Q, R, tau, s from the bundle) alone;",
+        "- cldf-volume: the whole `cldf segment` run (maps, gate, features, decoder, K-means, resampling back).",
+        "",
+        *report["table"],
+        "",
+        *[f"- {line}" for line in report["notes"]],
+        "",
+    ]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(text))
+    os.replace(tmp, path)
+    data = {k: v for k, v in report.items() if k not in ("table", "notes")}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path.with_suffix(".json"))
 
 
 if __name__ == "__main__":
-    # child of `_in_fresh_process`: PATH BUNDLE_DIR SLICES_PT DEVICE RESULT_JSON
-    name, bundle_arg, x_arg, device_arg, result_arg = sys.argv[1:6]
-    res = measure(name, bundle_arg, load_file(x_arg)["slices"], device_arg)
+    # child of `_in_fresh_process`: PATH BUNDLE_DIR SLICES_PT DEVICE RESULT_JSON INPUTS_JSON
+    name, bundle_arg, x_arg, device_arg, result_arg, inputs_arg = sys.argv[1:7]
+    res = measure(name, bundle_arg, load_file(x_arg)["slices"], device_arg, json.loads(inputs_arg))
     Path(result_arg).write_text(json.dumps(res))

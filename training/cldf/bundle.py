@@ -112,6 +112,17 @@ def save_bundle(
     return out
 
 
+def replace_decoders(bundle_dir: str | Path, decoders: dict[str, dict[int, PixelDecoder]], **entries: Any) -> None:
+    """Rewrite a verified bundle's decoders (and their hash) atomically, adding card entries."""
+    root = Path(bundle_dir)
+    card = read_card(root)
+    path = root / "decoders.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in decoders_state(decoders).items()}, str(tmp))
+    os.replace(tmp, path)
+    update_card(root, files={**card["files"], path.name: sha256(path)}, **entries)
+
+
 def update_card(bundle_dir: str | Path, **entries: Any) -> None:
     """Add or replace top-level card entries (metrics, selection) without touching the weights."""
     path = Path(bundle_dir) / "bundle.json"

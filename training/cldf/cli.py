@@ -19,6 +19,7 @@ map, the seeds derived from them and the final mask, on the input's voxel grid.
   cldf train    --data manifest.json --target 1 --channels FLAIR,T1 --out my-bundle
   cldf segment  --bundle my-bundle --input FLAIR=flair.nii.gz --input T1=t1.nii.gz --out results/
   cldf evaluate --bundle my-bundle --data manifest.json --split test --out report.json
+  cldf results  --bundle my-bundle --bundle other-bundle   (the paper's tables from recorded test metrics)
   cldf demo     (segment a sample with the shipped brain bundle, write a PNG montage)
   cldf bench    (seconds per slice and peak memory: fast path vs the paper-literal path)
 
@@ -77,6 +78,9 @@ def _apply_overrides(config, items: list[str]) -> None:
         setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
 
 
+PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume")  # as cldf.bench.PATHS
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cldf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -115,25 +119,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     s.add_argument("--decoder-seed", type=int, default=0, help="which shipped pixel decoder to use")
     s.add_argument("--batch-size", type=int, default=8, help="slices per step")
+    s.add_argument("--maps", default="", metavar="NAMES",
+                   help="extra maps to write, comma-separated: 'cdm' (CDM saliency, Hu et al. 2023, as cdm_saliency)")
 
     e = sub.add_parser("evaluate", help="score every method on a split against ground truth",
                        description="Dice, IoU, HD95 on positive slices and 3D Dice per case for gradcam, layercam, "
-                                   "mg, fusion, cldf and cldf-untrained; prints a Markdown table.")
+                                   "mg, fusion, cdm (CDM saliency), the ablations layercam+cl and mg+cl, "
+                                   "cldf-untrained and cldf; prints a Markdown table.")
     e.add_argument("--bundle", required=True, type=Path)
     e.add_argument("--data", required=True, type=Path, help="dataset manifest with masks")
     e.add_argument("--split", default="test", help="train, val, test (as recorded in the bundle) or all")
     e.add_argument("--target", type=_labels, default=None, help="mask values of the target (default: the bundle's)")
     e.add_argument("--out", required=True, type=Path, help="report JSON to write")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--methods", default="", metavar="NAMES",
+                   help="comma-separated methods to score (default: every method the bundle has decoders for)")
     e.add_argument("--record", action="store_true",
                    help="also write the overall numbers into the bundle's bundle.json (section 'metrics')")
+
+    r = sub.add_parser("results", help="the results table of several bundles from their recorded test metrics",
+                       description="Arrange the metrics that `cldf evaluate --record` wrote into each bundle's "
+                                   "bundle.json as the paper's tables (one column per bundle), in Markdown and JSON.")
+    r.add_argument("--bundle", dest="bundles", action="append", required=True, type=Path, help="repeatable")
+    r.add_argument("--split", default="test")
+    r.add_argument("--out", type=Path, default=Path("benchmarks/results.md"), help="Markdown; JSON is written beside it")
+
+    f = sub.add_parser("figure", help="the paper's Fig. 3 for a bundle: image | ground truth | LayerCAM | MG | CDM | CLDF",
+                       description="One row per test slice (the slice with the most target in each of the first "
+                                   "test cases), written as a PNG.")
+    f.add_argument("--bundle", required=True, type=Path)
+    f.add_argument("--data", required=True, type=Path, help="dataset manifest with masks")
+    f.add_argument("--split", default="test")
+    f.add_argument("--rows", type=int, default=3)
+    f.add_argument("--out", required=True, type=Path, help="PNG to write")
+    f.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    a = sub.add_parser("ablate", help="add the ablation decoders (seeds from one map) to a bundle made without them",
+                       description="Train the pixel decoders a bundle made before the ablations lacks (LayerCAM+CL, "
+                                   "MG+CL: seeds from the CAM or the mean gradient alone), on the bundle's recorded "
+                                   "training split and settings, and write them into the bundle. `cldf train` "
+                                   "makes them itself.")
+    a.add_argument("--bundle", required=True, type=Path)
+    a.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
+    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
     d.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
     d.add_argument("--data", type=Path, default=None, help="LGG manifest (default: ../shared/data/lgg or $CLDF_DATA/lgg)")
 
-    b = sub.add_parser("bench", help="speed and peak memory: fast path vs paper-literal reference path")
+    b = sub.add_parser("bench", help="speed and peak memory: fast path, paper-literal path, LayerCAM, CDM saliency, "
+                                     "whole volume")
     b.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
     b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: LGG)")
     b.add_argument("--case", default=None, help="case id (default: the first test case)")
@@ -141,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     b.add_argument("--scale", choices=["cpu", "paper"], default=None,
                    help="benchmark random networks at a preset's scale (e.g. paper: 256x256) instead of the bundle's")
+    b.add_argument("--depth", type=int, default=0,
+                   help="resample the volume to this many slices first (e.g. 155, a BraTS volume's depth)")
+    b.add_argument("--paths", default=",".join(PATHS), metavar="NAMES",
+                   help=f"comma-separated paths to run (default: all of {', '.join(PATHS)})")
+    b.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown, JSON beside it)")
     return p
 
 
@@ -186,12 +227,16 @@ def cmd_train(args, argv) -> int:
 def cmd_segment(args, argv) -> int:
     from .bundle import load_bundle
     from .outputs import check_out_dir, write_result
-    from .segment import Segmenter
+    from .segment import EXTRA_MAPS, Segmenter
 
     inputs = _inputs(args.inputs)
-    check_out_dir(args.out, args.format, args.overwrite)
+    extra = tuple(m.strip() for m in args.maps.split(",") if m.strip())
+    bad = [m for m in extra if m not in EXTRA_MAPS]
+    if bad:
+        raise ValueError(f"--maps takes a comma-separated list of {', '.join(EXTRA_MAPS)}, not {', '.join(bad)}")
+    check_out_dir(args.out, args.format, args.overwrite, extra)
     bundle = load_bundle(args.bundle)
-    job = Segmenter(bundle, args.device, args.batch_size).start(inputs, args.decoder_seed)
+    job = Segmenter(bundle, args.device, args.batch_size, maps=extra).start(inputs, args.decoder_seed)
     result = job.run(progress=not args.quiet)
     paths = write_result(result, args.out, args.format, args.overwrite)
     n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
@@ -203,13 +248,14 @@ def cmd_segment(args, argv) -> int:
 def cmd_evaluate(args, argv) -> int:
     from .bundle import load_bundle
     from .data import load_manifest
-    from .evaluate import case_ids_for_split, evaluate, markdown_table, write_report
+    from .evaluate import available_methods, case_ids_for_split, evaluate, markdown_table, write_report
 
     bundle = load_bundle(args.bundle)
     manifest = load_manifest(args.data)
     labels = args.target if args.target is not None else bundle.card.get("task", {}).get("mask_labels")
     cases = case_ids_for_split(bundle, manifest, args.split)
-    report = evaluate(bundle, manifest, cases, labels, args.device, progress=not args.quiet)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) or available_methods(bundle)
+    report = evaluate(bundle, manifest, cases, labels, args.device, methods=methods, progress=not args.quiet)
     report["split"] = args.split
     write_report(report, args.out)
     if args.record:
@@ -226,6 +272,33 @@ def cmd_evaluate(args, argv) -> int:
     return 0
 
 
+def cmd_results(args, argv) -> int:
+    from .results import build_results, markdown, write_results
+
+    results = build_results(args.bundles, args.split)
+    write_results(results, args.out)
+    print(markdown(results))
+    print(f"written to {args.out} and {args.out.with_suffix('.json')}")
+    return 0
+
+
+def cmd_figure(args, argv) -> int:
+    from .figure import COLUMNS, make_figure
+
+    where = make_figure(args.bundle, args.data, args.out, args.split, args.rows, args.device)
+    print(f"wrote {args.out}: columns {' | '.join(COLUMNS)}; rows " + ", ".join(f"{c} slice {z}" for c, z in where))
+    return 0
+
+
+def cmd_ablate(args, argv) -> int:
+    from .train import add_decoders
+
+    added = add_decoders(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
+    print(f"added decoder variants {', '.join(added)} to {args.bundle}" if added
+          else f"{args.bundle} already has every decoder variant; nothing to do")
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -236,11 +309,13 @@ def cmd_demo(args, argv) -> int:
 def cmd_bench(args, argv) -> int:
     from .bench import run_bench
 
-    run_bench(args.bundle, args.data, args.case, args.slices, args.device, args.scale)
+    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    run_bench(args.bundle, args.data, args.case, args.slices, args.device, args.scale, args.depth, paths, args.out)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results, "figure": cmd_figure, "ablate": cmd_ablate,
+            "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,6 +91,25 @@ class MapConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    """CDM saliency (Hu et al. 2023; DESIGN step 9), the baseline CLDF builds on.
+
+    Attributes:
+        noise_level: Q, the schedule index the slice is noised to (400 of T = 1000 in the paper).
+        steps: R, DDIM steps from Q down to the clean image.
+        tau: how far the condition embedding moves from the positive class towards the negative one.
+        guidance: s, scale of the noisy classifier's guidance towards "absent" (0: none).
+        threshold: ``"otsu"`` or a number in [0, 1], turning the map into a mask.
+    """
+
+    noise_level: int = 400
+    steps: int = 10
+    tau: float = 0.95
+    guidance: float = 10.0
+    threshold: str | float = "otsu"
+
+
+@dataclass
 class SeedConfig:
     """Seed fusion (DESIGN step 5). A threshold is ``"otsu"`` or a number in [0, 1]."""
 
@@ -158,6 +177,7 @@ class CLDFConfig:
         default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True)
     )
     maps: MapConfig = field(default_factory=MapConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)

@@ -3,9 +3,12 @@
 Protocol (the papers'): Dice, IoU and HD95 over positive slices, i.e. slices
 where the target covers more than the bundle's ``positive_fraction``; plus a
 3D Dice per case over all slices. Maps are thresholded per slice with Otsu
-(`gradcam`, `layercam`, `mg`); `fusion` is CAM AND MG with the bundle's seed
-thresholds; `cldf` and `cldf-untrained` are the product's masks (slices judged
-negative stay empty) for every shipped decoder seed, reported as means over seeds.
+(`gradcam`, `layercam`, `mg`, and `cdm`, the CDM saliency map of Hu et al.
+2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
+bundle's seed thresholds; `cldf`, `cldf-untrained` (a randomly initialised
+CDM) and the ablations `layercam+cl` and `mg+cl` (decoders trained on seeds of
+one map) are masks made as the product makes them (slices judged negative stay
+empty) for every shipped decoder seed, reported as means over seeds.
 HD95 is in millimetres; an empty prediction on a positive slice scores the
 slice's diagonal. Ground truth is read here for scoring only.
 """
@@ -27,12 +30,19 @@ from tqdm.auto import tqdm
 from .bundle import Bundle
 from .data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
 from .maps import GradCAM, LayerCAM
-from .seeds import FOREGROUND, otsu_threshold
+from .seeds import FOREGROUND, threshold_maps
 from .segment import Segmenter
 
-BASELINES = ("gradcam", "layercam", "mg", "fusion")
-CLDF_METHODS = ("cldf", "cldf-untrained")
-METHODS = BASELINES + CLDF_METHODS
+MAP_METHODS = ("gradcam", "layercam", "mg", "cdm")  # one map, thresholded per slice
+BASELINES = ("gradcam", "layercam", "mg", "fusion", "cdm")
+# methods that cluster a decoder's embeddings, and the decoder variant each uses
+DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "cldf-untrained": "untrained", "cldf": "cdm"}
+METHODS = BASELINES + tuple(DECODER_METHODS)
+
+
+def available_methods(bundle: Bundle) -> tuple[str, ...]:
+    """Every method, less the decoder methods whose decoders the bundle lacks."""
+    return tuple(m for m in METHODS if m not in DECODER_METHODS or DECODER_METHODS[m] in bundle.decoders)
 
 
 @dataclass
@@ -60,10 +70,18 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
              device: str = "auto", batch_size: int = 8, methods: tuple[str, ...] = METHODS,
              progress: bool = True) -> dict:
     """Score ``methods`` on the cases; returns the report (overall and per case)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    missing = [m for m in methods if m in DECODER_METHODS and DECODER_METHODS[m] not in bundle.decoders]
+    if missing:
+        raise ValueError(f"the bundle has no decoders for {missing}; add them with `cldf ablate --bundle "
+                         f"{bundle.path}` or leave those methods out")
     seeds = tuple(sorted(bundle.decoders["cdm"]))
-    segs = {"cldf": Segmenter(bundle, device, batch_size)}
-    if "cldf-untrained" in methods:
-        segs["cldf-untrained"] = Segmenter(bundle, device, batch_size, cdm="untrained")
+    maps = ("cdm",) if "cdm" in methods else ()
+    segs = {"cldf": Segmenter(bundle, device, batch_size, maps=maps)}
+    segs |= {m: Segmenter(bundle, device, batch_size, variant=v) for m, v in DECODER_METHODS.items()
+             if m in methods and m != "cldf"}
     per_case = {}
     pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [])))
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
@@ -107,30 +125,39 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     cfg = bundle.config
     slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), cfg.data.resolution)
     seg = segs["cldf"]
-    gradcam = GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer])
-    layercam = LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)
+    cams = {"gradcam": GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer]),
+            "layercam": LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)}
     hw = volume.shape[2:]
-    maps = {m: np.zeros(gt.shape, np.float32) for m in ("gradcam", "layercam", "mg")}
-    out = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in CLDF_METHODS if m in methods}
+    maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
+    decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS if m in methods}
     fusion = np.zeros(gt.shape, bool)
     for start in range(0, len(slices), seg.batch_size):
         stop = min(start + seg.batch_size, len(slices))
-        x = slices[start:stop].to(seg.device)
-        sm = seg.slice_maps(x, torch.arange(start, stop), gate=False)
-        maps["mg"][start:stop] = from_slices(sm.mean_gradient, hw)
-        for name, cam in (("layercam", layercam), ("gradcam", gradcam)):  # the bundle's own CAM is in sm already
-            maps[name][start:stop] = from_slices(sm.cam if cfg.maps.cam_method == name else cam(x)[0], hw)
+        x, ids = slices[start:stop].to(seg.device), torch.arange(start, stop)
+        sm = seg.slice_maps(x, ids, gate=False)
+        batch_maps = {"mg": sm.mean_gradient, **sm.extra}
+        for name, cam in cams.items():  # the bundle's own CAM is in sm already
+            if name in maps:
+                batch_maps[name] = sm.cam if cfg.maps.cam_method == name else cam(x)[0]
+        for name in maps:
+            maps[name][start:stop] = from_slices(batch_maps[name], hw)
         fusion[start:stop] = from_slices((sm.seeds == FOREGROUND).float(), hw, mode="mask")
-        sm.seeds[sm.presence < bundle.config.cluster.presence_threshold] = 0
-        for method, by_seed in out.items():
+        for method, by_seed in decoded.items():
+            sm.seeds = segs[method].seeds(sm, ids)
             for s, m in segs[method].masks(x, sm, seeds).items():
                 by_seed[s][start:stop] = from_slices(m, hw, mode="mask")
-    masks = {m: {0: np.stack([a > otsu_threshold(a) for a in maps[m]])} for m in ("gradcam", "layercam", "mg") if m in methods}
+    thresholds = {"cdm": cfg.saliency.threshold}
+    masks = {m: {0: _threshold(a, thresholds.get(m, "otsu"))} for m, a in maps.items()}
     if "fusion" in methods:
         masks["fusion"] = {0: fusion}
-    masks.update(out)
+    masks.update(decoded)
     spacing = ref.GetSpacing()[:2]
-    return masks, gt, spacing
+    return {m: masks[m] for m in methods}, gt, spacing
+
+
+def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:
+    """``(Z, H, W)`` maps -> masks, per slice (Otsu or a fixed value)."""
+    return threshold_maps(torch.from_numpy(maps), threshold).numpy()
 
 
 def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacing) -> SliceScores:

@@ -14,19 +14,21 @@ from .segment import VolumeResult
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 MAP_NAMES = ("cam", "mean_gradient", "seeds", "mask")
+EXTRA_FILE_NAMES = {"cdm": "cdm_saliency"}  # optional maps (`cldf segment --maps`)
 
 
-def output_paths(out_dir: Path, fmt: str) -> dict[str, Path]:
+def output_paths(out_dir: Path, fmt: str, extra: tuple[str, ...] = ()) -> dict[str, Path]:
     if fmt not in FORMATS:
         raise ValueError(f"output format must be one of {sorted(FORMATS)}, not '{fmt}'")
-    paths = {name: out_dir / f"{name}{FORMATS[fmt]}" for name in MAP_NAMES}
+    names = {name: name for name in MAP_NAMES} | {name: EXTRA_FILE_NAMES[name] for name in extra}
+    paths = {name: out_dir / f"{file}{FORMATS[fmt]}" for name, file in names.items()}
     paths["slices"] = out_dir / "slices.csv"
     return paths
 
 
-def check_out_dir(out_dir: Path, fmt: str, overwrite: bool) -> None:
+def check_out_dir(out_dir: Path, fmt: str, overwrite: bool, extra: tuple[str, ...] = ()) -> None:
     """Refuse an output folder that already holds results, unless ``overwrite``."""
-    existing = [p.name for p in output_paths(out_dir, fmt).values() if p.exists()]
+    existing = [p.name for p in output_paths(out_dir, fmt, extra).values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds results ({', '.join(existing)}); choose another --out or pass --overwrite"
@@ -48,17 +50,18 @@ def write_volume(array: np.ndarray, reference: sitk.Image, path: Path) -> None:
 
 
 def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", overwrite: bool = False) -> dict[str, Path]:
-    """Write cam, mean_gradient, seeds, mask and slices.csv; returns their paths."""
+    """Write cam, mean_gradient, seeds, mask, any extra map (cdm_saliency) and slices.csv; returns their paths."""
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, fmt, overwrite)
+    extra = tuple(result.extra)
+    check_out_dir(out_dir, fmt, overwrite, extra)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(out_dir, fmt)
+    paths = output_paths(out_dir, fmt, extra)
     arrays = {
         "cam": result.cam.astype(np.float32),
         "mean_gradient": result.mean_gradient.astype(np.float32),
         "seeds": result.seeds.astype(np.uint8),
         "mask": result.mask.astype(np.uint8),
-    }
+    } | {name: m.astype(np.float32) for name, m in result.extra.items()}
     for name, array in arrays.items():
         write_volume(array, result.reference, paths[name])
     tmp = paths["slices"].with_suffix(".csv.tmp")

@@ -10,6 +10,7 @@ from scipy import ndimage
 from .config import SeedConfig
 
 FOREGROUND, BACKGROUND = 1, 2
+SEED_SOURCES = ("both", "cam", "mg")
 
 # fill holes within each slice, never across slices
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -51,6 +52,7 @@ def fuse_seeds(
     cfg: SeedConfig,
     slice_ids: torch.Tensor,
     seed: int = 0,
+    source: str = "both",
 ) -> torch.Tensor:
     """Seed label map: 1 foreground (CAM and MG active), 2 background (neither, sampled), 0 unused.
 
@@ -58,14 +60,19 @@ def fuse_seeds(
         cam, mg: ``(B, H, W)`` maps in [0, 1].
         body: ``(B, H, W)`` boolean body mask.
         slice_ids: ``(B,)`` stable slice identifiers; background sampling is seeded per slice.
+        source: ``"both"`` (CLDF), or ``"cam"`` / ``"mg"`` for seeds from one map only
+            (the paper's Table 3 ablations).
 
     Returns:
         ``(B, H, W)`` uint8 seed map.
     """
-    cam_on = threshold_maps(cam, cfg.cam_threshold)
-    mg_on = threshold_maps(mg, cfg.mg_threshold)
-    fg = cam_on & mg_on
-    bg = ~cam_on & ~mg_on
+    if source not in SEED_SOURCES:
+        raise ValueError(f"seed source must be one of {SEED_SOURCES}, not '{source}'")
+    cam_on = threshold_maps(cam, cfg.cam_threshold) if source != "mg" else None
+    mg_on = threshold_maps(mg, cfg.mg_threshold) if source != "cam" else None
+    on = [m for m in (cam_on, mg_on) if m is not None]
+    fg = on[0] & on[-1]
+    bg = ~on[0] & ~on[-1]
     if cfg.background_in_body:
         bg &= body
     seeds = torch.zeros(cam.shape, dtype=torch.uint8, device=cam.device)

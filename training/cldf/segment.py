@@ -22,10 +22,12 @@ from .bundle import Bundle
 from .cluster import foreground_cluster
 from .data import from_slices, normalise, read_channels, stack_channels, to_slices
 from .features import DiffusionFeatures
-from .maps import MeanGradient, build_cam
+from .maps import CDMSaliency, MeanGradient, build_cam
 from .seeds import BACKGROUND, FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
 
 log = logging.getLogger(__name__)
+
+EXTRA_MAPS = ("cdm",)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +73,15 @@ def seed_references(e: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tenso
     return ref_fg, ref_bg, fg
 
 
+# Decoder variants: which CDM gives the features and which maps give the seeds.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "cdm": ("cdm", "both"),  # CLDF
+    "untrained": ("untrained", "both"),  # CLDF on a randomly initialised CDM (Table 2)
+    "cam-seeds": ("cdm", "cam"),  # LayerCAM+CL (Table 3)
+    "mg-seeds": ("cdm", "mg"),  # MG+CL (Table 3)
+}
+
+
 @dataclass
 class SliceMaps:
     """Per-slice results at bundle resolution, ``(B, R, R)`` unless noted."""
@@ -80,6 +91,7 @@ class SliceMaps:
     presence: torch.Tensor  # (B,) probability that the target is in the slice
     body: torch.Tensor
     seeds: torch.Tensor  # 1 foreground, 2 background, 0 none; empty on slices judged negative
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # optional maps, e.g. "cdm"
 
 
 class Segmenter:
@@ -89,18 +101,29 @@ class Segmenter:
         bundle: a loaded bundle.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: slices per step.
-        cdm: ``"cdm"`` (the trained CDM) or ``"untrained"`` (a random one, for comparison).
+        variant: a key of `VARIANTS`: ``"cdm"`` (CLDF), ``"untrained"`` (a random CDM, for comparison),
+            ``"cam-seeds"`` or ``"mg-seeds"`` (decoders trained on seeds from one map, the ablations).
+        maps: extra per-slice maps to compute besides CAM and mean gradient (``"cdm"``: CDM saliency).
     """
 
-    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = 8, cdm: str = "cdm"):
+    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = 8, variant: str = "cdm",
+                 maps: tuple[str, ...] = ()):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown decoder variant '{variant}'; choose one of {sorted(VARIANTS)}")
+        if variant not in bundle.decoders:
+            raise ValueError(f"the bundle has no decoders of variant '{variant}'; it has {sorted(bundle.decoders)}. "
+                             "Bundles made before the ablations get them with `cldf ablate`")
+        unknown = set(maps) - set(EXTRA_MAPS)
+        if unknown:
+            raise ValueError(f"unknown extra map(s) {sorted(unknown)}; choose from {EXTRA_MAPS}")
         self.bundle = bundle
         self.cfg = bundle.config
         self.batch_size = batch_size
-        self.variant = cdm
-        if cdm not in bundle.decoders:
-            raise ValueError(f"the bundle has no decoder for CDM variant '{cdm}'; it has {sorted(bundle.decoders)}")
+        self.variant = variant
+        self.extra_maps = tuple(maps)
+        cdm, self.seed_source = VARIANTS[variant]
         self._cdm = bundle.cdm if cdm == "cdm" else bundle.untrained_cdm()
         self.to(resolve_device(device))
 
@@ -110,6 +133,7 @@ class Segmenter:
         self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer)
         self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed)
         self.features = DiffusionFeatures(self._cdm.to(device), sched, cfg.features)
+        self.saliency = CDMSaliency(b.cdm.to(device), b.noisy_classifier, sched, cfg.saliency, cfg.maps.noise_seed)
         for d in b.decoders[self.variant].values():
             d.mlp_.to(device)
         return self
@@ -124,11 +148,19 @@ class Segmenter:
         with autocast(self.device):
             cam, presence = self.cam(x)
             mg = self.mg(x)
+            extra = {"cdm": self.saliency(x).float()} if "cdm" in self.extra_maps else {}
         body = body_mask(x, self.cfg.data.body_threshold)
-        seeds = fuse_seeds(cam, mg, body, self.cfg.seeds, slice_ids, self.cfg.maps.noise_seed)
+        maps = SliceMaps(cam.float(), mg.float(), presence.float(), body, torch.zeros(0), extra)
+        maps.seeds = self.seeds(maps, slice_ids, gate)
+        return maps
+
+    def seeds(self, maps: SliceMaps, slice_ids: torch.Tensor, gate: bool = True) -> torch.Tensor:
+        """This variant's seeds from a batch's maps; with ``gate``, none on slices judged negative."""
+        seeds = fuse_seeds(maps.cam, maps.mean_gradient, maps.body, self.cfg.seeds, slice_ids,
+                           self.cfg.maps.noise_seed, self.seed_source)
         if gate:
-            seeds[presence < self.cfg.cluster.presence_threshold] = 0
-        return SliceMaps(cam.float(), mg.float(), presence.float(), body, seeds)
+            seeds[maps.presence < self.cfg.cluster.presence_threshold] = 0
+        return seeds
 
     def masks(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,)) -> dict[int, torch.Tensor]:
         """Final masks per decoder seed; slices judged negative stay empty (no features, no K-means)."""
@@ -208,6 +240,7 @@ class SegmentationJob:
             seeds=np.zeros(self.shape, np.uint8),
             mask=np.zeros(self.shape, np.uint8),
             presence=np.zeros(z, np.float32),
+            extra={name: np.zeros(self.shape, np.float32) for name in segmenter.extra_maps},
         )
         self.done = 0
         self.cancelled = False
@@ -255,6 +288,8 @@ class SegmentationJob:
         r.seeds[start:stop] = from_slices(maps.seeds, hw, mode="nearest")
         r.mask[start:stop] = from_slices(mask, hw, mode="mask")
         r.presence[start:stop] = maps.presence.cpu().numpy()
+        for name, m in maps.extra.items():
+            r.extra[name][start:stop] = from_slices(m, hw)
 
     def run(self, progress: bool = True) -> VolumeResult:
         """Step to the end (with a progress bar) and return the result."""

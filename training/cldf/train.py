@@ -8,7 +8,8 @@ resumes where it stopped (the long network stages every few minutes too):
 3. CAM classifier: p(y | x) on clean slices, also the slice gate at inference.
 4. Pixel decoders: seeds from the maps of positive training slices, diffusion
    features at the seeds, supervised contrastive training, one decoder per seed,
-   for the trained CDM and for a randomly initialised one (the baseline).
+   for each variant in `segment.VARIANTS`: CLDF, CLDF on a randomly initialised
+   CDM, and the ablations with seeds from the CAM or the mean gradient alone.
 5. The bundle: weights, settings, split, command, device, wall-clock.
 
 Only slice labels reach this module (`data.SliceSet`); masks never do.
@@ -29,14 +30,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, decoders_state, save_bundle
+from .bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CLDFConfig, ClassifierConfig
 from .data import SliceSet, load_manifest, load_slice_set, split_cases
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
 from .models import NoiseSchedule, SliceClassifier, build_cdm
-from .segment import Segmenter, autocast, resolve_device
+from .segment import VARIANTS, Segmenter, autocast, resolve_device
 from .select import apply_settings, select_settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def train(req: TrainRequest) -> Path:
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
     untrained_seed = req.seed + 1000
-    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {"cdm": {}, "untrained": {}})
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {v: {} for v in VARIANTS})
     selection = None
     if req.select and splits["val"]:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
@@ -230,61 +231,113 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tenso
 
 # --------------------------------------------------------------------------- decoders
 def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], batch: int = 8,
-                  progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """Diffusion features at the seed pixels of every positive slice, for each CDM variant.
+                  progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """Diffusion features at the seed pixels of every positive slice, for each decoder variant.
+
+    The maps are computed once; each variant takes its seeds from them (`segment.VARIANTS`)
+    and its features from its CDM.
 
     Returns:
-        per variant a list of ``(P_i, D)`` features, and the list of ``(P_i,)`` seed labels.
+        per variant a list of ``(P_i, D)`` features and a list of ``(P_i,)`` seed labels.
     """
-    segs = {v: Segmenter(bundle, str(device), batch, cdm=v) for v in variants}
+    segs = {v: Segmenter(bundle, str(device), batch, variant=v) for v in variants}
+    by_cdm: dict[str, Segmenter] = {}
+    for v in variants:
+        by_cdm.setdefault(VARIANTS[v][0], segs[v])
     first = segs[variants[0]]
     pos = (data.labels == 1).nonzero()[:, 0]
     feats: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
-    labels: list[torch.Tensor] = []
+    labels: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
     size = (data.images.shape[-2], data.images.shape[-1])
     for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
         idx = pos[start : start + batch]
         x = data.images[idx].to(device)
         maps = first.slice_maps(x, idx, gate=False)
-        block = {v: segs[v].features(x) for v in variants}
-        for j in range(len(idx)):
-            s = maps.seeds[j].flatten().cpu()
-            pixels = s.nonzero()[:, 0]
-            if not (s == 1).any():
-                continue
-            labels.append(s[pixels].long())
-            for v in variants:
-                feats[v].append(gather_at_pixels([f[j : j + 1] for f in block[v]], pixels.to(x.device), size).cpu())
+        block = {c: seg.features(x) for c, seg in by_cdm.items()}
+        for v in variants:
+            seeds = segs[v].seeds(maps, idx, gate=False)
+            for j in range(len(idx)):
+                s = seeds[j].flatten().cpu()
+                if not (s == 1).any():
+                    continue
+                pixels = s.nonzero()[:, 0]
+                labels[v].append(s[pixels].long())
+                f = [b[j : j + 1] for b in block[VARIANTS[v][0]]]
+                feats[v].append(gather_at_pixels(f, pixels.to(x.device), size).cpu())
     return feats, labels
 
 
-def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path):
-    """One decoder per (CDM variant, seed); finished decoders are kept in the checkpoint folder."""
-    path = ckdir / "decoders.safetensors"
+def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], decoder_seeds: tuple[int, ...],
+                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], progress: bool = True):
+    """One decoder per (variant, seed), reusing those already in ``done`` and calling ``save`` after each new one.
+
+    Returns:
+        the decoders by variant and seed, and a card of seed counts and final losses.
+    """
     cfg = bundle.config
-    tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
-    done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
-    variants = ["cdm", "untrained"]
-    feats, labels = seed_features(bundle, data, device, variants, progress=req.progress)
-    if not labels:
-        raise ValueError("no positive training slice produced foreground seeds: check the slice labels and maps")
+    feats, labels = seed_features(bundle, data, device, variants, progress=progress)
+    empty = [v for v in variants if not labels[v]]
+    if empty:
+        raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
+                         "check the slice labels and maps")
     decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
-    card = {"seed_slices": len(labels), "foreground_seeds": int(sum((l == 1).sum() for l in labels)),
-            "background_seeds": int(sum((l == 2).sum() for l in labels)), "final_loss": {}}
+    card = {"seed_slices": {v: len(labels[v]) for v in variants},
+            "foreground_seeds": {v: int(sum((l == 1).sum() for l in labels[v])) for v in variants},
+            "background_seeds": {v: int(sum((l == 2).sum() for l in labels[v])) for v in variants},
+            "final_loss": {}}
     for v in variants:
-        for s in req.decoder_seeds:
+        for s in decoder_seeds:
             prefix = f"{v}.{s}."
             dcfg = CLDFConfig.from_dict(cfg.to_dict()).decoder
             dcfg.seed = s
             if any(k.startswith(prefix) for k in done):
                 d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items() if k.startswith(prefix)})
             else:
-                d = PixelDecoder(dcfg).fit(feats[v], labels, progress=req.progress)
+                d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress)
                 card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
                 done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
-                save_file(done, str(path), metadata={"settings": tag})
+                save(done)
             decoders[v][s] = d
     return decoders, card
+
+
+def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path):
+    """Every decoder variant for every seed; finished decoders are kept in the checkpoint folder."""
+    path = ckdir / "decoders.safetensors"
+    cfg = bundle.config
+    tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
+    done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
+    return fit_decoders(bundle, data, device, list(VARIANTS), req.decoder_seeds, done,
+                        lambda state: save_file(state, str(path), metadata={"settings": tag}), req.progress)
+
+
+def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
+                 progress: bool = True) -> list[str]:
+    """Train the decoder variants a bundle lacks (bundles made before the ablations) into it.
+
+    Uses the bundle's recorded training split, target labels and settings, so the
+    decoders are the ones `cldf train` makes today. Returns the variants added.
+    """
+    bundle = load_bundle(bundle_dir)
+    missing = [v for v in VARIANTS if v not in bundle.decoders]
+    if not missing:
+        return []
+    cfg, card = bundle.config, bundle.card
+    manifest = load_manifest(manifest_path)
+    train_ids = card.get("training", {}).get("split", {}).get("train")
+    if not train_ids:
+        raise ValueError(f"{bundle_dir}/bundle.json records no training split; retrain the bundle with `cldf train`")
+    data = load_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
+                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction)
+    dev = resolve_device(device)
+    t0 = time.time()
+    seeds = tuple(sorted(bundle.decoders["cdm"]))
+    bundle.decoders |= {v: {} for v in missing}  # filled below
+    new, new_card = fit_decoders(bundle, data, dev, missing, seeds, {}, lambda state: None, progress)
+    entry = {"variants": missing, "command": command, "device": _device_name(dev),
+             "wall_clock_s": round(time.time() - t0, 1), **new_card}
+    replace_decoders(bundle_dir, {**bundle.decoders, **new}, added_decoders=entry)
+    return missing
 
 
 def safe_open_metadata(path: Path) -> dict:

@@ -1,11 +1,13 @@
 """Saliency maps from slice classifiers, each in [0, 1] per slice.
 
 `GradCAM` and `LayerCAM` explain the clean-slice classifier; `MeanGradient`
-explains the noisy-image classifier over a range of timesteps.
+explains the noisy-image classifier over a range of timesteps; `CDMSaliency`
+compares the diffusion model's denoising under the two conditions.
 """
 
 from .base import ActivationRecorder, normalise_per_slice
+from .cdm import CDMSaliency
 from .cam import GradCAM, LayerCAM, build_cam
 from .gradient import MeanGradient
 
-__all__ = ["ActivationRecorder", "GradCAM", "LayerCAM", "MeanGradient", "build_cam", "normalise_per_slice"]
+__all__ = ["ActivationRecorder", "CDMSaliency", "GradCAM", "LayerCAM", "MeanGradient", "build_cam", "normalise_per_slice"]

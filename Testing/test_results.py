@@ -1,0 +1,54 @@
+"""The results table from recorded metrics, and the Fig. 3-like figure, on a real (tiny) bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from cldf.cli import main
+from cldf.demo import GAP
+from cldf.figure import COLUMNS
+from cldf.results import cldf_is_best
+
+
+def test_results_table_from_the_metrics_recorded_in_bundles(tiny_bundle, small_manifest, tmp_path, capsys):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
+    card = json.loads((bundle / "bundle.json").read_text())
+    card.pop("metrics", None)  # other tests may have recorded some into the shared tiny bundle
+    (bundle / "bundle.json").write_text(json.dumps(card))
+    out = tmp_path / "results.md"
+    assert main(["-q", "results", "--bundle", str(bundle), "--out", str(out)]) == 2
+    assert "cldf evaluate" in capsys.readouterr().err  # nothing recorded yet: says what to run
+    assert main(["-q", "evaluate", "--bundle", str(bundle), "--data", str(small_manifest), "--out",
+                 str(tmp_path / "r.json"), "--device", "cpu", "--methods", "mg,cldf-untrained,cldf", "--record"]) == 0
+    assert main(["-q", "results", "--bundle", str(bundle), "--bundle", str(bundle), "--out", str(out)]) == 0
+    text = out.read_text()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert ", test: 1 cases, " in text and "tumour (" in text and "| MG |" in text and "| CLDF, untrained CDM |" in text
+    assert f"{report['methods']['cldf']['dice']:.3f} ± {report['methods']['cldf']['dice_std']:.3f}" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert len(data["columns"]) == 2 and data["columns"][0]["cases"] == report["cases"]
+
+
+def test_cldf_is_best_only_when_it_beats_every_compared_row():
+    rows = {"mg": {"dice": 0.5}, "layercam+cl": {"dice": 0.6}, "cldf-untrained": {"dice": 0.9}, "cldf": {"dice": 0.55}}
+    assert not cldf_is_best(rows)
+    rows["cldf"]["dice"] = 0.65
+    assert cldf_is_best(rows)  # the untrained-CDM row stands beside CLDF, not against it
+
+
+def test_figure_has_six_panels_per_test_slice(tiny_bundle, small_manifest, tmp_path, capsys):
+    out = tmp_path / "fig.png"
+    assert main(["-q", "figure", "--bundle", str(tiny_bundle), "--data", str(small_manifest), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    case = json.loads(small_manifest.read_text())["cases"][3]
+    h, w = sitk.GetArrayFromImage(sitk.ReadImage(case["mask"])).shape[1:]
+    assert rgb.shape == (h, len(COLUMNS) * (w + GAP) - GAP, 3)  # the tiny bundle's test split has one case
+    assert "slice" in capsys.readouterr().out
+    gt_panel = rgb[:, w + GAP : 2 * w + GAP]
+    assert np.any(np.all(gt_panel == (80, 200, 80), axis=-1))  # the ground-truth outline is drawn

@@ -1,0 +1,79 @@
+"""`cldf figure`: the paper's Fig. 3 for one bundle: image | ground truth | LayerCAM | MG | CDM | CLDF.
+
+One row per test slice: the slice with the most target in each of the first
+test cases. Maps are drawn in a heat scale, masks tinted in the segment's
+colour. Ground truth is read here for display only, as in `evaluate`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .bundle import load_bundle
+from .data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
+from .demo import GAP, heat, overlay, to_unit
+from .evaluate import case_ids_for_split
+from .segment import Segmenter
+
+COLUMNS = ("image", "ground truth", "LayerCAM", "MG", "CDM saliency", "CLDF")
+GROUND_TRUTH_COLOR = (80, 200, 80)
+
+
+def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows: int = 3,
+                device: str = "auto") -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+    """The panels of each row as ``(H, W, 3)`` arrays in [0, 1], and the (case, slice) of each row."""
+    bundle = load_bundle(bundle_dir)
+    manifest = load_manifest(manifest_path)
+    labels = bundle.card.get("task", {}).get("mask_labels")
+    color = tuple(bundle.card.get("task", {}).get("color", (230, 80, 60)))
+    seg = Segmenter(bundle, device, 1, maps=("cdm",))
+    cfg = bundle.config.data
+    out, where = [], []
+    for cid in case_ids_for_split(bundle, manifest, split)[:rows]:
+        case = manifest.case(cid)
+        volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
+        gt = target_mask(case.mask, labels)
+        z = int(gt.reshape(len(gt), -1).sum(axis=1).argmax())
+        x = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)[z : z + 1].to(seg.device)
+        ids = torch.tensor([z])
+        maps = seg.slice_maps(x, ids)
+        mask = seg.masks(x, maps, (0,))[0]
+        hw = volume.shape[2:]
+        back = {name: from_slices(m, hw)[0] for name, m in
+                (("cam", maps.cam), ("mg", maps.mean_gradient), ("cdm", maps.extra["cdm"]))}
+        grey = to_unit(volume[0, z].astype(np.float32))
+        row = [np.repeat(grey[..., None], 3, axis=-1), overlay(grey, gt[z], GROUND_TRUTH_COLOR),
+               heat(back["cam"]), heat(back["mg"]), heat(back["cdm"]),
+               overlay(grey, from_slices(mask, hw, mode="mask")[0], color)]
+        out.append([radiological(p, ref.GetDirection()) for p in row])
+        where.append((cid, z))
+    return out, where
+
+
+def radiological(panel: np.ndarray, direction: tuple[float, ...]) -> np.ndarray:
+    """Flip a ``(Y, X, 3)`` panel so anterior is up and the patient's right is on the left (LPS voxel order)."""
+    if direction[4] < 0:
+        panel = panel[::-1]
+    if direction[0] < 0:
+        panel = panel[:, ::-1]
+    return np.ascontiguousarray(panel)
+
+
+def make_figure(bundle_dir: Path, manifest_path: Path, out: Path, split: str = "test", rows: int = 3,
+                device: str = "auto") -> list[tuple[str, int]]:
+    """Write the figure as a PNG; returns the (case, slice) of each row."""
+    panels, where = figure_rows(bundle_dir, manifest_path, split, rows, device)
+    lines = []
+    for row in panels:
+        padded = [np.pad(p, ((0, GAP), (0, GAP), (0, 0)), constant_values=1.0) for p in row]
+        lines.append(np.concatenate(padded, axis=1))
+    rgb = (np.concatenate(lines, axis=0)[:-GAP, :-GAP] * 255).round().astype(np.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
+    tmp.replace(out)
+    return where

@@ -1,0 +1,99 @@
+"""`cldf results`: the paper's tables from the test metrics recorded in shipped bundles.
+
+Each bundle's ``bundle.json`` carries the metrics `cldf evaluate --record` wrote
+(section ``metrics.<split>``); this module only reads and arranges them: one
+column per bundle (task), one row per method, Dice and IoU (mean ± std over
+positive slices), HD95 and the per-case 3D Dice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .bundle import read_card
+from .evaluate import BASELINES, METHODS
+
+#: row labels, in the paper's order
+LABELS = {
+    "gradcam": "GradCAM", "layercam": "LayerCAM", "mg": "MG", "fusion": "fusion (CAM AND MG)",
+    "cdm": "CDM saliency", "layercam+cl": "LayerCAM+CL", "mg+cl": "MG+CL",
+    "cldf-untrained": "CLDF, untrained CDM", "cldf": "CLDF",
+}
+#: the rows CLDF is compared against for "best"; the untrained-CDM row stands beside it
+COMPARED = BASELINES + ("layercam+cl", "mg+cl")
+
+
+def task_column(card: dict, split: str) -> dict:
+    """One table column: the task, its dataset and the split the numbers come from."""
+    metrics = card.get("metrics", {}).get(split)
+    if not metrics:
+        raise ValueError(f"bundle '{card.get('name')}' has no recorded {split} metrics; run "
+                         f"`cldf evaluate --bundle ... --split {split} --record` first")
+    dataset = Path(card.get("training", {}).get("manifest", "")).parent.name or "data"
+    methods = metrics["methods"]
+    slices = int(next(iter(methods.values()))["n_slices"])
+    return {"bundle": card.get("name"), "task": card.get("task", {}).get("target", "target"), "dataset": dataset,
+            "split": split, "cases": metrics["cases"], "positive_slices": slices, "command": metrics.get("command"),
+            "methods": methods}
+
+
+def build_results(bundle_dirs: list[Path], split: str = "test") -> dict:
+    columns = [task_column(read_card(d), split) for d in bundle_dirs]
+    wins = [c["task"] for c in columns if cldf_is_best(c["methods"])]
+    return {"split": split, "columns": columns, "cldf_best_on": wins,
+            "compared_rows": [LABELS[m] for m in COMPARED]}
+
+
+def cldf_is_best(methods: dict) -> bool:
+    others = [methods[m]["dice"] for m in COMPARED if m in methods]
+    return "cldf" in methods and all(methods["cldf"]["dice"] > d for d in others)
+
+
+def _cell(r: dict | None, key: str, digits: int = 3) -> str:
+    if r is None:
+        return "—"
+    return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}" if key + "_std" in r else f"{r[key]:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    cols = results["columns"]
+    head = [f"{c['task']} ({c['dataset']}, {c['split']}: {len(c['cases'])} cases, {c['positive_slices']} slices)"
+            for c in cols]
+    sep = "|---|" + "---|" * len(cols)
+
+    def table(title: str, cell) -> list[str]:
+        rows = [f"**{title}**", "", "| method | " + " | ".join(head) + " |", sep]
+        for m in METHODS:
+            if not any(m in c["methods"] for c in cols):
+                continue
+            cells = [cell(c["methods"].get(m), c) for c in cols]
+            rows.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+        return rows + [""]
+
+    def dice(r, c):
+        text = _cell(r, "dice")
+        best = r is not None and r["dice"] == max(c["methods"][m]["dice"] for m in c["methods"] if m != "cldf-untrained")
+        return f"**{text}**" if best else text
+
+    lines = table("Dice on positive slices (mean ± std over slices; best of the compared rows in bold)", dice)
+    lines += table("IoU on positive slices", lambda r, c: _cell(r, "iou"))
+    lines += table("HD95 (mm) on positive slices", lambda r, c: _cell(r, "hd95_mm", 1))
+    lines += table("3D Dice per case (mean over cases)", lambda r, c: _cell(r, "dice_3d"))
+    n = len(cols)
+    lines.append(f"CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
+                 f"on {len(results['cldf_best_on'])} of {n} tasks"
+                 + (f": {', '.join(results['cldf_best_on'])}." if results["cldf_best_on"] else "."))
+    lines.append("")
+    lines.append("Test cases per column: " + "; ".join(f"{c['task']}: {', '.join(c['cases'])}" for c in cols) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict, path: Path) -> None:
+    """``results.md`` at ``path`` and ``results.json`` beside it, each written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, text in ((path, markdown(results)), (path.with_suffix(".json"), json.dumps(results, indent=1) + "\n")):
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
