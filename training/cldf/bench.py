@@ -292,7 +292,12 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
 
 
 def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'unknown'})"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"cpu ({names[0] if names else platform.processor() or platform.machine()})"
 
 
 def check_equal(bundle: Bundle, x: torch.Tensor, device: torch.device) -> float:

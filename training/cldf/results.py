@@ -51,10 +51,14 @@ def cldf_is_best(methods: dict) -> bool:
     return "cldf" in methods and all(methods["cldf"]["dice"] > d for d in others)
 
 
+STD_KEYS = {"dice": "dice_std", "iou": "iou_std", "hd95_mm": "hd95_std"}  # the 3D Dice is a mean over cases only
+
+
 def _cell(r: dict | None, key: str, digits: int = 3) -> str:
     if r is None:
         return "—"
-    return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}" if key + "_std" in r else f"{r[key]:.{digits}f}"
+    std = STD_KEYS.get(key)
+    return f"{r[key]:.{digits}f} ± {r[std]:.{digits}f}" if std in r else f"{r[key]:.{digits}f}"
 
 
 def markdown(results: dict) -> str:
@@ -79,7 +83,7 @@ def markdown(results: dict) -> str:
 
     lines = table("Dice on positive slices (mean ± std over slices; best of the compared rows in bold)", dice)
     lines += table("IoU on positive slices", lambda r, c: _cell(r, "iou"))
-    lines += table("HD95 (mm) on positive slices", lambda r, c: _cell(r, "hd95_mm", 1))
+    lines += table("HD95 (mm) on positive slices (an empty mask scores the slice's diagonal)", lambda r, c: _cell(r, "hd95_mm", 1))
     lines += table("3D Dice per case (mean over cases)", lambda r, c: _cell(r, "dice_3d"))
     n = len(cols)
     lines.append(f"CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
