@@ -314,8 +314,8 @@ def cmd_bench(args, argv) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results, "figure": cmd_figure, "ablate": cmd_ablate,
-            "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results,
+            "figure": cmd_figure, "ablate": cmd_ablate, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

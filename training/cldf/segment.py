@@ -133,7 +133,8 @@ class Segmenter:
         self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer)
         self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed)
         self.features = DiffusionFeatures(self._cdm.to(device), sched, cfg.features)
-        self.saliency = CDMSaliency(b.cdm.to(device), b.noisy_classifier, sched, cfg.saliency, cfg.maps.noise_seed)
+        self.saliency = (CDMSaliency(b.cdm.to(device), b.noisy_classifier, sched, cfg.saliency, cfg.maps.noise_seed)
+                         if "cdm" in self.extra_maps else None)
         for d in b.decoders[self.variant].values():
             d.mlp_.to(device)
         return self
