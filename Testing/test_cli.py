@@ -99,6 +99,9 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
                                        "cldf-untrained", "cldf"]
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
+    for method, r in report["methods"].items():  # pointing only for maps; precision for every row
+        assert ("pointing" in r) == (method in ("gradcam", "layercam", "mg", "cdm")), method
+        assert 0 <= r["precision"] <= 1 and 0 <= r.get("pointing", 0) <= 1, method
     assert "| cldf |" in capsys.readouterr().out
 
 

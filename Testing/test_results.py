@@ -12,6 +12,7 @@ import SimpleITK as sitk
 from cldf.cli import main
 from cldf.demo import GAP
 from cldf.figure import COLUMNS
+from cldf.evaluate import _slice_scores, pointing
 from cldf.results import cldf_is_best
 
 
@@ -30,6 +31,9 @@ def test_results_table_from_the_metrics_recorded_in_bundles(tiny_bundle, small_m
     report = json.loads((tmp_path / "r.json").read_text())
     assert ", test: 1 cases, " in text and "tumour (" in text and "| MG |" in text and "| CLDF, untrained CDM |" in text
     assert f"{report['methods']['cldf']['dice']:.3f} ± {report['methods']['cldf']['dice_std']:.3f}" in text
+    pointing = text.split("**Pointing game")[1]
+    assert "| MG |" in pointing and "| CLDF |" not in pointing  # only maps have a maximum to point with
+    assert f"{report['methods']['mg']['pointing']:.3f}" in pointing
     data = json.loads(out.with_suffix(".json").read_text())
     assert len(data["columns"]) == 2 and data["columns"][0]["cases"] == report["cases"]
 
@@ -52,3 +56,18 @@ def test_figure_has_six_panels_per_test_slice(tiny_bundle, small_manifest, tmp_p
     assert "slice" in capsys.readouterr().out
     gt_panel = rgb[:, w + GAP : 2 * w + GAP]
     assert np.any(np.all(gt_panel == (80, 200, 80), axis=-1))  # the ground-truth outline is drawn
+
+
+def test_precision_and_pointing_count_the_right_pixels():
+    gt = np.zeros((3, 4, 4), bool)
+    gt[:2, 1:3, 1:3] = True  # slices 0 and 1 hold the target, slice 2 does not
+    maps = np.zeros((3, 4, 4), np.float32)
+    maps[0, 1, 1] = 1.0  # maximum on the target
+    maps[1, 0, 0] = 1.0  # maximum off it
+    assert pointing(maps, gt, np.array([0, 1])) == [True, False]
+    pred = np.zeros_like(gt)
+    pred[0, 1:3, 1:4] = True  # 4 of 6 on the target
+    pred[1, 0, :] = True  # 0 of 4
+    pred[2] = True  # not a positive slice: not counted
+    sc = _slice_scores(pred, gt, np.array([0, 1]), (1.0, 1.0))
+    assert sc.hits == [4, 0] and sc.predicted == [6, 4] and sc.precision == pytest.approx(0.4)

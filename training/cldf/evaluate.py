@@ -2,7 +2,10 @@
 
 Protocol (the papers'): Dice, IoU and HD95 over positive slices, i.e. slices
 where the target covers more than the bundle's ``positive_fraction``; plus a
-3D Dice per case over all slices. Maps are thresholded per slice with Otsu
+3D Dice per case over all slices. To show where the seeds come from, also the
+precision on positive slices (share of predicted pixels on the target; the
+`fusion` row is CLDF's foreground seeds) and, for the maps, the pointing game
+(share of positive slices whose map maximum lies on the target). Maps are thresholded per slice with Otsu
 (`gradcam`, `layercam`, `mg`, and `cdm`, the CDM saliency map of Hu et al.
 2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
 bundle's seed thresholds; `cldf`, `cldf-untrained` (a randomly initialised
@@ -51,6 +54,13 @@ class SliceScores:
     iou: list[float]
     hd95: list[float]
     dice_3d: list[float]  # one per case
+    hits: list[int]  # per positive slice: predicted pixels on the target
+    predicted: list[int]  # per positive slice: predicted pixels
+
+    @property
+    def precision(self) -> float:
+        total = sum(self.predicted)
+        return sum(self.hits) / total if total else float("nan")
 
 
 def case_ids_for_split(bundle: Bundle, manifest: Manifest, split: str) -> list[str]:
@@ -83,12 +93,15 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     segs |= {m: Segmenter(bundle, device, batch_size, variant=v) for m, v in DECODER_METHODS.items()
              if m in methods and m != "cldf"}
     per_case = {}
-    pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [])))
+    pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [], [], [])))
+    hits: dict[str, list[bool]] = defaultdict(list)
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
-        masks, gt, spacing = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
+        masks, maps, gt, spacing = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
         per_case[cid] = {}
         frac = gt.mean(axis=(1, 2))
         positive = np.nonzero(frac > bundle.config.data.positive_fraction)[0]
+        for method, m in maps.items():
+            hits[method] += pointing(m, gt, positive)
         for method, by_seed in masks.items():
             entry = {}
             for s, m in by_seed.items():
@@ -96,6 +109,8 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
                 pooled[method][s].dice += sc.dice
                 pooled[method][s].iou += sc.iou
                 pooled[method][s].hd95 += sc.hd95
+                pooled[method][s].hits += sc.hits
+                pooled[method][s].predicted += sc.predicted
                 pooled[method][s].dice_3d.append(_dice(m, gt))
                 entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": _dice(m, gt)}
             per_case[cid][method] = _over_seeds(entry)
@@ -103,9 +118,11 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     for method, by_seed in pooled.items():
         stats = {s: {"dice": _mean(v.dice), "dice_std": _std(v.dice), "iou": _mean(v.iou), "iou_std": _std(v.iou),
                      "hd95_mm": _mean(v.hd95), "hd95_std": _std(v.hd95),
-                     "dice_3d": _mean(v.dice_3d),
+                     "dice_3d": _mean(v.dice_3d), "precision": v.precision,
                      "n_slices": len(v.dice)} for s, v in by_seed.items()}
         overall[method] = _over_seeds(stats)
+        if method in hits:
+            overall[method]["pointing"] = _mean(hits[method])
     return {
         "bundle": bundle.id,
         "cases": list(case_ids),
@@ -152,7 +169,7 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
         masks["fusion"] = {0: fusion}
     masks.update(decoded)
     spacing = ref.GetSpacing()[:2]
-    return {m: masks[m] for m in methods}, gt, spacing
+    return {m: masks[m] for m in methods}, maps, gt, spacing
 
 
 def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:
@@ -161,7 +178,7 @@ def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:
 
 
 def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacing) -> SliceScores:
-    sc = SliceScores([], [], [], [])
+    sc = SliceScores([], [], [], [], [], [])
     diag = math.hypot(gt.shape[1] * spacing[1], gt.shape[2] * spacing[0])
     for z in positive:
         p, g = pred[z], gt[z]
@@ -169,7 +186,15 @@ def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacin
         sc.dice.append(2 * inter / (p.sum() + g.sum()))
         sc.iou.append(inter / float((p | g).sum()))
         sc.hd95.append(_hd95(p, g, spacing, diag))
+        sc.hits.append(int(inter))
+        sc.predicted.append(int(p.sum()))
     return sc
+
+
+def pointing(maps: np.ndarray, gt: np.ndarray, positive: np.ndarray) -> list[bool]:
+    """Per positive slice: does the map's maximum lie on the target?"""
+    flat = maps[positive].reshape(len(positive), -1)
+    return gt[positive].reshape(len(positive), -1)[np.arange(len(positive)), flat.argmax(axis=1)].tolist()
 
 
 def _hd95(p: np.ndarray, g: np.ndarray, spacing, diag: float) -> float:
@@ -207,12 +232,15 @@ def _over_seeds(by_seed: dict[int, dict]) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    rows = ["| method | Dice | IoU | HD95 (mm) | 3D Dice | slices |", "|---|---|---|---|---|---|"]
+    rows = ["| method | Dice | IoU | HD95 (mm) | 3D Dice | precision | pointing | slices |",
+            "|---|---|---|---|---|---|---|---|"]
     for method, r in report["methods"].items():
         seed_note = f" (±{r['dice_seed_std']:.3f} over {len(r['by_seed'])} seeds)" if "by_seed" in r else ""
+        point = f"{r['pointing']:.3f}" if "pointing" in r else "—"
         rows.append(
             f"| {method} | {r['dice']:.3f} ± {r['dice_std']:.3f}{seed_note} | {r['iou']:.3f} ± {r['iou_std']:.3f} "
-            f"| {r['hd95_mm']:.1f} ± {r['hd95_std']:.1f} | {r['dice_3d']:.3f} | {r['n_slices']:.0f} |"
+            f"| {r['hd95_mm']:.1f} ± {r['hd95_std']:.1f} | {r['dice_3d']:.3f} | {r['precision']:.3f} | {point} "
+            f"| {r['n_slices']:.0f} |"
         )
     return "\n".join(rows)
 

@@ -55,7 +55,7 @@ STD_KEYS = {"dice": "dice_std", "iou": "iou_std", "hd95_mm": "hd95_std"}  # the 
 
 
 def _cell(r: dict | None, key: str, digits: int = 3) -> str:
-    if r is None:
+    if r is None or key not in r:
         return "—"
     std = STD_KEYS.get(key)
     return f"{r[key]:.{digits}f} ± {r[std]:.{digits}f}" if std in r else f"{r[key]:.{digits}f}"
@@ -70,7 +70,7 @@ def markdown(results: dict) -> str:
     def table(title: str, cell) -> list[str]:
         rows = [f"**{title}**", "", "| method | " + " | ".join(head) + " |", sep]
         for m in METHODS:
-            if not any(m in c["methods"] for c in cols):
+            if not any(m in c["methods"] for c in cols) or all(cell(c["methods"].get(m), c) == "—" for c in cols):
                 continue
             cells = [cell(c["methods"].get(m), c) for c in cols]
             rows.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
@@ -85,6 +85,10 @@ def markdown(results: dict) -> str:
     lines += table("IoU on positive slices", lambda r, c: _cell(r, "iou"))
     lines += table("HD95 (mm) on positive slices (an empty mask scores the slice's diagonal)", lambda r, c: _cell(r, "hd95_mm", 1))
     lines += table("3D Dice per case (mean over cases)", lambda r, c: _cell(r, "dice_3d"))
+    lines += table("Precision on positive slices (share of predicted pixels on the target; "
+                   "the fusion row is CLDF's foreground seeds)", lambda r, c: _cell(r, "precision"))
+    lines += table("Pointing game (share of positive slices whose map maximum lies on the target)",
+                   lambda r, c: _cell(r, "pointing"))
     n = len(cols)
     lines.append(f"CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
                  f"on {len(results['cldf_best_on'])} of {n} tasks"

@@ -90,16 +90,10 @@ def train(req: TrainRequest) -> Path:
         "cdm", cdm, _cdm_loss(cdm, train_set, schedule, cfg, req.seed, device),
         cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req,
     )
-    noisy = SliceClassifier(cfg.noisy_classifier, n_in).to(device)
-    seconds["noisy_classifier"] = _fit(
-        "noisy_classifier", noisy, _classifier_loss(noisy, train_set, schedule, cfg.noisy_classifier, req.seed + 1, device),
-        cfg.noisy_classifier.steps, cfg.noisy_classifier.lr, ckdir, device, req,
-    )
-    cam = SliceClassifier(cfg.cam_classifier, n_in).to(device)
-    seconds["cam_classifier"] = _fit(
-        "cam_classifier", cam, _classifier_loss(cam, train_set, schedule, cfg.cam_classifier, req.seed + 2, device),
-        cfg.cam_classifier.steps, cfg.cam_classifier.lr, ckdir, device, req,
-    )
+    noisy, seconds["noisy_classifier"] = fit_classifier(
+        "noisy_classifier", cfg.noisy_classifier, train_set, schedule, req.seed + 1, device, ckdir, req)
+    cam, seconds["cam_classifier"] = fit_classifier(
+        "cam_classifier", cfg.cam_classifier, train_set, schedule, req.seed + 2, device, ckdir, req)
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
     untrained_seed = req.seed + 1000
@@ -174,6 +168,14 @@ def _cdm_loss(cdm, data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, see
         return F.mse_loss(pred.float(), noise.to(device))
 
     return loss
+
+
+def fit_classifier(name: str, cfg: ClassifierConfig, data: SliceSet, schedule: NoiseSchedule, seed: int,
+                   device: torch.device, ckdir: Path, req: TrainRequest) -> tuple[SliceClassifier, float]:
+    """Train (or resume) one slice classifier on slice labels; returns it and its training seconds."""
+    net = SliceClassifier(cfg, data.images.shape[1]).to(device)
+    seconds = _fit(name, net, _classifier_loss(net, data, schedule, cfg, seed, device), cfg.steps, cfg.lr, ckdir, device, req)
+    return net, seconds
 
 
 def _classifier_loss(net, data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
