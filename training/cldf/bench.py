@@ -116,6 +116,8 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
               inputs: dict[str, str] | None = None) -> float:
     """Run one path on the slices (or, for ``cldf-volume``, on the input files); returns the seconds it took.
 
+    Progress bars show on a terminal only, so a log file is not flooded.
+
     ``fast`` embeds only the slices the classifier judges positive (as `cldf segment`
     does); ``fast-all`` and ``literal`` embed every slice.
     """
@@ -126,7 +128,7 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     if path in ("layercam", "cdm-saliency"):
         step, fn = BATCH, map_fn(path, bundle, device)
         start = time.perf_counter()
-        for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch", leave=False):
+        for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch", leave=False, disable=None):
             with autocast(device):
                 fn(x_all[i : i + step].to(device))
         _sync(device)
@@ -135,7 +137,8 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     if path == "fast":
         x_all = x_all[slice_presence(bundle.cam_classifier.to(device), x_all, device, BATCH) >= bundle.config.cluster.presence_threshold]
     start = time.perf_counter()
-    for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False):
+    for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False,
+                  disable=None):
         fn(bundle, x_all[i : i + step].to(device))
     _sync(device)
     return time.perf_counter() - start
