@@ -5,8 +5,8 @@ where the target covers more than the bundle's ``positive_fraction``; plus a
 3D Dice per case over all slices. To show where the seeds come from, also the
 precision on positive slices (share of predicted pixels on the target; the
 `fusion` row is CLDF's foreground seeds) and, for the maps, the pointing game
-(share of positive slices whose map maximum lies on the target). Maps are thresholded per slice with Otsu
-(`gradcam`, `layercam`, `mg`, and `cdm`, the CDM saliency map of Hu et al.
+(share of positive slices whose map maximum lies on the target).
+Maps are thresholded per slice with Otsu (`gradcam`, `layercam`, `mg`, and `cdm`, the CDM saliency map of Hu et al.
 2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
 bundle's seed thresholds; `cldf`, `cldf-untrained` (a randomly initialised
 CDM) and the ablations `layercam+cl` and `mg+cl` (decoders trained on seeds of

@@ -70,9 +70,9 @@ def markdown(results: dict) -> str:
     def table(title: str, cell) -> list[str]:
         rows = [f"**{title}**", "", "| method | " + " | ".join(head) + " |", sep]
         for m in METHODS:
-            if not any(m in c["methods"] for c in cols) or all(cell(c["methods"].get(m), c) == "—" for c in cols):
-                continue
             cells = [cell(c["methods"].get(m), c) for c in cols]
+            if all(text == "—" for text in cells):  # the method is in no column, or lacks this number
+                continue
             rows.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
         return rows + [""]
 
