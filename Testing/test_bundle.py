@@ -38,7 +38,7 @@ def test_departures_are_chosen_on_validation_and_recorded(tiny_bundle):
 
 def test_loads_every_network_and_decoder_seed(tiny_bundle):
     b = load_bundle(tiny_bundle)
-    assert sorted(b.decoders) == ["cam-seeds", "cdm", "mg-seeds", "untrained"]
+    assert sorted(b.decoders) == ["cam-seeds", "cdm", "encoder", "mg-seeds", "untrained"]
     assert all(sorted(by_seed) == [0, 1] for by_seed in b.decoders.values())
     assert b.id.startswith("tiny@")
 
@@ -83,6 +83,11 @@ def test_no_pickle_anywhere_in_the_package():
 
     import cldf
 
+    import re
+
     for path in Path(cldf.__file__).parent.rglob("*.py"):
         text = path.read_text()
-        assert "torch.load(" not in text and "import pickle" not in text, path
+        assert "import pickle" not in text, path
+        # the one torch.load, of LiteMedSAM's pinned weights (cldf.refine), runs no pickled code
+        for call in re.findall(r"torch\.load\(([^)]*)\)", text):
+            assert "weights_only=True" in call, (path, call)

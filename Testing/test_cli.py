@@ -95,13 +95,16 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
     recorded = json.loads((tiny_bundle / "bundle.json").read_text())["metrics"]["test"]
     assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
     assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
-    assert list(report["methods"]) == ["gradcam", "layercam", "mg", "fusion", "cdm", "layercam+cl", "mg+cl",
-                                       "cldf-untrained", "cldf"]
+    assert list(report["methods"]) == ["gradcam", "layercam", "scorecam", "mg", "fusion", "cdm", "layercam+cl",
+                                       "mg+cl", "cldf-untrained", "encoder-features", "cldf"]
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
     for method, r in report["methods"].items():  # pointing only for maps; precision for every row
-        assert ("pointing" in r) == (method in ("gradcam", "layercam", "mg", "cdm")), method
+        assert ("pointing" in r) == (method in ("gradcam", "layercam", "scorecam", "mg", "cdm")), method
         assert 0 <= r["precision"] <= 1 and 0 <= r.get("pointing", 0) <= 1, method
+        assert r["fp_ml_empty_slices"] >= 0 and 0 <= r["dice_3d"] <= 1, method
+    case = report["per_case"][report["cases"][0]]["cldf"]
+    assert case["fp_ml_empty_slices"] >= 0 and 0 <= case["dice_3d"] <= 1
     assert "| cldf |" in capsys.readouterr().out
 
 
@@ -130,11 +133,11 @@ def test_ablate_adds_the_decoders_train_makes_to_an_older_bundle(tiny_bundle, sm
     assert "cldf ablate" in capsys.readouterr().err
     assert main(["-q", "ablate", "--bundle", str(older), "--data", str(small_manifest), "--device", "cpu"]) == 0
     added = load_bundle(older)
-    for v in ("cam-seeds", "mg-seeds"):
+    for v in ("cam-seeds", "mg-seeds", "encoder"):
         for s, d in full.decoders[v].items():
             for k, t in d.state_dict().items():
                 torch.testing.assert_close(added.decoders[v][s].state_dict()[k], t)
-    assert json.loads((older / "bundle.json").read_text())["added_decoders"]["variants"] == ["cam-seeds", "mg-seeds"]
+    assert json.loads((older / "bundle.json").read_text())["added_decoders"]["variants"] == ["cam-seeds", "mg-seeds", "encoder"]
     assert main(evaluate + ["--methods", "mg+cl,cdm"]) == 0
     assert list(json.loads(report.read_text())["methods"]) == ["mg+cl", "cdm"]
 

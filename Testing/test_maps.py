@@ -8,6 +8,7 @@ import torch
 from cldf.config import ClassifierConfig, DiffusionConfig, SaliencyConfig, SeedConfig
 from cldf.maps import ActivationRecorder, CDMSaliency, GradCAM, LayerCAM, MeanGradient, normalise_per_slice
 from cldf.maps.cdm import ddim_timesteps
+from cldf.maps.gradient import shift_offsets
 from cldf.models import NoiseSchedule, SliceClassifier, build_cdm
 from cldf.seeds import BACKGROUND, FOREGROUND, fuse_seeds
 
@@ -50,6 +51,41 @@ def test_mean_gradient_is_deterministic_and_independent_of_the_batch(classifier,
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a[1:2], mg(x[1:2]), atol=1e-5, rtol=1e-4)
     assert float(a.min()) == 0.0 and float(a.max()) == 1.0
+
+
+def test_mean_gradient_shifts_cycle_through_the_lattice_and_keep_the_batch_independence(classifier, x):
+    assert shift_offsets(5, 0) == [(0, 0)] * 5
+    assert shift_offsets(6, 2) == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 0), (0, 1)]
+    with pytest.raises(ValueError, match="shift period must be 0"):
+        shift_offsets(3, -1)
+    mg = MeanGradient(classifier, NoiseSchedule(DiffusionConfig()), [10, 20, 30, 40], noise_seed=0, shift_period=2)
+    shifted = mg(x)
+    torch.testing.assert_close(shifted[2:3], mg(x[2:3]), atol=1e-5, rtol=1e-4)
+    plain = MeanGradient(classifier, NoiseSchedule(DiffusionConfig()), [10, 20, 30, 40], noise_seed=0)(x)
+    assert not torch.allclose(shifted, plain)
+
+
+def test_sub_stride_shifts_remove_the_stripes_of_a_real_mean_gradient(brain_bundle, tumour_case):
+    """The shipped classifier's gradient peaks at the stride's frequencies; the shifts flatten those peaks."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from cldf.bundle import load_bundle
+    from cldf.data import normalise, read_channels, target_mask, to_slices
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from mg_stripes import stripe_index
+
+    bundle = load_bundle(brain_bundle)
+    volume, _ = read_channels({c: tumour_case[c] for c in bundle.channels}, bundle.channels)
+    tumour = target_mask(tumour_case["mask"], [1]).mean(axis=(1, 2)) > 0.01
+    x = to_slices(normalise(volume, (0.5, 99.5)), 64)[torch.from_numpy(tumour)]
+    cfg = bundle.config.maps
+    index = {p: stripe_index(MeanGradient(bundle.noisy_classifier, bundle.schedule, cfg.mg_timesteps, 0, p)(x).numpy())
+             for p in (0, 4)}
+    assert index[0] > 1.5 and index[4] < index[0] - 0.2, index
 
 
 def test_normalise_per_slice_maps_a_flat_slice_to_zero():

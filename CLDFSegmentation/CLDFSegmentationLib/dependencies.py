@@ -16,6 +16,8 @@ from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "Resources" / "requirements.txt"
 SLICER_OWN = ("numpy", "SimpleITK", "vtk")
+# installed by the PyTorch extension for the machine's GPU; kept as they are when timm (which needs torchvision) is installed
+TORCH_OWN = ("torch", "torchvision")
 TORCH_REQUIREMENT = ">=2.1"
 _LINE = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:(==|>=)\s*([A-Za-z0-9_.]+))?\s*$")
 
@@ -61,9 +63,9 @@ def torchMissing() -> bool:
 
 
 def constraints() -> str:
-    """pip constraints that keep Slicer's own packages exactly as installed."""
+    """pip constraints that keep Slicer's own packages, and torch and torchvision, exactly as installed."""
     lines = []
-    for name in SLICER_OWN:
+    for name in SLICER_OWN + TORCH_OWN:
         try:
             lines.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:

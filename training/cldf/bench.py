@@ -48,7 +48,7 @@ from .segment import Segmenter, autocast, resolve_device, slice_presence
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")
-PATHS = FEATURE_PATHS + ("layercam", "cdm-saliency", "cldf-volume")
+PATHS = FEATURE_PATHS + ("layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")
 
 
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -121,9 +121,9 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     ``fast`` embeds only the slices the classifier judges positive (as `cldf segment`
     does); ``fast-all`` and ``literal`` embed every slice.
     """
-    if path == "cldf-volume":
+    if path in ("cldf-volume", "cldf-volume-sam"):
         start = time.perf_counter()
-        Segmenter(bundle, str(device), BATCH).start(inputs).run(progress=False)
+        Segmenter(bundle, str(device), BATCH, refine="sam" if path.endswith("sam") else "none").start(inputs).run(progress=False)
         return time.perf_counter() - start
     if path in ("layercam", "cdm-saliency"):
         step, fn = BATCH, map_fn(path, bundle, device)
@@ -261,8 +261,8 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not {"fast", "literal"} <= set(paths):
         raise ValueError(f"paths must include fast and literal and come from {', '.join(PATHS)}; got {paths}")
-    if slices and "cldf-volume" in paths:
-        paths = tuple(p for p in paths if p != "cldf-volume")  # the whole volume is not a slice subset
+    if slices:
+        paths = tuple(p for p in paths if not p.startswith("cldf-volume"))  # the whole volume is not a slice subset
     bundle_dir = Path(bundle) if bundle is not None else default_bundle()
     if scale is not None:
         channels = load_bundle(bundle_dir).channels if (bundle_dir / "bundle.json").is_file() else ["FLAIR", "T1"]
@@ -340,6 +340,9 @@ def summarise(results: dict[str, dict], device: torch.device) -> dict:
         lines.append(f"on every slice (fast-all vs literal): {_ratio(lit['s_per_slice'], results['fast-all']['s_per_slice']):.2f}x")
     if "cldf-volume" in results:
         lines.append(f"whole volume with `cldf segment` (cldf-volume): {results['cldf-volume']['seconds']:.1f} s")
+    if "cldf-volume-sam" in results:
+        lines.append(f"whole volume with `cldf segment --refine sam` (cldf-volume-sam): "
+                     f"{results['cldf-volume-sam']['seconds']:.1f} s")
     if not all(r["rss_exact"] for r in results.values()):
         lines.append("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
     print("\n" + "\n".join(rows) + "\n\n" + "\n".join(lines))
@@ -363,7 +366,8 @@ def write_speed_report(report: dict, path: Path) -> None:
         "- fast: CLDF's feature path on the slices judged positive (as `cldf segment`); fast-all: on every slice;",
         "- literal: the paper-literal feature stack, one slice at a time, every slice;",
         "- layercam: the CAM alone; cdm-saliency: CDM saliency (Q, R, tau, s from the bundle) alone;",
-        "- cldf-volume: the whole `cldf segment` run (maps, gate, features, decoder, K-means, resampling back).",
+        "- cldf-volume: the whole `cldf segment` run (maps, gate, features, decoder, K-means, resampling back);",
+        "- cldf-volume-sam: the same with `--refine sam` (LiteMedSAM on the scan's own grid, slices with a mask only).",
         "",
         *report["table"],
         "",

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .ame_cam import AmeCam
 from .config import CLDFConfig
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 
 FORMAT_VERSION = 1
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
+OPTIONAL_FILES = ("ame_cam",)  # required only when bundle.json lists them
 
 
 class BundleError(ValueError):
@@ -43,6 +45,7 @@ class Bundle:
     noisy_classifier: SliceClassifier
     cam_classifier: SliceClassifier
     decoders: dict[str, dict[int, PixelDecoder]] = field(default_factory=dict)
+    ame_cam: AmeCam | None = None  # AME-CAM networks, when the bundle has ame_cam.safetensors
 
     @property
     def channels(self) -> list[str]:
@@ -88,11 +91,14 @@ def save_bundle(
     networks: dict[str, dict[str, torch.Tensor]],
     card: dict[str, Any],
 ) -> Path:
-    """Write weights and ``bundle.json`` (with hashes) into ``out``; ``bundle.json`` last and atomically."""
+    """Write weights and ``bundle.json`` (with hashes) into ``out``; ``bundle.json`` last and atomically.
+
+    ``networks`` holds every name of `NETWORK_FILES` and may hold those of `OPTIONAL_FILES`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name in NETWORK_FILES:
+    for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if n in networks):
         path = out / f"{name}.safetensors"
         tmp = path.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in networks[name].items()}, str(tmp))
@@ -152,7 +158,7 @@ def read_card(bundle_dir: str | Path) -> dict[str, Any]:
             "Update CLDFSegmentation or rebuild the bundle with this version"
         )
     files = card.get("files", {})
-    for name in NETWORK_FILES:
+    for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if f"{n}.safetensors" in files):
         fname = f"{name}.safetensors"
         if fname not in files:
             raise BundleError(f"{path} lists no hash for {fname}; the bundle is incomplete")
@@ -186,7 +192,15 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         except RuntimeError as e:
             raise BundleError(f"{name}.safetensors does not fit the architecture in bundle.json: {e}") from e
         net.eval().requires_grad_(False)
-    return Bundle(root, config, card, cdm, noisy, cam, _load_decoders(root / "decoders.safetensors", config))
+    ame = None
+    if "ame_cam.safetensors" in card["files"]:
+        ame = AmeCam(config.ame_cam, n_in)
+        try:
+            ame.load_state_dict(load_file(str(root / "ame_cam.safetensors")))
+        except RuntimeError as e:
+            raise BundleError(f"ame_cam.safetensors does not fit the architecture in bundle.json: {e}") from e
+        ame.eval().requires_grad_(False)
+    return Bundle(root, config, card, cdm, noisy, cam, _load_decoders(root / "decoders.safetensors", config), ame)
 
 
 def _load_decoders(path: Path, config: CLDFConfig) -> dict[str, dict[int, PixelDecoder]]:

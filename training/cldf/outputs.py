@@ -67,8 +67,9 @@ def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", 
     tmp = paths["slices"].with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["slice", "presence_probability", "mask_voxels"])
-        for z, p in enumerate(result.presence):
-            w.writerow([z, f"{p:.4f}", int(result.mask[z].sum())])
+        w.writerow(["slice", "presence_probability", "prototype_similarity", "mask_voxels"])
+        similarity = result.similarity if result.similarity is not None else np.full(len(result.presence), np.nan)
+        for z, (p, sim) in enumerate(zip(result.presence, similarity)):
+            w.writerow([z, f"{p:.4f}", "" if np.isnan(sim) else f"{sim:.4f}", int(result.mask[z].sum())])
     os.replace(tmp, paths["slices"])
     return paths

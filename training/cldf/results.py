@@ -17,11 +17,11 @@ from .evaluate import BASELINES, METHODS
 
 #: row labels, in the paper's order
 LABELS = {
-    "gradcam": "GradCAM", "layercam": "LayerCAM", "mg": "MG", "fusion": "fusion (CAM AND MG)",
+    "gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM", "mg": "MG", "fusion": "fusion (CAM AND MG)",
     "cdm": "CDM saliency", "layercam+cl": "LayerCAM+CL", "mg+cl": "MG+CL",
-    "cldf-untrained": "CLDF, untrained CDM", "cldf": "CLDF",
+    "cldf-untrained": "CLDF, untrained CDM", "encoder-features": "CLDF, classifier-encoder features", "cldf": "CLDF",
 }
-#: the rows CLDF is compared against for "best"; the untrained-CDM row stands beside it
+#: the rows CLDF is compared against for "best"; the Table 2 rows (untrained CDM, encoder features) stand beside it
 COMPARED = BASELINES + ("layercam+cl", "mg+cl")
 
 
@@ -36,7 +36,7 @@ def task_column(card: dict, split: str) -> dict:
     slices = int(next(iter(methods.values()))["n_slices"])
     return {"bundle": card.get("name"), "task": card.get("task", {}).get("target", "target"), "dataset": dataset,
             "split": split, "cases": metrics["cases"], "positive_slices": slices, "command": metrics.get("command"),
-            "methods": methods}
+            "methods": methods, "per_case": metrics.get("per_case", {})}
 
 
 def build_results(bundle_dirs: list[Path], split: str = "test") -> dict:
@@ -78,17 +78,21 @@ def markdown(results: dict) -> str:
 
     def dice(r, c):
         text = _cell(r, "dice")
-        best = r is not None and r["dice"] == max(c["methods"][m]["dice"] for m in c["methods"] if m != "cldf-untrained")
+        best = r is not None and r["dice"] == max(c["methods"][m]["dice"] for m in c["methods"] if m in COMPARED + ("cldf",))
         return f"**{text}**" if best else text
 
     lines = table("Dice on positive slices (mean ± std over slices; best of the compared rows in bold)", dice)
     lines += table("IoU on positive slices", lambda r, c: _cell(r, "iou"))
     lines += table("HD95 (mm) on positive slices (an empty mask scores the slice's diagonal)", lambda r, c: _cell(r, "hd95_mm", 1))
-    lines += table("3D Dice per case (mean over cases)", lambda r, c: _cell(r, "dice_3d"))
+    lines += table("3D Dice per case (mean over cases; false positives on slices without target count)",
+                   lambda r, c: _cell(r, "dice_3d"))
+    lines += table("False-positive volume on slices without target (ml per case, mean over cases)",
+                   lambda r, c: _cell(r, "fp_ml_empty_slices", 1))
     lines += table("Precision on positive slices (share of predicted pixels on the target; "
                    "the fusion row is CLDF's foreground seeds)", lambda r, c: _cell(r, "precision"))
     lines += table("Pointing game (share of positive slices whose map maximum lies on the target)",
                    lambda r, c: _cell(r, "pointing"))
+    lines += per_case_table(cols)
     n = len(cols)
     lines.append(f"CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
                  f"on {len(results['cldf_best_on'])} of {n} tasks"
@@ -96,6 +100,20 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines.append("Test cases per column: " + "; ".join(f"{c['task']}: {', '.join(c['cases'])}" for c in cols) + ".")
     return "\n".join(lines) + "\n"
+
+
+def per_case_table(cols: list[dict]) -> list[str]:
+    """CLDF's 3D Dice and false-positive volume on slices without target, case by case."""
+    lines = ["**CLDF per case: 3D Dice / false-positive volume on slices without target (ml)**", ""]
+    for c in cols:
+        per_case = c.get("per_case") or {}
+        if not per_case:
+            continue
+        lines.append(f"{c['task']}: " + "; ".join(
+            f"{cid} {r['cldf']['dice_3d']:.3f} / {r['cldf']['fp_ml_empty_slices']:.1f}"
+            for cid, r in per_case.items() if "cldf" in r))
+        lines.append("")
+    return lines if len(lines) > 2 else []
 
 
 def write_results(results: dict, path: Path) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,9 +22,13 @@ from tqdm.auto import tqdm
 from .bundle import Bundle
 from .cluster import foreground_cluster
 from .data import from_slices, normalise, read_channels, stack_channels, to_slices
-from .features import DiffusionFeatures
-from .maps import CDMSaliency, MeanGradient, build_cam
+from .features import DiffusionFeatures, EncoderFeatures
+from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
+from .postprocess import SliceEvidence, keep_main_components, keep_slices, mask_similarity
 from .seeds import BACKGROUND, FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
+
+if TYPE_CHECKING:
+    from .refine import SamRefiner
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "untrained": ("untrained", "both"),  # CLDF on a randomly initialised CDM (Table 2)
     "cam-seeds": ("cdm", "cam"),  # LayerCAM+CL (Table 3)
     "mg-seeds": ("cdm", "mg"),  # MG+CL (Table 3)
+    "encoder": ("encoder", "both"),  # the noisy classifier's encoder features instead of the CDM's (Table 2)
 }
 
 
@@ -102,12 +108,15 @@ class Segmenter:
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: slices per step.
         variant: a key of `VARIANTS`: ``"cdm"`` (CLDF), ``"untrained"`` (a random CDM, for comparison),
-            ``"cam-seeds"`` or ``"mg-seeds"`` (decoders trained on seeds from one map, the ablations).
+            ``"cam-seeds"`` or ``"mg-seeds"`` (decoders trained on seeds from one map, the ablations),
+            ``"encoder"`` (features of the noisy classifier's encoder instead of the CDM's).
         maps: extra per-slice maps to compute besides CAM and mean gradient (``"cdm"``: CDM saliency).
+        refine: ``"sam"`` sharpens the final mask on the scan's own grid with LiteMedSAM (`refine`),
+            ``"none"`` does not; None: the bundle's ``refine.method``.
     """
 
     def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = 8, variant: str = "cdm",
-                 maps: tuple[str, ...] = ()):
+                 maps: tuple[str, ...] = (), refine: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if variant not in VARIANTS:
@@ -124,36 +133,82 @@ class Segmenter:
         self.variant = variant
         self.extra_maps = tuple(maps)
         cdm, self.seed_source = VARIANTS[variant]
-        self._cdm = bundle.cdm if cdm == "cdm" else bundle.untrained_cdm()
+        self._cdm = {"cdm": bundle.cdm, "encoder": bundle.noisy_classifier}[cdm] if cdm != "untrained" else bundle.untrained_cdm()
+        self.refiner = self._refiner(refine)
         self.to(resolve_device(device))
+
+    def _refiner(self, method: str | None) -> SamRefiner | None:
+        """The SAM refiner when refinement is on, else None (imported only then: timm loads with it)."""
+        if method not in (None, "none", "sam"):
+            raise ValueError(f"refine must be 'none', 'sam' or None (the bundle's refine.method), not '{method}'")
+        from .refine import SamRefiner, check_refine_config
+
+        cfg = replace(self.cfg.refine, method=method or self.cfg.refine.method)
+        check_refine_config(cfg, self.bundle.channels)
+        self.refine_channel = self.bundle.channels.index(cfg.channel or self.bundle.channels[0])
+        return SamRefiner(cfg, "cpu", batch_size=self.batch_size) if cfg.method == "sam" else None
 
     def to(self, device: torch.device) -> "Segmenter":
         self.device = device
         b, cfg, sched = self.bundle, self.cfg, self.bundle.schedule
-        self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer)
-        self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed)
-        self.features = DiffusionFeatures(self._cdm.to(device), sched, cfg.features)
+        self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
+                             b.ame_cam.to(device) if b.ame_cam is not None else None)
+        self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed,
+                               cfg.maps.mg_shift_period)
+        features = EncoderFeatures if VARIANTS[self.variant][0] == "encoder" else DiffusionFeatures
+        self.features = features(self._cdm.to(device), sched, cfg.features)
         self.saliency = (CDMSaliency(b.cdm.to(device), b.noisy_classifier, sched, cfg.saliency, cfg.maps.noise_seed)
                          if "cdm" in self.extra_maps else None)
         for d in b.decoders[self.variant].values():
             d.mlp_.to(device)
+        if self.refiner is not None:
+            self.refiner.to(device)
         return self
 
+    @property
+    def cam_resolution(self) -> int | None:
+        """Slice size the CAM source needs when it differs from the bundle's (AME-CAM's own), else None.
+
+        Callers then cut a second slice tensor at this size from the normalised volume
+        (`data.to_slices`) and pass it to `slice_maps` as ``x_cam``.
+        """
+        r = self.cfg.ame_cam.resolution
+        if self.cfg.maps.cam_method != "ame-cam" or r in (0, self.cfg.data.resolution):
+            return None
+        return r
+
     # ------------------------------------------------------------------ per batch
-    def slice_maps(self, x: torch.Tensor, slice_ids: torch.Tensor, gate: bool = True) -> SliceMaps:
+    def slice_maps(self, x: torch.Tensor, slice_ids: torch.Tensor, gate: bool = True,
+                   x_cam: torch.Tensor | None = None) -> SliceMaps:
         """CAM, mean gradient, presence, body and seeds of ``(B, C, R, R)`` slices.
 
         With ``gate`` (inference) slices judged negative get no seeds; training
         passes ``gate=False`` because it knows which slices are positive.
+        ``x_cam``: the same slices at `cam_resolution` ``(B, C, R', R')`` when that is set.
         """
         with autocast(self.device):
-            cam, presence = self.cam(x)
+            cam, presence = self._cam(x, x_cam)
             mg = self.mg(x)
             extra = {"cdm": self.saliency(x).float()} if "cdm" in self.extra_maps else {}
         body = body_mask(x, self.cfg.data.body_threshold)
         maps = SliceMaps(cam.float(), mg.float(), presence.float(), body, torch.zeros(0), extra)
         maps.seeds = self.seeds(maps, slice_ids, gate)
         return maps
+
+    def _cam(self, x: torch.Tensor, x_cam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CAM source on its own slices, its ``(B, R, R)`` map back at the bundle's resolution."""
+        r = self.cam_resolution
+        if r is None:
+            return self.cam(x)
+        if x_cam is None or x_cam.shape[-1] != r:
+            if not getattr(self, "_warned_resize", False):
+                log.warning("CAM source runs at %d x %d but got no slices of that size: resizing the bundle's slices", r, r)
+                self._warned_resize = True
+            x_cam = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
+        cam, presence = self.cam(x_cam)
+        cam = F.interpolate(cam[:, None].float(), size=tuple(x.shape[-2:]), mode="bilinear", antialias=True,
+                            align_corners=False)[:, 0]
+        return normalise_per_slice(cam), presence
 
     def seeds(self, maps: SliceMaps, slice_ids: torch.Tensor, gate: bool = True) -> torch.Tensor:
         """This variant's seeds from a batch's maps; with ``gate``, none on slices judged negative."""
@@ -163,12 +218,25 @@ class Segmenter:
             seeds[maps.presence < self.cfg.cluster.presence_threshold] = 0
         return seeds
 
-    def masks(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,)) -> dict[int, torch.Tensor]:
-        """Final masks per decoder seed; slices judged negative stay empty (no features, no K-means)."""
-        out = {s: torch.zeros(maps.cam.shape, dtype=torch.bool) for s in decoder_seeds}
+    def masks(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,),
+              per_slice_rule: bool = True) -> dict[int, torch.Tensor]:
+        """Final masks per decoder seed; slices judged negative stay empty (no features, no K-means).
+
+        With ``per_slice_rule`` a mask that fails the bundle's `PostprocessConfig` slice rule is emptied too.
+        """
+        return self.masks_with_evidence(x, maps, decoder_seeds, per_slice_rule)[0]
+
+    def masks_with_evidence(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,),
+                            per_slice_rule: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, SliceEvidence]]:
+        """As `masks`, plus per decoder seed the evidence each slice's mask rests on (`postprocess.SliceEvidence`)."""
+        shape = maps.cam.shape
+        out = {s: torch.zeros(shape, dtype=torch.bool) for s in decoder_seeds}
+        n_seeds = (maps.seeds == FOREGROUND).flatten(1).sum(dim=1).cpu()
+        evidence = {s: SliceEvidence(torch.full((shape[0],), float("nan")), n_seeds, maps.presence.float().cpu())
+                    for s in decoder_seeds}
         positive = (maps.presence >= self.cfg.cluster.presence_threshold).nonzero()[:, 0].cpu()
         if len(positive) == 0:
-            return out
+            return out, evidence
         decoders = [self.bundle.decoders[self.variant][s] for s in decoder_seeds]
         # every decoder's first layer in one projection: the UNet runs once for all seeds
         weights = [torch.cat(ws) for ws in zip(*[d.block_weights(self.features.block_channels) for d in decoders])]
@@ -180,11 +248,13 @@ class Segmenter:
             with torch.inference_mode():
                 emb = decoder.embed_projected([p[:, n * k : (n + 1) * k] for p in projected], size).float().cpu()
             for j, i in enumerate(positive.tolist()):
-                out[s][i] = self._cluster(emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder)
-        return out
+                out[s][i], evidence[s].similarity[i] = self._cluster(emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder)
+            if per_slice_rule:
+                out[s][~keep_slices(evidence[s], self.cfg.postprocess)] = False
+        return out, evidence
 
-    def _cluster(self, emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, decoder) -> torch.Tensor:
-        """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask."""
+    def _cluster(self, emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, decoder) -> tuple[torch.Tensor, float]:
+        """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask and its similarity to the prototype."""
         cfg = self.cfg.cluster
         e = emb.flatten(1).T  # (H*W, E)
         ref_fg, ref_bg, fg = seed_references(e, seeds.flatten(), decoder.foreground_prototype_)
@@ -195,7 +265,7 @@ class Segmenter:
         mask = mask.view(emb.shape[1:])
         if cfg.seeded_components and fg.any():
             mask = keep_seeded_components(mask, fg.view(emb.shape[1:]))
-        return mask
+        return mask, mask_similarity(e, mask.flatten(), decoder.foreground_prototype_)
 
     # ------------------------------------------------------------------ volumes
     def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0) -> "SegmentationJob":
@@ -219,7 +289,9 @@ class VolumeResult:
     seeds: np.ndarray
     mask: np.ndarray
     presence: np.ndarray
+    similarity: np.ndarray | None = None  # (Z,) the mask's similarity to the foreground prototype; nan where empty
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    coarse_mask: np.ndarray | None = None  # with refinement: the mask before it (resized from the bundle's grid)
 
 
 class SegmentationJob:
@@ -231,7 +303,13 @@ class SegmentationJob:
         self.segmenter = segmenter
         self.decoder_seed = decoder_seed
         cfg = segmenter.cfg.data
-        self.slices = to_slices(normalise(volume, cfg.percentiles), cfg.resolution)
+        normalised = normalise(volume, cfg.percentiles)
+        self.slices = to_slices(normalised, cfg.resolution)
+        r = segmenter.cam_resolution
+        self.cam_slices = to_slices(normalised, r) if r else None  # the CAM source's own slices
+        # refinement works on the scan's own grid: one normalised channel and the in-plane (row, column) spacing
+        self.refine_image = normalised[segmenter.refine_channel] if segmenter.refiner is not None else None
+        self.spacing = (reference.GetSpacing()[1], reference.GetSpacing()[0])
         self.shape = volume.shape[1:]
         z, y, x = self.shape
         self.result = VolumeResult(
@@ -241,7 +319,9 @@ class SegmentationJob:
             seeds=np.zeros(self.shape, np.uint8),
             mask=np.zeros(self.shape, np.uint8),
             presence=np.zeros(z, np.float32),
+            similarity=np.full(z, np.nan, np.float32),
             extra={name: np.zeros(self.shape, np.float32) for name in segmenter.extra_maps},
+            coarse_mask=np.zeros(self.shape, np.uint8) if segmenter.refiner is not None else None,
         )
         self.done = 0
         self.cancelled = False
@@ -275,19 +355,34 @@ class SegmentationJob:
                 seg.to(torch.device("cpu"))
             return True
         self.done = stop
+        if self.done == self.total:
+            self._finish()
         return self.done < self.total
+
+    def _finish(self) -> None:
+        """Whole-volume rule once every slice is done: keep the main 3D object(s) (`postprocess`)."""
+        r = self.result
+        r.mask = keep_main_components(r.mask, self.segmenter.cfg.postprocess.min_component_fraction)
+        if r.coarse_mask is not None:
+            r.coarse_mask = keep_main_components(r.coarse_mask, self.segmenter.cfg.postprocess.min_component_fraction)
 
     def _run(self, start: int, stop: int) -> None:
         seg = self.segmenter
         x = self.slices[start:stop].to(seg.device)
-        maps = seg.slice_maps(x, torch.arange(start, stop))
-        mask = seg.masks(x, maps, (self.decoder_seed,))[self.decoder_seed]
+        x_cam = self.cam_slices[start:stop].to(seg.device) if self.cam_slices is not None else None
+        maps = seg.slice_maps(x, torch.arange(start, stop), x_cam=x_cam)
+        masks, evidence = seg.masks_with_evidence(x, maps, (self.decoder_seed,))
+        mask = masks[self.decoder_seed]
+        self.result.similarity[start:stop] = evidence[self.decoder_seed].similarity.numpy()
         hw = self.shape[1:]
         r = self.result
         r.cam[start:stop] = from_slices(maps.cam, hw)
         r.mean_gradient[start:stop] = from_slices(maps.mean_gradient, hw)
         r.seeds[start:stop] = from_slices(maps.seeds, hw, mode="nearest")
         r.mask[start:stop] = from_slices(mask, hw, mode="mask")
+        if seg.refiner is not None:  # sharpened on the scan's grid; slices with an empty mask stay empty
+            r.coarse_mask[start:stop] = r.mask[start:stop]
+            r.mask[start:stop] = seg.refiner.refine(self.refine_image[start:stop], r.mask[start:stop], self.spacing)
         r.presence[start:stop] = maps.presence.cpu().numpy()
         for name, m in maps.extra.items():
             r.extra[name][start:stop] = from_slices(m, hw)

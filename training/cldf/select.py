@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from .bundle import Bundle
 from .cluster import choose_clusters, kmeans
-from .config import CLDFConfig, SeedConfig
+from .config import CLDFConfig, PostprocessConfig, SeedConfig
 from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
+from .postprocess import SliceEvidence, keep_main_components, keep_slices
 from .seeds import FOREGROUND, fuse_seeds, keep_seeded_components
 from .segment import Segmenter, seed_references, slice_presence
 
@@ -178,3 +179,91 @@ def apply_settings(config: CLDFConfig, settings: dict) -> CLDFConfig:
         section, name = key.split(".")
         setattr(getattr(out, section), name, value)
     return out
+
+
+# --------------------------------------------------------------------------- post-processing
+# Chosen after everything else, on whole validation volumes: a mask that may be empty and one 3D object
+# are judged by the per-case 3D Dice (false positives on slices without target count), the product's
+# measure of a volume. "Off" first in every list: ties keep the plain pipeline.
+POSTPROCESS_GRID = {
+    "postprocess.min_similarity": [-1.0, 0.0, 0.25, 0.5, 0.75],
+    "postprocess.require_seeds": [False, True],
+    "postprocess.min_presence": [0.0, 0.1, 0.3, 0.5],
+    "postprocess.min_component_fraction": [0.0, 0.1, 0.25, 0.5, 1.0],
+}
+
+
+@dataclass
+class _ValVolume:
+    """One validation case: ground truth and, per decoder seed, raw masks on its grid and their evidence."""
+
+    truth: np.ndarray  # (Z, Y, X) bool
+    masks: dict[int, np.ndarray]  # (Z, Y, X) bool, before the post-processing rules
+    evidence: dict[int, SliceEvidence]
+
+
+def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, seeds: tuple[int, ...]) -> _ValVolume:
+    cfg = seg.cfg.data
+    case = manifest.case(cid)
+    volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
+    truth = target_mask(case.mask, target_labels)
+    slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
+    masks = {s: np.zeros(truth.shape, bool) for s in seeds}
+    parts: dict[int, list[SliceEvidence]] = {s: [] for s in seeds}
+    for start in range(0, len(slices), seg.batch_size):
+        stop = min(start + seg.batch_size, len(slices))
+        x = slices[start:stop].to(seg.device)
+        maps = seg.slice_maps(x, torch.arange(start, stop))
+        batch_masks, evidence = seg.masks_with_evidence(x, maps, seeds, per_slice_rule=False)
+        for s in seeds:
+            masks[s][start:stop] = from_slices(batch_masks[s], truth.shape[1:], mode="mask")
+            parts[s].append(evidence[s])
+    joined = {s: SliceEvidence(*(torch.cat([getattr(e, f) for e in parts[s]]) for f in ("similarity", "foreground_seeds", "presence")))
+              for s in seeds}
+    return _ValVolume(truth, masks, joined)
+
+
+def _apply(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
+    mask = volume.masks[seed].copy()
+    mask[~keep_slices(volume.evidence[seed], cfg).numpy()] = False
+    return keep_main_components(mask, cfg.min_component_fraction)
+
+
+def _any_target_dice(pred: np.ndarray, truth: np.ndarray) -> list[float]:
+    """Dice on every slice that holds any target (the independent scorer's protocol)."""
+    out = []
+    for z in np.nonzero(truth.any(axis=(1, 2)))[0]:
+        out.append(2 * float((pred[z] & truth[z]).sum()) / float(pred[z].sum() + truth[z].sum()))
+    return out
+
+
+def _volume_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else 2 * float((pred & truth).sum()) / float(total)
+
+
+def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels,
+                       decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[PostprocessConfig, list[dict]]:
+    """Score `POSTPROCESS_GRID` on whole validation volumes; returns the best rule and every row (best first).
+
+    Ground truth is read here for scoring only.
+    """
+    seg = Segmenter(bundle, device, 8)
+    volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds)
+               for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False)]
+    rows = []
+    for values in tqdm(list(itertools.product(*POSTPROCESS_GRID.values())), desc="post-processing",
+                       disable=not progress, leave=False):
+        settings = dict(zip(POSTPROCESS_GRID, values))
+        cfg = PostprocessConfig(**{k.split(".")[1]: v for k, v in settings.items()})
+        dice_3d, slice_dice = [], []
+        for v in volumes:
+            for s in decoder_seeds:
+                pred = _apply(v, s, cfg)
+                dice_3d.append(_volume_dice(pred, v.truth))
+                slice_dice += _any_target_dice(pred, v.truth)
+        rows.append({"settings": settings, "val_dice_3d": float(np.mean(dice_3d)),
+                     "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")})
+    rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
+    best = rows[0]["settings"]
+    return PostprocessConfig(**{k.split(".")[1]: v for k, v in best.items()}), rows

@@ -6,6 +6,8 @@ resumes where it stopped (the long network stages every few minutes too):
 1. CDM: class-conditional DDPM on the training slices (epsilon prediction).
 2. Noisy classifier: p(y | x_t, t) for the mean-gradient map.
 3. CAM classifier: p(y | x) on clean slices, also the slice gate at inference.
+   With ``ame_cam.enabled`` (or ``maps.cam_method="ame-cam"``) also AME-CAM's
+   multi-exit classifier and aggregator (`train_ame`).
 4. Pixel decoders: seeds from the maps of positive training slices, diffusion
    features at the seeds, supervised contrastive training, one decoder per seed,
    for each variant in `segment.VARIANTS`: CLDF, CLDF on a randomly initialised
@@ -30,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle
+from .bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CLDFConfig, ClassifierConfig
 from .data import SliceSet, load_manifest, load_slice_set, split_cases
@@ -38,7 +40,7 @@ from .decoder import PixelDecoder
 from .features import gather_at_pixels
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 from .segment import VARIANTS, Segmenter, autocast, resolve_device
-from .select import apply_settings, select_settings
+from .select import apply_settings, select_postprocess, select_settings
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +98,27 @@ def train(req: TrainRequest) -> Path:
         "cam_classifier", cfg.cam_classifier, train_set, schedule, req.seed + 2, device, ckdir, req)
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
+    from .train_ame import train_ame_stage  # imports this module: deferred
+
+    ame, ame_card, cam_images = train_ame_stage(cfg, manifest, splits, train_set, req, device, ckdir)
+    if ame_card:
+        seconds["ame_cam"] = sum(ame_card["wall_clock_s"].values())
     untrained_seed = req.seed + 1000
-    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {v: {} for v in VARIANTS})
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {v: {} for v in VARIANTS},
+                    ame)
     selection = None
     if req.select and splits["val"]:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
         selection = json.loads((ckdir / "selection.json").read_text())
     seconds["selection"] = selection.get("seconds", 0.0) if selection else 0.0
     t0 = time.time()
-    decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir)
+    decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir, cam_images)
     seconds["decoders"] = time.time() - t0
+    if selection is not None:
+        bundle.decoders = decoders
+        bundle.config = cfg = _select_postprocess(bundle, manifest, splits["val"], req, ckdir)
+        selection["postprocess"] = json.loads((ckdir / "postprocess.json").read_text())
+        seconds["selection"] += selection["postprocess"]["seconds"]
 
     card = {
         "name": req.name,
@@ -120,6 +133,7 @@ def train(req: TrainRequest) -> Path:
             "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
             "data_card": _data_card(train_set, cfg),
             "decoders": decoder_card,
+            **({"ame_cam": ame_card} if ame_card else {}),
         },
         "selection": selection,
         **req.extra_card,
@@ -129,6 +143,7 @@ def train(req: TrainRequest) -> Path:
         "noisy_classifier": noisy.state_dict(),
         "cam_classifier": cam.state_dict(),
         "decoders": decoders_state(decoders),
+        **({"ame_cam": ame.state_dict()} if ame is not None else {}),
     }
     return save_bundle(req.out, cfg, networks, card)
 
@@ -233,11 +248,13 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tenso
 
 # --------------------------------------------------------------------------- decoders
 def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], batch: int = 8,
-                  progress: bool = True) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+                  progress: bool = True, cam_images: torch.Tensor | None = None,
+                  ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
     """Diffusion features at the seed pixels of every positive slice, for each decoder variant.
 
     The maps are computed once; each variant takes its seeds from them (`segment.VARIANTS`)
-    and its features from its CDM.
+    and its features from its CDM. ``cam_images``: ``data``'s slices at the CAM source's own
+    resolution (`Segmenter.cam_resolution`), same order, when it has one.
 
     Returns:
         per variant a list of ``(P_i, D)`` features and a list of ``(P_i,)`` seed labels.
@@ -254,7 +271,7 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
     for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
         idx = pos[start : start + batch]
         x = data.images[idx].to(device)
-        maps = first.slice_maps(x, idx, gate=False)
+        maps = first.slice_maps(x, idx, gate=False, x_cam=None if cam_images is None else cam_images[idx].to(device))
         block = {c: seg.features(x) for c, seg in by_cdm.items()}
         for v in variants:
             seeds = segs[v].seeds(maps, idx, gate=False)
@@ -270,14 +287,15 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
 
 
 def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], decoder_seeds: tuple[int, ...],
-                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], progress: bool = True):
+                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], progress: bool = True,
+                 cam_images: torch.Tensor | None = None):
     """One decoder per (variant, seed), reusing those already in ``done`` and calling ``save`` after each new one.
 
     Returns:
         the decoders by variant and seed, and a card of seed counts and final losses.
     """
     cfg = bundle.config
-    feats, labels = seed_features(bundle, data, device, variants, progress=progress)
+    feats, labels = seed_features(bundle, data, device, variants, progress=progress, cam_images=cam_images)
     empty = [v for v in variants if not labels[v]]
     if empty:
         raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
@@ -303,14 +321,15 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
     return decoders, card
 
 
-def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path):
+def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path,
+                    cam_images: torch.Tensor | None = None):
     """Every decoder variant for every seed; finished decoders are kept in the checkpoint folder."""
     path = ckdir / "decoders.safetensors"
     cfg = bundle.config
     tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
     done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
     return fit_decoders(bundle, data, device, list(VARIANTS), req.decoder_seeds, done,
-                        lambda state: save_file(state, str(path), metadata={"settings": tag}), req.progress)
+                        lambda state: save_file(state, str(path), metadata={"settings": tag}), req.progress, cam_images)
 
 
 def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
@@ -361,6 +380,44 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
            "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}
     path.write_text(json.dumps(doc, indent=1))
     return config
+
+
+def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: TrainRequest, ckdir: Path) -> CLDFConfig:
+    """The post-processing rule chosen on whole validation volumes (cached in the checkpoint folder)."""
+    path = ckdir / "postprocess.json"
+    if not path.is_file():
+        path.write_text(json.dumps(postprocess_selection(bundle, manifest, val_ids, req.target_labels,
+                                                         req.decoder_seeds, req.device, req.progress), indent=1))
+    return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
+
+
+def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_labels, decoder_seeds, device: str,
+                          progress: bool = True) -> dict:
+    """`select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
+    t0 = time.time()
+    _, rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds), device, progress)
+    return {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
+            "metric": "per-case 3D Dice on the validation split (false positives on slices without target count), "
+                      "mean over decoder seeds",
+            "chosen": rows[0]["settings"], "table": rows}
+
+
+def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "", progress: bool = True) -> dict:
+    """Choose a bundle's post-processing rule on its recorded validation split and write it into bundle.json.
+
+    For bundles made before the rule existed; `cldf train` chooses it itself. Weights are not touched.
+    """
+    bundle = load_bundle(bundle_dir)
+    card = bundle.card
+    val_ids = card.get("training", {}).get("split", {}).get("val")
+    if not val_ids:
+        raise ValueError(f"{bundle_dir}/bundle.json records no validation split; nothing to choose the rule on")
+    doc = postprocess_selection(bundle, load_manifest(manifest_path), val_ids, card.get("task", {}).get("mask_labels"),
+                                tuple(sorted(bundle.decoders["cdm"])), device, progress)
+    doc["command"] = command
+    config = apply_settings(bundle.config, doc["chosen"])
+    update_card(bundle_dir, config=config.to_dict(), selection={**(card.get("selection") or {}), "postprocess": doc})
+    return doc
 
 
 # --------------------------------------------------------------------------- card

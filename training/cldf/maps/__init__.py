@@ -2,12 +2,14 @@
 
 `GradCAM` and `LayerCAM` explain the clean-slice classifier; `MeanGradient`
 explains the noisy-image classifier over a range of timesteps; `CDMSaliency`
-compares the diffusion model's denoising under the two conditions.
+compares the diffusion model's denoising under the two conditions; `AmeCamMap`
+is AME-CAM's map of its own multi-exit classifier.
 """
 
+from .ame import AmeCamMap
 from .base import ActivationRecorder, normalise_per_slice
 from .cdm import CDMSaliency
 from .cam import GradCAM, LayerCAM, build_cam
 from .gradient import MeanGradient
 
-__all__ = ["ActivationRecorder", "CDMSaliency", "GradCAM", "LayerCAM", "MeanGradient", "build_cam", "normalise_per_slice"]
+__all__ = ["ActivationRecorder", "AmeCamMap", "CDMSaliency", "GradCAM", "LayerCAM", "MeanGradient", "build_cam", "normalise_per_slice"]

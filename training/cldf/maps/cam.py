@@ -1,4 +1,4 @@
-"""Grad-CAM (Selvaraju et al. 2017) and LayerCAM (Jiang et al. 2021) on the slice classifier."""
+"""Grad-CAM (Selvaraju et al. 2017) and LayerCAM (Jiang et al. 2021) on the slice classifier; `build_cam` picks a CAM source."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..ame_cam import AmeCam
 from ..models import SliceClassifier
+from .ame import AmeCamMap
 from .base import ActivationRecorder, normalise_per_slice
 
 
@@ -65,9 +67,19 @@ class LayerCAM(_CAM):
         return F.relu((F.relu(grads) * acts).sum(dim=1))
 
 
-def build_cam(method: str, classifier: SliceClassifier, layers: Sequence[int], gradcam_layer: int) -> _CAM:
+CAM_METHODS = ("layercam", "gradcam", "ame-cam")
+
+
+def build_cam(method: str, classifier: SliceClassifier, layers: Sequence[int], gradcam_layer: int,
+              ame_cam: AmeCam | None = None) -> _CAM | AmeCamMap:
+    """The bundle's CAM source; ``"ame-cam"`` needs the bundle's AME-CAM networks (``ame_cam``)."""
     if method == "layercam":
         return LayerCAM(classifier, layers)
     if method == "gradcam":
         return GradCAM(classifier, [gradcam_layer])
-    raise ValueError(f"unknown CAM method '{method}'; choose 'layercam' or 'gradcam'")
+    if method == "ame-cam":
+        if ame_cam is None:
+            raise ValueError("CAM method 'ame-cam' needs AME-CAM networks, and this bundle has none "
+                             "(no ame_cam.safetensors); train one with --set ame_cam.enabled=true")
+        return AmeCamMap(ame_cam)
+    raise ValueError(f"unknown CAM method '{method}'; choose one of {CAM_METHODS}")

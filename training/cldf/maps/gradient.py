@@ -10,19 +10,34 @@ from ..models import NoiseSchedule, SliceClassifier
 from .base import normalise_per_slice
 
 
+def shift_offsets(n: int, period: int) -> list[tuple[int, int]]:
+    """``(dy, dx)`` for each of ``n`` timesteps, cycling through the ``period x period`` lattice (all zero if period < 2)."""
+    if period < 0:
+        raise ValueError(f"the mean-gradient shift period must be 0 (no shifts) or a positive number of pixels, not {period}")
+    if period < 2:
+        return [(0, 0)] * n
+    return [((j // period) % period, j % period) for j in range(n)]
+
+
 class MeanGradient:
     """``mean_t |d log p(y=1 | x_t, t) / d x_t|``, summed over channels, min-max per slice.
 
     One seeded noise per timestep is shared by every slice, so a slice's map
-    does not depend on which batch it was in.
+    does not depend on which batch it was in. The classifier's strided
+    convolutions make the gradient of one input periodic in the stride (stripes
+    in the map); with ``shift_period`` each timestep's noisy input is rolled by
+    another sub-stride offset and its gradient rolled back, so the average over
+    timesteps also averages the stride pattern out, at no extra cost.
     """
 
-    def __init__(self, classifier: SliceClassifier, schedule: NoiseSchedule, timesteps: Sequence[int], noise_seed: int):
+    def __init__(self, classifier: SliceClassifier, schedule: NoiseSchedule, timesteps: Sequence[int], noise_seed: int,
+                 shift_period: int = 0):
         schedule.check(timesteps, "mean-gradient timesteps")
         self.classifier = classifier
         self.schedule = schedule
         self.timesteps = list(timesteps)
         self.noise_seed = noise_seed
+        self.offsets = shift_offsets(len(self.timesteps), shift_period)
 
     def __call__(self, x0: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` clean slices -> ``(B, H, W)`` maps in [0, 1]."""
@@ -32,9 +47,18 @@ class MeanGradient:
         t = torch.tensor(self.timesteps, device=x0.device).repeat_interleave(b)
         # timesteps go into the batch dimension: (T*B, C, H, W)
         xt = self.schedule.add_noise(x0.repeat(n_t, 1, 1, 1), noise.repeat_interleave(b, dim=0), t)
+        xt = self._roll(xt, b, sign=1)
         with torch.enable_grad():
             xt = xt.detach().requires_grad_(True)
             log_p = self.classifier(xt, t).float().log_softmax(dim=1)[:, 1]
             (grad,) = torch.autograd.grad(log_p.sum(), xt)
+        grad = self._roll(grad, b, sign=-1)
         mg = grad.float().abs().sum(dim=1).view(n_t, b, *x0.shape[-2:]).mean(dim=0)
         return normalise_per_slice(mg)
+
+    def _roll(self, x: torch.Tensor, b: int, sign: int) -> torch.Tensor:
+        """Roll each timestep's ``b`` images by its offset (``sign=-1`` undoes it)."""
+        if all(o == (0, 0) for o in self.offsets):
+            return x
+        parts = x.split(b)
+        return torch.cat([p.roll((sign * dy, sign * dx), dims=(-2, -1)) for p, (dy, dx) in zip(parts, self.offsets)])

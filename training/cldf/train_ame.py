@@ -1,0 +1,217 @@
+"""AME-CAM stages of `cldf train`: the multi-exit classifier, then its attention aggregator.
+
+Both are resumable exactly like the other network stages (`train._fit`: checkpoints
+under ``<out>/.checkpoints``, per-step seeded randomness):
+
+a. ``ame_classifier``: ``sum_k w_k BCE(logit_k, y)`` on balanced batches with the
+   CAM classifier's augmentation. Every ``eval_every`` steps the last exit's AUC on
+   the validation patients' slice labels is computed; the weights with the best AUC
+   are kept (without validation patients, the last ones).
+b. ``ame_aggregator``: the classifier frozen, the aggregation net trained with the
+   region-contrastive loss on positive training slices.
+
+Only slice labels reach this module (`data.SliceSet`), as in `train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+from .ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
+from .config import CLDFConfig
+from .data import Manifest, SliceSet, load_slice_set
+from .segment import autocast
+from .train import TrainRequest, _augment, _fit, _step_generator
+
+
+def ame_enabled(cfg: CLDFConfig) -> bool:
+    """Whether `cldf train` trains AME-CAM: asked for, or the bundle's CAM method."""
+    return cfg.ame_cam.enabled or cfg.maps.cam_method == "ame-cam"
+
+
+def ame_resolution(cfg: CLDFConfig) -> int:
+    """The slice size AME-CAM sees (``ame_cam.resolution``, 0 meaning the bundle's)."""
+    return cfg.ame_cam.resolution or cfg.data.resolution
+
+
+def train_ame_stage(cfg: CLDFConfig, manifest: Manifest, splits: dict[str, list[str]], train_set: SliceSet,
+                    req: TrainRequest, device: torch.device, ckdir: Path
+                    ) -> tuple[AmeCam | None, dict | None, torch.Tensor | None]:
+    """The AME-CAM stages of `train.train`, when `ame_enabled`.
+
+    Slices are cut at `ame_resolution` from the volumes (a second `SliceSet`: same cases,
+    labels and order as ``train_set``) when it differs from the bundle's.
+
+    Returns:
+        the networks, their card, and the ``(N, C, R', R')`` training slices at AME-CAM's
+        resolution when it differs from the bundle's (else None); all None when not enabled.
+    """
+    if not ame_enabled(cfg):
+        return None, None, None
+    r = ame_resolution(cfg)
+
+    def slice_set(ids: list[str]) -> SliceSet:
+        return load_slice_set(manifest, ids, cfg.data.channels, r, tuple(cfg.data.percentiles), req.target_labels,
+                              cfg.data.positive_fraction)
+
+    data = train_set if r == cfg.data.resolution else slice_set(train_set.case_ids)
+    if not torch.equal(data.labels, train_set.labels):
+        raise ValueError(f"slices cut at {r} x {r} do not line up with the training slices")
+    val_set = slice_set(splits["val"]) if splits.get("val") else None
+    net, card = fit_ame_cam(cfg, data, val_set, req.seed + 3, device, ckdir, req)
+    return net, card, None if data is train_set else data.images
+
+
+def fit_ame_cam(cfg: CLDFConfig, train_set: SliceSet, val_set: SliceSet | None, seed: int, device: torch.device,
+                ckdir: Path, req: TrainRequest) -> tuple[AmeCam, dict]:
+    """Train (or resume) both AME-CAM stages.
+
+    Args:
+        cfg: the bundle's settings (``ame_cam`` section).
+        train_set: training slices at `ame_resolution` with their slice labels.
+        val_set: validation patients' slices and slice labels at the same resolution (for the AUC), or None.
+        seed: base seed; the classifier uses ``seed``, the aggregator ``seed + 1``.
+
+    Returns:
+        the networks (eval mode, frozen) and a card: resolution, seconds per stage, AUC history, chosen step.
+    """
+    acfg = cfg.ame_cam
+    if acfg.eval_every < 1:
+        raise ValueError(f"ame_cam.eval_every must be at least 1, not {acfg.eval_every}")
+    if acfg.aggregator_batch_size < 2:
+        raise ValueError(f"ame_cam.aggregator_batch_size must be at least 2 (the loss compares slices), "
+                         f"not {acfg.aggregator_batch_size}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = AmeCam(acfg, train_set.images.shape[1])
+    net.to(device)
+    seconds, record = fit_multi_exit(net, train_set, val_set, cfg, seed, device, ckdir, req)
+    net.classifier.eval().requires_grad_(False)
+    seconds_agg = _fit("ame_aggregator", net.aggregator,
+                       _aggregator_loss(net, train_set, cfg, seed + 1, device),
+                       acfg.aggregator_steps, acfg.aggregator_lr, ckdir, device, req)
+    net.eval().requires_grad_(False)
+    card = {
+        "resolution": int(train_set.images.shape[-1]),
+        "checkpoint": ("best AUC of the last exit on the validation patients' slice labels"
+                       if record.get("best") else "last step (no validation patients)"),
+        "auc_history": record.get("history", []),
+        "chosen_step": record["best"]["step"] if record.get("best") else acfg.steps,
+        "wall_clock_s": {"classifier": round(seconds, 1), "aggregator": round(seconds_agg, 1)},
+    }
+    return net, card
+
+
+def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: CLDFConfig, seed: int,
+                   device: torch.device, ckdir: Path, req: TrainRequest) -> tuple[float, dict]:
+    """Stage a: train in chunks of ``eval_every`` steps, scoring each chunk's end and keeping the best.
+
+    Returns the training seconds and the AUC record (``history`` of ``[step, auc]``, ``best``);
+    ``net.classifier`` holds the chosen weights.
+    """
+    acfg = cfg.ame_cam
+    best_path, record_path = ckdir / "ame_classifier.best.safetensors", ckdir / "ame_classifier.auc.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"history": [], "best": None}
+    loss = _classifier_loss(net, data, cfg, seed, device)
+    seconds = 0.0
+    stops = sorted({*range(acfg.eval_every, acfg.steps, acfg.eval_every), acfg.steps})
+    for stop in stops:
+        seconds = _fit("ame_classifier", net.classifier, loss, stop, acfg.lr, ckdir, device, req)
+        if val_set is None or stop in [s for s, _ in record["history"]]:
+            continue
+        auc = validation_auc(net, val_set, device)
+        if auc is None:
+            continue
+        if record["best"] is None or auc > record["best"]["auc"]:
+            _save_atomic(net.classifier.state_dict(), best_path)
+            record["best"] = {"step": stop, "auc": auc}
+        record["history"].append([stop, auc])
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, record_path)
+    if record["best"] is not None:
+        net.classifier.load_state_dict(load_file(str(best_path)))
+    return seconds, record
+
+
+def validation_auc(net: AmeCam, val_set: SliceSet, device: torch.device, batch: int = 32) -> float | None:
+    """AUC of the last exit's presence on held-out slice labels; None when they hold one class only."""
+    labels = val_set.labels.numpy()
+    if len(set(labels.tolist())) < 2:
+        return None
+    net.classifier.eval()
+    with torch.inference_mode(), autocast(device):
+        scores = torch.cat([net.classifier(b.to(device))[0][:, -1].float().cpu() for b in val_set.images.split(batch)])
+    return round(float(roc_auc_score(labels, scores.numpy())), 5)
+
+
+def near_positive_weights(data: SliceSet, scale: float = 5.0) -> torch.Tensor:
+    """``(N,)`` weights ``exp(-d / scale)`` of each slice, ``d`` its distance (in slices of the set, which
+    keeps each patient's slice order) to the nearest positive slice of the same patient; 0 without one."""
+    weights = torch.zeros(len(data))
+    for c in data.case_index.unique():
+        rows = (data.case_index == c).nonzero()[:, 0]
+        positive = (data.labels[rows] == 1).nonzero()[:, 0]
+        if len(positive):
+            d = (torch.arange(len(rows))[:, None] - positive[None]).abs().min(dim=1).values
+            weights[rows] = torch.exp(-d.float() / scale)
+    return weights
+
+
+def _classifier_loss(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+    acfg = cfg.ame_cam
+    if not 0 <= acfg.hard_negatives <= 1:
+        raise ValueError(f"ame_cam.hard_negatives must be in [0, 1], not {acfg.hard_negatives}")
+    pos = (data.labels == 1).nonzero()[:, 0]
+    neg = (data.labels == 0).nonzero()[:, 0]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("the AME-CAM classifier needs both positive and negative training slices")
+    near = near_positive_weights(data)[neg]
+
+    def loss(step: int) -> torch.Tensor:
+        g = _step_generator(seed, step)
+        half = acfg.batch_size // 2
+        n_neg = acfg.batch_size - half
+        n_hard = round(acfg.hard_negatives * n_neg) if near.sum() > 0 else 0
+        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                         neg[torch.randint(len(neg), (n_neg - n_hard,), generator=g)]]
+                        + ([neg[torch.multinomial(near, n_hard, replacement=True, generator=g)]] if n_hard else []))
+        x = _augment(data.images[idx], g)
+        with autocast(device):
+            logits, _ = net.classifier(x.to(device))
+        return multi_exit_loss(logits.float(), data.labels[idx].to(device), acfg.exit_weights)
+
+    return loss
+
+
+def _aggregator_loss(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+    acfg = cfg.ame_cam
+    pos = (data.labels == 1).nonzero()[:, 0]
+    if len(pos) < 2:
+        raise ValueError(f"the AME-CAM aggregator needs at least 2 positive training slices, not {len(pos)}")
+
+    def loss(step: int) -> torch.Tensor:
+        g = _step_generator(seed, step)
+        idx = pos[torch.randperm(len(pos), generator=g)[: acfg.aggregator_batch_size]]
+        x = _augment(data.images[idx], g).to(device)
+        with torch.no_grad(), autocast(device):
+            _, exit_maps = net.classifier(x)
+        a = upsample([m.float() for m in exit_maps], tuple(x.shape[-2:]))
+        with autocast(device):
+            fused, _ = net.aggregator(x, a)
+        return region_contrastive_loss(x, fused.float(), acfg.rank_alpha)
+
+    return loss
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
