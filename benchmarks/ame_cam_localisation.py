@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,8 @@ def markdown(task: dict, rows: list[dict]) -> str:
               "positive slice on average. AME-CAM's AUC history (step, AUC): "
               + "; ".join(f"{r['method']} at {r['resolution']}: {r['auc_history']}" for r in rows if "auc_history" in r),
               "", "Reproduce (rows are cached under `--work`; each command adds its rows with `--append`):", ""]
-    lines += [f"    {c}" for c in dict.fromkeys(r["command"] for r in rows if "command" in r)]
+    commands = dict.fromkeys(r["command"] for r in rows if "command" in r)
+    lines += [f"    {c}" for c in sorted(commands, key=lambda c: "--append" in c)]
     return "\n".join(lines) + "\n"
 
 
@@ -236,8 +238,7 @@ def main() -> None:
 
     _apply_overrides(task["config"], args.overrides)
     rows = [row for r in args.resolution for row in measure(task, r, args.work, args.seed, r not in args.no_layercam)]
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ame_cam_localisation.py " + " ".join(
-        a if " " not in a else repr(a) for a in sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ame_cam_localisation.py " + shlex.join(sys.argv[1:])
     rows = [r | {"command": command} for r in rows]
     json_path = args.out.with_suffix(".json")
     if args.append and json_path.is_file():
