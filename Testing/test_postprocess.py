@@ -81,3 +81,21 @@ def test_the_volume_keeps_only_its_largest_object_when_the_bundle_says_so(tiny_b
     result = Segmenter(bundle, "cpu", 8).start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}).run(progress=False)
     _, n = ndimage.label(result.mask, structure=np.ones((3, 3, 3), bool))
     assert n == 1
+
+
+def test_tune_chooses_the_rule_on_validation_volumes_and_records_it(tiny_bundle, small_manifest, tmp_path):
+    import json
+    import shutil
+
+    from cldf.cli import main
+    from cldf.select import POSTPROCESS_GRID
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
+    assert main(["-q", "tune", "--bundle", str(bundle), "--data", str(small_manifest), "--device", "cpu"]) == 0
+    card = json.loads((bundle / "bundle.json").read_text())
+    table = card["selection"]["postprocess"]["table"]
+    assert len(table) == int(np.prod([len(v) for v in POSTPROCESS_GRID.values()]))
+    assert table[0]["val_dice_3d"] == max(r["val_dice_3d"] for r in table)
+    chosen = card["selection"]["postprocess"]["chosen"]
+    assert {f"postprocess.{k}": v for k, v in card["config"]["postprocess"].items()} == chosen
+    assert load_bundle(bundle).config.postprocess == PostprocessConfig(**{k.split(".")[1]: v for k, v in chosen.items()})

@@ -69,8 +69,19 @@ def keep_main_components(mask: np.ndarray, min_fraction: float) -> np.ndarray:
         raise ValueError(f"min_component_fraction must be in [0, 1], not {min_fraction}")
     if min_fraction == 0.0 or not mask.any():
         return mask
+    return components_at_least(*component_sizes(mask), min_fraction).astype(mask.dtype)
+
+
+def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """26-connected 3D components of a ``(Z, Y, X)`` mask: the label volume and each label's voxel count (0 for label 0)."""
     labels, n = ndimage.label(mask, structure=_CONNECTIVITY_3D)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     sizes[0] = 0
-    keep = np.nonzero(sizes >= min_fraction * sizes.max())[0]
-    return np.isin(labels, keep).astype(mask.dtype)
+    return labels, sizes
+
+
+def components_at_least(labels: np.ndarray, sizes: np.ndarray, min_fraction: float) -> np.ndarray:
+    """Boolean mask of the components holding at least ``min_fraction`` of the largest one's voxels."""
+    if sizes.max() == 0:
+        return labels > 0
+    return np.isin(labels, np.nonzero(sizes >= min_fraction * sizes.max())[0])

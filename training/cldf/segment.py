@@ -138,7 +138,7 @@ class Segmenter:
         self.to(resolve_device(device))
 
     def _refiner(self, method: str | None) -> SamRefiner | None:
-        """The SAM refiner when refinement is on, else None (imported only then: timm loads with it)."""
+        """The SAM refiner when refinement is on, else None (`refine` loads timm and the network only then)."""
         if method not in (None, "none", "sam"):
             raise ValueError(f"refine must be 'none', 'sam' or None (the bundle's refine.method), not '{method}'")
         from .refine import SamRefiner, check_refine_config

@@ -23,7 +23,7 @@ from .config import CLDFConfig, PostprocessConfig, SeedConfig
 from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
-from .postprocess import SliceEvidence, keep_main_components, keep_slices
+from .postprocess import SliceEvidence, component_sizes, components_at_least, keep_slices
 from .seeds import FOREGROUND, fuse_seeds, keep_seeded_components
 from .segment import Segmenter, seed_references, slice_presence
 
@@ -223,10 +223,10 @@ def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, see
     return _ValVolume(truth, masks, joined)
 
 
-def _apply(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
+def _slice_rule(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
     mask = volume.masks[seed].copy()
     mask[~keep_slices(volume.evidence[seed], cfg).numpy()] = False
-    return keep_main_components(mask, cfg.min_component_fraction)
+    return mask
 
 
 def _any_target_dice(pred: np.ndarray, truth: np.ndarray) -> list[float]:
@@ -251,19 +251,22 @@ def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], t
     seg = Segmenter(bundle, device, 8)
     volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds)
                for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False)]
+    *slice_keys, fraction_key = POSTPROCESS_GRID
     rows = []
-    for values in tqdm(list(itertools.product(*POSTPROCESS_GRID.values())), desc="post-processing",
+    for values in tqdm(list(itertools.product(*(POSTPROCESS_GRID[k] for k in slice_keys))), desc="post-processing",
                        disable=not progress, leave=False):
-        settings = dict(zip(POSTPROCESS_GRID, values))
-        cfg = PostprocessConfig(**{k.split(".")[1]: v for k, v in settings.items()})
-        dice_3d, slice_dice = [], []
-        for v in volumes:
-            for s in decoder_seeds:
-                pred = _apply(v, s, cfg)
-                dice_3d.append(_volume_dice(pred, v.truth))
-                slice_dice += _any_target_dice(pred, v.truth)
-        rows.append({"settings": settings, "val_dice_3d": float(np.mean(dice_3d)),
-                     "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")})
+        cfg = PostprocessConfig(**{k.split(".")[1]: v for k, v in zip(slice_keys, values)})
+        # the 3D components of each volume once per slice rule; every fraction then only picks among them
+        components = [(v.truth, component_sizes(_slice_rule(v, s, cfg))) for v in volumes for s in decoder_seeds]
+        for fraction in POSTPROCESS_GRID[fraction_key]:
+            dice_3d, slice_dice = [], []
+            for truth, (labels, sizes) in components:
+                pred = components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0
+                dice_3d.append(_volume_dice(pred, truth))
+                slice_dice += _any_target_dice(pred, truth)
+            rows.append({"settings": {**dict(zip(slice_keys, values)), fraction_key: fraction},
+                         "val_dice_3d": float(np.mean(dice_3d)),
+                         "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")})
     rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
     best = rows[0]["settings"]
     return PostprocessConfig(**{k.split(".")[1]: v for k, v in best.items()}), rows
