@@ -58,7 +58,8 @@ def tiny_bundle(small_manifest: Path, tmp_path_factory) -> Path:
     """A real (tiny) training run on real scans: every stage, a few optimisation steps each."""
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return train(TrainRequest(manifest=small_manifest, out=out, config=tiny_config(), target_labels=[1],
-                              decoder_seeds=(0, 1), name="tiny", target_name="tumour", progress=False))
+                              decoder_seeds=(0, 1), name="tiny", target_name="tumour", progress=False,
+                              select_refine=False))
 
 
 @pytest.fixture(scope="session")

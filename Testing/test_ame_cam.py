@@ -17,7 +17,9 @@ from cldf.bundle import BundleError, load_bundle, read_card
 from cldf.config import AmeCamConfig
 from cldf.data import load_manifest, load_slice_set
 from cldf.maps import AmeCamMap, build_cam
-from cldf.segment import Segmenter
+from cldf.evaluate import available_methods, evaluate
+from cldf.segment import Segmenter, bundle_variants
+from cldf.select import select_settings
 from cldf.train import TrainRequest, train
 from conftest import BRAIN_BUNDLE, tiny_config
 
@@ -268,3 +270,42 @@ def test_the_paper_preset_is_resnet18_sized_and_trains_one_step_at_256():
     multi_exit_loss(logits, y, cfg.exit_weights).backward()
     opt.step()
     assert not torch.equal(before, net.classifier.exits[3].weight)
+
+
+def test_ame_cam_decoders_are_trained_beside_layercams_but_never_twice_the_cldf_recipe(ame_bundle):
+    b = load_bundle(ame_bundle)
+    # CLDF itself takes AME-CAM + MG seeds here: no separate "ame-cam-fused" decoders
+    assert set(b.decoders) == {"cdm", "untrained", "cam-seeds", "mg-seeds", "encoder", "ame-cam-seeds"}
+    b.config.maps.cam_method = "layercam"
+    assert "ame-cam-fused" in bundle_variants(b) and "ame-cam-seeds" in bundle_variants(b)
+
+
+def test_selection_weighs_each_cam_source_with_its_own_gate(ame_bundle, sets, small_manifest):
+    b = load_bundle(ame_bundle)
+    b.config.maps.cam_method = "layercam"
+    manifest = load_manifest(small_manifest)
+    val_ids = [c.id for c in manifest.cases if c.split == "val"]
+    config, rows, gates = select_settings(b, sets[0], manifest, val_ids, [1], (0,), "cpu", progress=False)
+    assert {r["settings"]["maps.cam_method"] for r in rows} == {"layercam", "ame-cam"}
+    assert len(rows) == 2 * 2 * 2 * 3 * 2 * 2 * 2
+    assert [r["val_dice"] for r in rows] == sorted((r["val_dice"] for r in rows), reverse=True)
+    assert config.maps.cam_method == rows[0]["settings"]["maps.cam_method"]
+    for method in ("layercam", "ame-cam"):
+        table = [g for g in gates if g["cam_method"] == method]
+        best = max(table, key=lambda g: g["balanced_accuracy"])["presence_threshold"]
+        assert {r["settings"]["cluster.presence_threshold"] for r in rows if r["settings"]["maps.cam_method"] == method} == {best}
+
+
+def test_evaluate_gives_the_ame_cam_rows(ame_bundle, small_manifest):
+    b = load_bundle(ame_bundle)
+    manifest = load_manifest(small_manifest)
+    test_ids = [c.id for c in manifest.cases if c.split == "test"]
+    assert "ame-cam+mg+cl" not in available_methods(b)  # that is CLDF itself here
+    methods = ("ame-cam", "layercam", "ame-cam+cl", "layercam+cl", "cldf")
+    report = evaluate(b, manifest, test_ids, [1], "cpu", methods=methods, progress=False)
+    assert list(report["methods"]) == list(methods)
+    assert 0.0 <= report["methods"]["ame-cam"]["pointing"] <= 1.0
+    assert report["methods"]["ame-cam"]["dice"] != report["methods"]["layercam"]["dice"]
+    assert report["methods"]["ame-cam+cl"]["dice"] != report["methods"]["layercam+cl"]["dice"]
+    with pytest.raises(ValueError, match="'ame-cam': it lacks AME-CAM networks"):
+        evaluate(load_bundle(BRAIN_BUNDLE), manifest, test_ids, [1], "cpu", methods=("ame-cam",), progress=False)

@@ -147,7 +147,7 @@ def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path):
     args = ["-q", "train", "--data", str(small_manifest), "--target", "1", "--channels", "FLAIR,T1",
             "--out", str(out), "--device", "cpu", "--decoder-seeds", "0", "--set", "data.resolution=32",
             "--set", "diffusion.steps=3", "--set", "noisy_classifier.steps=3", "--set", "cam_classifier.steps=3",
-            "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32"]
+            "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32", "--no-refine-selection"]
     assert main(args) == 0
     first = json.loads((out / "bundle.json").read_text())
     cdm_meta = json.loads((out / ".checkpoints" / "cdm.json").read_text())

@@ -172,3 +172,45 @@ def test_cldf_segment_refine_sam_writes_a_mask_on_the_input_grid(tiny_bundle, th
 def test_an_unknown_refinement_is_refused_before_any_work(tiny_bundle):
     with pytest.raises(ValueError, match="refine must be 'none', 'sam' or None"):
         Segmenter(load_bundle(tiny_bundle), "cpu", refine="crf")
+
+
+def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_bundle, three_slices, case_paths):
+    from cldf.data import Case, Manifest
+    from cldf.evaluate import _dice, evaluate
+
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
+    z = int(mask.sum(axis=(1, 2)).argmax())
+    gt_path = write_image(mask[z - 1 : z + 2], three_slices["FLAIR"].parent / "mask.nii.gz", spacing=(0.9, 0.8, 3.0))
+    manifest = Manifest(gt_path.parent / "m.json", "three", [Case("three", dict(three_slices), gt_path)])
+    bundle = load_bundle(tiny_bundle)
+    report = evaluate(bundle, manifest, ["three"], [1], "cpu", methods=("cldf", "cldf+sam"), progress=False)
+    product = Segmenter(bundle, "cpu", refine="sam").start(three_slices).run(progress=False)
+    gt = mask[z - 1 : z + 2] > 0
+    by_seed = report["per_case"]["three"]["cldf+sam"]["by_seed"]
+    assert by_seed[0]["dice_3d"] == pytest.approx(_dice(product.mask.astype(bool), gt))
+    assert by_seed[0]["dice_3d"] != report["per_case"]["three"]["cldf"]["by_seed"][0]["dice_3d"]
+
+
+def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_bundle, three_slices, case_paths):
+    from cldf.config import PostprocessConfig
+    from cldf.postprocess import SliceEvidence
+    from cldf.select import _ValVolume, _volume_dice, select_refine
+
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
+    z = int(truth.sum(axis=(1, 2)).argmax())
+    truth = truth[z - 1 : z + 2] > 0
+    box = np.zeros_like(truth)  # a coarse mask: the tumour's bounding box on each slice
+    for i, t in enumerate(truth):
+        ys, xs = np.nonzero(t)
+        box[i, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+    flair = sitk.GetArrayFromImage(sitk.ReadImage(str(three_slices["FLAIR"])))[None].astype(np.float32)
+    evidence = SliceEvidence(torch.ones(3), torch.ones(3, dtype=torch.long), torch.ones(3))
+    volume = _ValVolume(truth, {0: box}, {0: evidence}, normalise(flair, (0.5, 99.5))[0], (0.8, 0.9))
+    rows = select_refine(load_bundle(tiny_bundle), [volume], PostprocessConfig(), (0,), "cpu", progress=False)
+    by_method = {r["settings"]["refine.method"]: r for r in rows}
+    assert set(by_method) == {"none", "sam"} and rows[0]["val_dice_3d"] >= rows[1]["val_dice_3d"]
+    assert by_method["none"]["val_dice_3d"] == pytest.approx(_volume_dice(box, truth))
+    assert by_method["sam"]["val_dice_3d"] > by_method["none"]["val_dice_3d"]  # SAM follows the tumour inside its box
+    same = _ValVolume(truth, {0: np.zeros_like(truth)}, {0: evidence}, volume.image, volume.spacing)
+    rows = select_refine(load_bundle(tiny_bundle), [same], PostprocessConfig(), (0,), "cpu", progress=False)
+    assert rows[0]["settings"] == {"refine.method": "none"}  # nothing to refine: a tie, refinement stays off

@@ -71,3 +71,9 @@ def test_precision_and_pointing_count_the_right_pixels():
     pred[2] = True  # not a positive slice: not counted
     sc = _slice_scores(pred, gt, np.array([0, 1]), (1.0, 1.0))
     assert sc.hits == [4, 0] and sc.predicted == [6, 4] and sc.precision == pytest.approx(0.4)
+
+
+def test_the_shipped_row_is_the_refined_one_when_the_bundle_refines():
+    rows = {"mg+cl": {"dice": 0.5}, "ame-cam+cl": {"dice": 0.58}, "cldf": {"dice": 0.55}, "cldf+sam": {"dice": 0.6}}
+    assert not cldf_is_best(rows, "cldf")  # the AME-CAM ablation beats unrefined CLDF
+    assert cldf_is_best(rows, "cldf+sam")

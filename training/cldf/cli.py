@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--decoder-seeds", default="0,1,2", help="train one pixel decoder per seed (default 0,1,2)")
     t.add_argument("--no-select", action="store_true",
                    help="keep the preset's settings instead of choosing them on the validation split")
+    t.add_argument("--no-refine-selection", action="store_true",
+                   help="do not weigh LiteMedSAM refinement on the validation patients (it stays off)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one setting of the preset, e.g. --set diffusion.steps=8000 (repeatable)")
 
@@ -167,14 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
     a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
-    u = sub.add_parser("tune", help="choose a bundle's post-processing rule on its validation split",
+    u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "
                                    "when a slice's mask is dropped (far from the foreground prototype, no seeds, an "
-                                   "unsure gate) and which 3D components are kept; written into bundle.json "
-                                   "('config.postprocess', 'selection.postprocess'). `cldf train` does this itself.")
+                                   "unsure gate), which 3D components are kept and whether LiteMedSAM refines the "
+                                   "masks; written into bundle.json ('config.postprocess', 'config.refine', "
+                                   "'selection.postprocess'). `cldf train` does this itself.")
     u.add_argument("--bundle", required=True, type=Path)
     u.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
     u.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    u.add_argument("--no-refine", action="store_true",
+                   help="leave refinement as it is (weighing it runs SAM on every validation slice with a mask)")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -231,7 +236,7 @@ def cmd_train(args, argv) -> int:
         manifest=args.data, out=args.out, config=cfg, target_labels=args.target, device=args.device, seed=args.seed,
         decoder_seeds=tuple(int(v) for v in args.decoder_seeds.split(",")), name=args.name or args.out.name,
         target_name=args.target_name, target_color=color, command="cldf " + shlex.join(argv), progress=not args.quiet,
-        select=not args.no_select,
+        select=not args.no_select, select_refine=not args.no_refine_selection,
     ))
     print(f"bundle written to {out}")
     return 0
@@ -319,9 +324,10 @@ def cmd_ablate(args, argv) -> int:
 def cmd_tune(args, argv) -> int:
     from .train import tune
 
-    doc = tune(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
-    best = doc["table"][0]
-    print(f"chosen on {len(doc['validation_cases'])} validation cases: {best['settings']} "
+    doc = tune(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet,
+               refine=not args.no_refine)
+    best = (doc.get("refine") or doc["table"])[0]
+    print(f"chosen on {len(doc['validation_cases'])} validation cases: {doc['chosen']} "
           f"(3D Dice {best['val_dice_3d']:.3f}, any-target slice Dice {best['val_any_target_slice_dice']:.3f}); "
           f"written into {args.bundle / 'bundle.json'}")
     return 0

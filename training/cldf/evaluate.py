@@ -6,12 +6,14 @@ where the target covers more than the bundle's ``positive_fraction``; plus a
 precision on positive slices (share of predicted pixels on the target; the
 `fusion` row is CLDF's foreground seeds) and, for the maps, the pointing game
 (share of positive slices whose map maximum lies on the target).
-Maps are thresholded per slice with Otsu (`gradcam`, `layercam`, `mg`, and `cdm`, the CDM saliency map of Hu et al.
-2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
+Maps are thresholded per slice with Otsu (`gradcam`, `layercam`, `scorecam`, `ame-cam`, `mg`, and `cdm`, the CDM
+saliency map of Hu et al. 2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
 bundle's seed thresholds; `cldf`, `cldf-untrained` (a randomly initialised
-CDM) and the ablations `layercam+cl` and `mg+cl` (decoders trained on seeds of
-one map) are masks made as the product makes them (slices judged negative stay
-empty) for every shipped decoder seed, reported as means over seeds.
+CDM), `encoder-features` and the ablations `layercam+cl`, `mg+cl`, `ame-cam+cl` and
+`ame-cam+mg+cl` (decoders trained on those seeds) are masks made as the product makes
+them (slices judged negative stay empty, the bundle's slice gate for all) for every
+shipped decoder seed, reported as means over seeds; `cldf+sam` is `cldf` refined
+with LiteMedSAM on the scan's grid, as `cldf segment --refine sam` makes it.
 HD95 is in millimetres; an empty prediction on a positive slice scores the
 slice's diagonal. Ground truth is read here for scoring only.
 """
@@ -22,7 +24,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +38,31 @@ from .maps import GradCAM, LayerCAM
 from .maps.scorecam import ScoreCAM
 from .postprocess import keep_main_components
 from .seeds import FOREGROUND, threshold_maps
-from .segment import Segmenter
+from .segment import Segmenter, resolve_device
 
-MAP_METHODS = ("gradcam", "layercam", "scorecam", "mg", "cdm")  # one map, thresholded per slice
-BASELINES = ("gradcam", "layercam", "scorecam", "mg", "fusion", "cdm")
+MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "cdm")  # one map, thresholded per slice
+BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "fusion", "cdm")
 # methods that cluster a decoder's embeddings, and the decoder variant each uses
-DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "cldf-untrained": "untrained",
-                   "encoder-features": "encoder", "cldf": "cdm"}
-METHODS = BASELINES + tuple(DECODER_METHODS)
+DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "ame-cam+cl": "ame-cam-seeds",
+                   "ame-cam+mg+cl": "ame-cam-fused", "cldf-untrained": "untrained", "encoder-features": "encoder",
+                   "cldf": "cdm"}
+REFINED = "cldf+sam"  # CLDF's masks refined with LiteMedSAM (`refine`)
+METHODS = BASELINES + tuple(DECODER_METHODS) + (REFINED,)
 
 
 def available_methods(bundle: Bundle) -> tuple[str, ...]:
-    """Every method, less the decoder methods whose decoders the bundle lacks."""
-    return tuple(m for m in METHODS if m not in DECODER_METHODS or DECODER_METHODS[m] in bundle.decoders)
+    """Every method, less those whose networks or decoders the bundle lacks."""
+    return tuple(m for m in METHODS if _missing(bundle, m) is None)
+
+
+def _missing(bundle: Bundle, method: str) -> str | None:
+    """What ``method`` needs and the bundle lacks, or None."""
+    if method == "ame-cam" and bundle.ame_cam is None:
+        return "AME-CAM networks (train with --set ame_cam.enabled=true)"
+    variant = DECODER_METHODS.get(method)
+    if variant is not None and variant not in bundle.decoders:
+        return f"decoders '{variant}' (add them with `cldf ablate --bundle {bundle.path}`)"
+    return None
 
 
 @dataclass
@@ -87,20 +101,22 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    missing = [m for m in methods if m in DECODER_METHODS and DECODER_METHODS[m] not in bundle.decoders]
+    missing = {m: _missing(bundle, m) for m in methods if _missing(bundle, m) is not None}
     if missing:
-        raise ValueError(f"the bundle has no decoders for {missing}; add them with `cldf ablate --bundle "
-                         f"{bundle.path}` or leave those methods out")
+        raise ValueError("the bundle cannot give " + "; ".join(f"'{m}': it lacks {why}" for m, why in missing.items())
+                         + ". Leave those methods out (--methods)")
     seeds = tuple(sorted(bundle.decoders["cdm"]))
     maps = ("cdm",) if "cdm" in methods else ()
-    segs = {"cldf": Segmenter(bundle, device, batch_size, maps=maps)}
-    segs |= {m: Segmenter(bundle, device, batch_size, variant=v) for m, v in DECODER_METHODS.items()
+    # unrefined masks for every row ("cldf+sam" refines them below), whatever the bundle's refine.method
+    segs = {"cldf": Segmenter(bundle, device, batch_size, maps=maps, refine="none")}
+    segs |= {m: Segmenter(bundle, device, batch_size, variant=v, refine="none") for m, v in DECODER_METHODS.items()
              if m in methods and m != "cldf"}
+    refiner = _refiner(bundle, device, batch_size) if REFINED in methods else None
     per_case = {}
     pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [], [], [], [])))
     hits: dict[str, list[bool]] = defaultdict(list)
     for cid in tqdm(case_ids, desc="evaluate", unit="case", disable=not progress):
-        masks, maps, gt, spacing_3d = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds)
+        masks, maps, gt, spacing_3d = _case_masks(segs, manifest, cid, bundle, target_labels, methods, seeds, refiner)
         spacing = spacing_3d[:2]
         empty = ~gt.any(axis=(1, 2))
         voxel_ml = float(np.prod(spacing_3d)) / 1000.0
@@ -144,30 +160,41 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     }
 
 
-def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds):
+def _refiner(bundle: Bundle, device: str, batch_size: int):
+    """The bundle's refinement settings with SAM switched on (the ``cldf+sam`` row)."""
+    from .refine import SamRefiner  # loads timm: only when the row is asked for
+
+    return SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device), batch_size=batch_size)
+
+
+def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds,
+                refiner=None):
     case = manifest.case(cid)
     volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
     if case.mask is None:
         raise InputError(f"case '{cid}' has no mask: evaluation needs ground truth")
     gt = target_mask(case.mask, target_labels)
     cfg = bundle.config
-    slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), cfg.data.resolution)
+    normalised = normalise(volume, tuple(cfg.data.percentiles))
+    slices = to_slices(normalised, cfg.data.resolution)
     seg = segs["cldf"]
     cams = {"gradcam": GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer]),
             "layercam": LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers),
             "scorecam": ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer)}
     hw = volume.shape[2:]
     maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
-    decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS if m in methods}
+    decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS
+               if m in methods or (m == "cldf" and REFINED in methods)}
+    sources = tuple({segs[m].cam_source for m in decoded} | ({"ame-cam"} & set(methods)))
     fusion = np.zeros(gt.shape, bool)
     for start in range(0, len(slices), seg.batch_size):
         stop = min(start + seg.batch_size, len(slices))
         x, ids = slices[start:stop].to(seg.device), torch.arange(start, stop)
-        sm = seg.slice_maps(x, ids, gate=False)
-        batch_maps = {"mg": sm.mean_gradient, **sm.extra}
-        for name, cam in cams.items():  # the bundle's own CAM is in sm already
-            if name in maps:
-                batch_maps[name] = sm.cam if cfg.maps.cam_method == name else cam(x)[0]
+        sm = seg.slice_maps(x, ids, gate=False, cam_sources=sources)
+        batch_maps = {"mg": sm.mean_gradient, **sm.extra, **sm.other_cams, cfg.maps.cam_method: sm.cam}
+        for name, cam in cams.items():  # CAMs computed already are in sm
+            if name in maps and name not in batch_maps:
+                batch_maps[name] = cam(x)[0]
         for name in maps:
             maps[name][start:stop] = from_slices(batch_maps[name], hw)
         fusion[start:stop] = from_slices((sm.seeds == FOREGROUND).float(), hw, mode="mask")
@@ -179,6 +206,11 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     masks = {m: {0: _threshold(a, thresholds.get(m, "otsu"))} for m, a in maps.items()}
     if "fusion" in methods:
         masks["fusion"] = {0: fusion}
+    if refiner is not None:  # before the whole-volume rule, as `cldf segment --refine sam` does
+        channel = normalised[bundle.channels.index(cfg.refine.channel or bundle.channels[0])]
+        spacing = (ref.GetSpacing()[1], ref.GetSpacing()[0])
+        coarse = decoded["cldf"]
+        decoded[REFINED] = dict(zip(coarse, refiner.refine_many(channel, list(coarse.values()), spacing)))
     for by_seed in decoded.values():  # the product's whole-volume rule, as `cldf segment` applies it
         for s, m in by_seed.items():
             by_seed[s] = keep_main_components(m, cfg.postprocess.min_component_fraction)

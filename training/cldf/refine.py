@@ -227,14 +227,21 @@ class SamRefiner:
         Returns:
             ``(Z, Y, X)`` bool mask; slices whose coarse mask is empty are returned empty.
         """
-        if image.shape != mask.shape or image.ndim != 3:
-            raise ValueError(f"image and mask must both be (Z, Y, X) of one shape, not {image.shape} and {mask.shape}")
-        coarse = mask != 0
-        out = coarse.copy()
-        todo = np.flatnonzero(coarse.any(axis=(1, 2)))
+        return self.refine_many(image, [mask], spacing)[0]
+
+    def refine_many(self, image: np.ndarray, masks: list[np.ndarray], spacing: tuple[float, float]) -> list[np.ndarray]:
+        """`refine` of several coarse masks of one volume, the image encoder run once per slice."""
+        if image.ndim != 3 or any(m.shape != image.shape for m in masks):
+            shapes = [m.shape for m in masks]
+            raise ValueError(f"image and masks must all be (Z, Y, X) of one shape, not {image.shape} and {shapes}")
+        coarse = [m != 0 for m in masks]
+        out = [c.copy() for c in coarse]
+        todo = np.flatnonzero(np.any([c.any(axis=(1, 2)) for c in coarse], axis=0))
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            out[chunk] = self.decode(self.embed(image[chunk]), coarse[chunk], spacing)
+            embeddings = self.embed(image[chunk])
+            for c, o in zip(coarse, out):
+                o[chunk] = self.decode(embeddings, c[chunk], spacing)
         return out
 
     def embed(self, image: np.ndarray) -> torch.Tensor:

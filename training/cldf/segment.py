@@ -11,7 +11,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -78,14 +78,32 @@ def seed_references(e: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tenso
     return ref_fg, ref_bg, fg
 
 
-# Decoder variants: which CDM gives the features and which maps give the seeds.
-VARIANTS: dict[str, tuple[str, str]] = {
-    "cdm": ("cdm", "both"),  # CLDF
-    "untrained": ("untrained", "both"),  # CLDF on a randomly initialised CDM (Table 2)
-    "cam-seeds": ("cdm", "cam"),  # LayerCAM+CL (Table 3)
-    "mg-seeds": ("cdm", "mg"),  # MG+CL (Table 3)
-    "encoder": ("encoder", "both"),  # the noisy classifier's encoder features instead of the CDM's (Table 2)
+class Variant(NamedTuple):
+    """A decoder variant: which network gives the features, which maps give the seeds, which CAM source."""
+
+    features: str  # "cdm", "untrained" or "encoder"
+    seeds: str  # "both", "cam" or "mg"
+    cam: str | None = None  # a CAM method; None: the bundle's ``maps.cam_method``
+
+
+VARIANTS: dict[str, Variant] = {
+    "cdm": Variant("cdm", "both"),  # CLDF
+    "untrained": Variant("untrained", "both"),  # CLDF on a randomly initialised CDM (Table 2)
+    "cam-seeds": Variant("cdm", "cam", "layercam"),  # LayerCAM+CL (Table 3)
+    "mg-seeds": Variant("cdm", "mg"),  # MG+CL (Table 3)
+    "encoder": Variant("encoder", "both"),  # the noisy classifier's encoder features instead of the CDM's (Table 2)
+    "ame-cam-seeds": Variant("cdm", "cam", "ame-cam"),  # AME-CAM+CL (Table 3)
+    "ame-cam-fused": Variant("cdm", "both", "ame-cam"),  # AME-CAM+MG+CL (Table 3)
 }
+
+
+def bundle_variants(bundle: Bundle) -> list[str]:
+    """The decoder variants a bundle trains: AME-CAM's need its networks, and none repeats CLDF's own recipe."""
+    own = bundle.config.maps.cam_method
+    cldf = VARIANTS["cdm"]._replace(cam=own)
+    return [v for v, spec in VARIANTS.items()
+            if (spec.cam != "ame-cam" or bundle.ame_cam is not None)
+            and (v == "cdm" or spec._replace(cam=spec.cam or own) != cldf)]
 
 
 @dataclass
@@ -98,6 +116,7 @@ class SliceMaps:
     body: torch.Tensor
     seeds: torch.Tensor  # 1 foreground, 2 background, 0 none; empty on slices judged negative
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # optional maps, e.g. "cdm"
+    other_cams: dict[str, torch.Tensor] = field(default_factory=dict)  # CAM sources besides the bundle's
 
 
 class Segmenter:
@@ -109,7 +128,8 @@ class Segmenter:
         batch_size: slices per step.
         variant: a key of `VARIANTS`: ``"cdm"`` (CLDF), ``"untrained"`` (a random CDM, for comparison),
             ``"cam-seeds"`` or ``"mg-seeds"`` (decoders trained on seeds from one map, the ablations),
-            ``"encoder"`` (features of the noisy classifier's encoder instead of the CDM's).
+            ``"encoder"`` (features of the noisy classifier's encoder instead of the CDM's),
+            ``"ame-cam-seeds"`` / ``"ame-cam-fused"`` (seeds from AME-CAM alone / with the mean gradient).
         maps: extra per-slice maps to compute besides CAM and mean gradient (``"cdm"``: CDM saliency).
         refine: ``"sam"`` sharpens the final mask on the scan's own grid with LiteMedSAM (`refine`),
             ``"none"`` does not; None: the bundle's ``refine.method``.
@@ -132,7 +152,9 @@ class Segmenter:
         self.batch_size = batch_size
         self.variant = variant
         self.extra_maps = tuple(maps)
-        cdm, self.seed_source = VARIANTS[variant]
+        spec = VARIANTS[variant]
+        cdm, self.seed_source = spec.features, spec.seeds
+        self.cam_source = spec.cam or self.cfg.maps.cam_method
         self._cdm = {"cdm": bundle.cdm, "encoder": bundle.noisy_classifier}[cdm] if cdm != "untrained" else bundle.untrained_cdm()
         self.refiner = self._refiner(refine)
         self.to(resolve_device(device))
@@ -151,11 +173,11 @@ class Segmenter:
     def to(self, device: torch.device) -> "Segmenter":
         self.device = device
         b, cfg, sched = self.bundle, self.cfg, self.bundle.schedule
-        self.cam = build_cam(cfg.maps.cam_method, b.cam_classifier.to(device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
-                             b.ame_cam.to(device) if b.ame_cam is not None else None)
+        self.cam = self._build_cam(cfg.maps.cam_method)
+        self._other_cams: dict[str, object] = {}  # built when first asked for (`slice_maps`)
         self.mg = MeanGradient(b.noisy_classifier.to(device), sched, cfg.maps.mg_timesteps, cfg.maps.noise_seed,
                                cfg.maps.mg_shift_period)
-        features = EncoderFeatures if VARIANTS[self.variant][0] == "encoder" else DiffusionFeatures
+        features = EncoderFeatures if VARIANTS[self.variant].features == "encoder" else DiffusionFeatures
         self.features = features(self._cdm.to(device), sched, cfg.features)
         self.saliency = (CDMSaliency(b.cdm.to(device), b.noisy_classifier, sched, cfg.saliency, cfg.maps.noise_seed)
                          if "cdm" in self.extra_maps else None)
@@ -165,6 +187,11 @@ class Segmenter:
             self.refiner.to(device)
         return self
 
+    def _build_cam(self, method: str):
+        b, cfg = self.bundle, self.cfg
+        return build_cam(method, b.cam_classifier.to(self.device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
+                         b.ame_cam.to(self.device) if b.ame_cam is not None else None)
+
     @property
     def cam_resolution(self) -> int | None:
         """Slice size the CAM source needs when it differs from the bundle's (AME-CAM's own), else None.
@@ -172,47 +199,68 @@ class Segmenter:
         Callers then cut a second slice tensor at this size from the normalised volume
         (`data.to_slices`) and pass it to `slice_maps` as ``x_cam``.
         """
+        return self._resolution_of(self.cfg.maps.cam_method)
+
+    def _resolution_of(self, method: str) -> int | None:
         r = self.cfg.ame_cam.resolution
-        if self.cfg.maps.cam_method != "ame-cam" or r in (0, self.cfg.data.resolution):
-            return None
-        return r
+        return None if method != "ame-cam" or r in (0, self.cfg.data.resolution) else r
 
     # ------------------------------------------------------------------ per batch
     def slice_maps(self, x: torch.Tensor, slice_ids: torch.Tensor, gate: bool = True,
-                   x_cam: torch.Tensor | None = None) -> SliceMaps:
+                   x_cam: torch.Tensor | None = None, cam_sources: tuple[str, ...] = ()) -> SliceMaps:
         """CAM, mean gradient, presence, body and seeds of ``(B, C, R, R)`` slices.
 
         With ``gate`` (inference) slices judged negative get no seeds; training
         passes ``gate=False`` because it knows which slices are positive.
         ``x_cam``: the same slices at `cam_resolution` ``(B, C, R', R')`` when that is set.
+        ``cam_sources``: further CAM methods to compute into ``other_cams`` (this variant's own always is);
+        the presence (the slice gate) stays the bundle's CAM source's.
         """
         with autocast(self.device):
-            cam, presence = self._cam(x, x_cam)
+            cam, presence = self.cam_map(x, x_cam)
             mg = self.mg(x)
             extra = {"cdm": self.saliency(x).float()} if "cdm" in self.extra_maps else {}
+            others = {m: self.cam_map(x, x_cam, m)[0].float()
+                      for m in dict.fromkeys((*cam_sources, self.cam_source)) if m != self.cfg.maps.cam_method}
         body = body_mask(x, self.cfg.data.body_threshold)
-        maps = SliceMaps(cam.float(), mg.float(), presence.float(), body, torch.zeros(0), extra)
+        maps = SliceMaps(cam.float(), mg.float(), presence.float(), body, torch.zeros(0), extra, others)
         maps.seeds = self.seeds(maps, slice_ids, gate)
         return maps
 
-    def _cam(self, x: torch.Tensor, x_cam: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CAM source on its own slices, its ``(B, R, R)`` map back at the bundle's resolution."""
-        r = self.cam_resolution
+    def presence(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
+        """``(N,)`` probabilities that ``(N, C, R, R)`` clean slices hold the target, by a CAM source's classifier."""
+        if (method or self.cfg.maps.cam_method) != "ame-cam":
+            return slice_presence(self.bundle.cam_classifier, x, self.device)
+        if len(x) == 0:
+            return torch.zeros(0)
+        return torch.cat([self.cam_map(b.to(self.device), None, "ame-cam")[1].float().cpu() for b in x.split(16)])
+
+    def cam_map(self, x: torch.Tensor, x_cam: torch.Tensor | None = None,
+                method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A CAM source (default: the bundle's) on its own slices, its ``(B, R, R)`` map back at the bundle's resolution."""
+        if method is None or method == self.cfg.maps.cam_method:
+            method, cam_fn = self.cfg.maps.cam_method, self.cam
+        else:
+            if method not in self._other_cams:
+                self._other_cams[method] = self._build_cam(method)
+            cam_fn = self._other_cams[method]
+        r = self._resolution_of(method)
         if r is None:
-            return self.cam(x)
+            return cam_fn(x)
         if x_cam is None or x_cam.shape[-1] != r:
             if not getattr(self, "_warned_resize", False):
                 log.warning("CAM source runs at %d x %d but got no slices of that size: resizing the bundle's slices", r, r)
                 self._warned_resize = True
             x_cam = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False)
-        cam, presence = self.cam(x_cam)
+        cam, presence = cam_fn(x_cam)
         cam = F.interpolate(cam[:, None].float(), size=tuple(x.shape[-2:]), mode="bilinear", antialias=True,
                             align_corners=False)[:, 0]
         return normalise_per_slice(cam), presence
 
     def seeds(self, maps: SliceMaps, slice_ids: torch.Tensor, gate: bool = True) -> torch.Tensor:
         """This variant's seeds from a batch's maps; with ``gate``, none on slices judged negative."""
-        seeds = fuse_seeds(maps.cam, maps.mean_gradient, maps.body, self.cfg.seeds, slice_ids,
+        cam = maps.cam if self.cam_source == self.cfg.maps.cam_method else maps.other_cams[self.cam_source]
+        seeds = fuse_seeds(cam, maps.mean_gradient, maps.body, self.cfg.seeds, slice_ids,
                            self.cfg.maps.noise_seed, self.seed_source)
         if gate:
             seeds[maps.presence < self.cfg.cluster.presence_threshold] = 0

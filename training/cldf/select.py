@@ -1,7 +1,8 @@
 """Choosing the departures from the paper on the validation split (never on the test split).
 
 The grid below lists every setting the bundle may change from the paper's
-values. Decoders are trained on training-split seeds for each seed rule and
+values, the CAM source among them (LayerCAM, and AME-CAM when the bundle has
+its networks; the slice gate is the chosen source's classifier). Decoders are trained on training-split seeds for each seed rule and
 optimiser (three decoder seeds each); every clustering variant is then scored
 by positive-slice Dice on the validation patients, as a mean over decoder
 seeds. The winner goes into the bundle; the whole table goes into bundle.json.
@@ -11,7 +12,7 @@ Validation masks are read for scoring only: decoders still see seeds only.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from .config import CLDFConfig, PostprocessConfig, SeedConfig
 from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
-from .postprocess import SliceEvidence, component_sizes, components_at_least, keep_slices
-from .seeds import FOREGROUND, fuse_seeds, keep_seeded_components
-from .segment import Segmenter, seed_references, slice_presence
+from .postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
+from .seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
+from .segment import Segmenter, autocast, resolve_device, seed_references
 
 # The paper's value first in every list: ties keep the paper's setting.
 DECODER_GRID = {
@@ -43,31 +44,47 @@ CLUSTER_GRID = {
 }
 
 
+def cam_sources(bundle: Bundle) -> list[str]:
+    """CAM sources to choose among: the bundle's own first (ties keep it), AME-CAM when it has the networks."""
+    own = bundle.config.maps.cam_method
+    return list(dict.fromkeys([own, *(["ame-cam"] if bundle.ame_cam is not None else [])]))
+
+
 @dataclass
 class _Slices:
-    """Per-slice maps and native-resolution features of a set of slices, on the CPU."""
+    """Per-slice maps (per CAM source) and native-resolution features of a set of slices, on the CPU."""
 
     x_ids: torch.Tensor
-    cam: torch.Tensor
+    cams: dict[str, torch.Tensor]
+    presences: dict[str, torch.Tensor]
     mg: torch.Tensor
     body: torch.Tensor
-    presence: torch.Tensor
     features: list[list[torch.Tensor]]  # per slice, per block (1, C_i, h_i, w_i)
 
 
-def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int, desc: str, progress: bool) -> _Slices:
-    maps, feats = [], []
+def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int, desc: str, progress: bool,
+             sources: list[str]) -> _Slices:
+    """Every source's CAM and presence; the mean gradient and the features once."""
+    cams: dict[str, list] = {m: [] for m in sources}
+    presences: dict[str, list] = {m: [] for m in sources}
+    mgs, bodies, feats = [], [], []
     for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
         x = images[start : start + batch].to(seg.device)
-        sm = seg.slice_maps(x, ids[start : start + batch], gate=False)
-        maps.append([t.cpu() for t in (sm.cam, sm.mean_gradient, sm.body, sm.presence)])
+        with autocast(seg.device):
+            for m in sources:
+                cam, presence = seg.cam_map(x, method=m)
+                cams[m].append(cam.float().cpu())
+                presences[m].append(presence.float().cpu())
+            mgs.append(seg.mg(x).float().cpu())
+        bodies.append(body_mask(x, seg.cfg.data.body_threshold).cpu())
         block = [f.cpu() for f in seg.features(x)]
         feats += [[f[j : j + 1] for f in block] for j in range(len(x))]
-    cam, mg, body, presence = (torch.cat(parts) for parts in zip(*maps))
-    return _Slices(ids, cam, mg, body, presence, feats)
+    return _Slices(ids, {m: torch.cat(v) for m, v in cams.items()}, {m: torch.cat(v) for m, v in presences.items()},
+                   torch.cat(mgs), torch.cat(bodies), feats)
 
 
-def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool):
+def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool,
+                sources: list[str]):
     """Validation slices with target > positive_fraction, their maps, features and ground truth."""
     cfg = seg.cfg.data
     images, ids, truths, shapes, negatives = [], [], [], [], []
@@ -82,8 +99,9 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         negatives.append(slices[gt.sum(axis=(1, 2)) == 0])
         truths += [gt[z] for z in positive]
         shapes += [gt.shape[1:]] * len(positive)
-    data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress)
-    return data, truths, shapes, slice_presence(seg.bundle.cam_classifier, torch.cat(negatives), seg.device)
+    data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress, sources)
+    negative = torch.cat(negatives)
+    return data, truths, shapes, {m: seg.presence(negative, m) for m in sources}
 
 
 def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, list[dict]]:
@@ -101,19 +119,23 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
                     decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[CLDFConfig, list[dict], list[dict]]:
     """Score the grid on the validation split; returns the best config, every row (best first) and the gate table."""
     seg = Segmenter(bundle, device, 8)
+    sources = cam_sources(bundle)
     pos = (train_set.labels == 1).nonzero()[:, 0]
-    train = _collect(seg, train_set.images[pos], pos, 8, "training maps", progress)
-    val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress)
-    threshold, gate_rows = choose_gate(val.presence, negative_presence)
-    gate = val.presence >= threshold
+    train = _collect(seg, train_set.images[pos], pos, 8, "training maps", progress, sources)
+    val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress, sources)
     size = tuple(train_set.images.shape[-2:])
-    rows = []
-    combos = list(itertools.product(*DECODER_GRID.values()))
-    for cam_threshold, (lr, momentum) in tqdm(combos, desc="selection", disable=not progress):
+    rows, gate_rows = [], []
+    combos = list(itertools.product(sources, *DECODER_GRID.values()))
+    for method, cam_threshold, (lr, momentum) in tqdm(combos, desc="selection", disable=not progress):
+        threshold, gates = choose_gate(val.presences[method], negative_presence[method])
+        if (cam_threshold, (lr, momentum)) == (DECODER_GRID["seeds.cam_threshold"][0], DECODER_GRID["decoder.lr_momentum"][0]):
+            gate_rows += [{"cam_method": method, **g} for g in gates]
+        gate = val.presences[method] >= threshold
         seed_cfg = SeedConfig(**{**bundle.config.seeds.__dict__, "cam_threshold": cam_threshold})
-        train_seeds = fuse_seeds(train.cam, train.mg, train.body, seed_cfg, train.x_ids, bundle.config.maps.noise_seed)
+        noise_seed = bundle.config.maps.noise_seed
+        train_seeds = fuse_seeds(train.cams[method], train.mg, train.body, seed_cfg, train.x_ids, noise_seed)
         feats, labels = _seed_pixels(train, train_seeds, size)
-        val_seeds = fuse_seeds(val.cam, val.mg, val.body, seed_cfg, val.x_ids, bundle.config.maps.noise_seed)
+        val_seeds = fuse_seeds(val.cams[method], val.mg, val.body, seed_cfg, val.x_ids, noise_seed)
         scores: dict[tuple, list[float]] = {}
         for s in decoder_seeds:
             dcfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
@@ -122,8 +144,9 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
             for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
                 scores.setdefault(key, []).append(dice)
         for key, per_seed in scores.items():
-            settings = {"cluster.presence_threshold": threshold, "seeds.cam_threshold": cam_threshold,
-                        "decoder.lr": lr, "decoder.momentum": momentum, **dict(zip(CLUSTER_GRID, key))}
+            settings = {"maps.cam_method": method, "cluster.presence_threshold": threshold,
+                        "seeds.cam_threshold": cam_threshold, "decoder.lr": lr, "decoder.momentum": momentum,
+                        **dict(zip(CLUSTER_GRID, key))}
             rows.append({"settings": settings, "val_dice": float(np.mean(per_seed)),
                          "val_dice_seed_std": float(np.std(per_seed))})
     rows.sort(key=lambda r: -r["val_dice"])  # stable: among equals the paper-first order stays
@@ -200,14 +223,17 @@ class _ValVolume:
     truth: np.ndarray  # (Z, Y, X) bool
     masks: dict[int, np.ndarray]  # (Z, Y, X) bool, before the post-processing rules
     evidence: dict[int, SliceEvidence]
+    image: np.ndarray  # (Z, Y, X) the refinement channel, normalised, as `SegmentationJob` gives the refiner
+    spacing: tuple[float, float]  # (row, column) mm
 
 
 def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, seeds: tuple[int, ...]) -> _ValVolume:
     cfg = seg.cfg.data
     case = manifest.case(cid)
-    volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
+    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
     truth = target_mask(case.mask, target_labels)
-    slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
+    normalised = normalise(volume, tuple(cfg.percentiles))
+    slices = to_slices(normalised, cfg.resolution)
     masks = {s: np.zeros(truth.shape, bool) for s in seeds}
     parts: dict[int, list[SliceEvidence]] = {s: [] for s in seeds}
     for start in range(0, len(slices), seg.batch_size):
@@ -220,7 +246,9 @@ def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, see
             parts[s].append(evidence[s])
     joined = {s: SliceEvidence(*(torch.cat([getattr(e, f) for e in parts[s]]) for f in ("similarity", "foreground_seeds", "presence")))
               for s in seeds}
-    return _ValVolume(truth, masks, joined)
+    channel = seg.cfg.refine.channel or cfg.channels[0]
+    return _ValVolume(truth, masks, joined, normalised[list(cfg.channels).index(channel)],
+                      (ref.GetSpacing()[1], ref.GetSpacing()[0]))
 
 
 def _slice_rule(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
@@ -243,12 +271,14 @@ def _volume_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels,
-                       decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[PostprocessConfig, list[dict]]:
-    """Score `POSTPROCESS_GRID` on whole validation volumes; returns the best rule and every row (best first).
+                       decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
+                       refine: bool = False) -> tuple[dict, list[dict], list[dict]]:
+    """Score `POSTPROCESS_GRID` on whole validation volumes, then (with ``refine``) SAM refinement on or off.
 
-    Ground truth is read here for scoring only.
+    Returns the chosen settings (``postprocess.*`` and, with ``refine``, ``refine.method``), the
+    post-processing rows and the refinement rows (best first). Ground truth is read here for scoring only.
     """
-    seg = Segmenter(bundle, device, 8)
+    seg = Segmenter(bundle, device, 8, refine="none")
     volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds)
                for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False)]
     *slice_keys, fraction_key = POSTPROCESS_GRID
@@ -259,14 +289,40 @@ def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], t
         # the 3D components of each volume once per slice rule; every fraction then only picks among them
         components = [(v.truth, component_sizes(_slice_rule(v, s, cfg))) for v in volumes for s in decoder_seeds]
         for fraction in POSTPROCESS_GRID[fraction_key]:
-            dice_3d, slice_dice = [], []
-            for truth, (labels, sizes) in components:
-                pred = components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0
-                dice_3d.append(_volume_dice(pred, truth))
-                slice_dice += _any_target_dice(pred, truth)
-            rows.append({"settings": {**dict(zip(slice_keys, values)), fraction_key: fraction},
-                         "val_dice_3d": float(np.mean(dice_3d)),
-                         "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")})
+            preds = [(components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0, truth)
+                     for truth, (labels, sizes) in components]
+            rows.append({"settings": {**dict(zip(slice_keys, values)), fraction_key: fraction}, **_scores(preds)})
     rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
-    best = rows[0]["settings"]
-    return PostprocessConfig(**{k.split(".")[1]: v for k, v in best.items()}), rows
+    chosen = dict(rows[0]["settings"])
+    rule = PostprocessConfig(**{k.split(".")[1]: v for k, v in chosen.items()})
+    refine_rows = select_refine(bundle, volumes, rule, decoder_seeds, device, progress) if refine else []
+    if refine_rows:
+        chosen |= refine_rows[0]["settings"]
+    return chosen, rows, refine_rows
+
+
+def _scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean per-case 3D Dice and any-target slice Dice of (prediction, truth) volume pairs."""
+    slice_dice = [d for pred, truth in preds for d in _any_target_dice(pred, truth)]
+    return {"val_dice_3d": float(np.mean([_volume_dice(pred, truth) for pred, truth in preds])),
+            "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")}
+
+
+def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessConfig, decoder_seeds: tuple[int, ...],
+                  device: str, progress: bool = True) -> list[dict]:
+    """Masks under the chosen rule without and with LiteMedSAM refinement, as `cldf segment` makes them; best first.
+
+    Ties keep "none" (refinement costs seconds per slice).
+    """
+    from .refine import SamRefiner  # loads timm: only when refinement is weighed
+
+    refiner = SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device))
+    plain, sharp = [], []
+    for v in tqdm(volumes, desc="refinement", disable=not progress, leave=False):
+        coarse = [_slice_rule(v, s, rule) for s in decoder_seeds]
+        refined = refiner.refine_many(v.image, coarse, v.spacing)
+        plain += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in coarse]
+        sharp += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in refined]
+    rows = [{"settings": {"refine.method": "none"}, **_scores(plain)},
+            {"settings": {"refine.method": "sam"}, **_scores(sharp)}]
+    return sorted(rows, key=lambda r: -r["val_dice_3d"])

@@ -39,7 +39,7 @@ from .data import SliceSet, load_manifest, load_slice_set, split_cases
 from .decoder import PixelDecoder
 from .features import gather_at_pixels
 from .models import NoiseSchedule, SliceClassifier, build_cdm
-from .segment import VARIANTS, Segmenter, autocast, resolve_device
+from .segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
 from .select import apply_settings, select_postprocess, select_settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class TrainRequest:
     command: str = ""
     checkpoint_every_s: float = 300.0
     select: bool = True
+    select_refine: bool = True  # weigh LiteMedSAM refinement on the validation volumes (minutes on a CPU)
     progress: bool = True
     extra_card: dict = field(default_factory=dict)
 
@@ -104,8 +105,8 @@ def train(req: TrainRequest) -> Path:
     if ame_card:
         seconds["ame_cam"] = sum(ame_card["wall_clock_s"].values())
     untrained_seed = req.seed + 1000
-    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {v: {} for v in VARIANTS},
-                    ame)
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame)
+    bundle.decoders = {v: {} for v in bundle_variants(bundle)}
     selection = None
     if req.select and splits["val"]:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
@@ -262,7 +263,7 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
     segs = {v: Segmenter(bundle, str(device), batch, variant=v) for v in variants}
     by_cdm: dict[str, Segmenter] = {}
     for v in variants:
-        by_cdm.setdefault(VARIANTS[v][0], segs[v])
+        by_cdm.setdefault(VARIANTS[v].features, segs[v])
     first = segs[variants[0]]
     pos = (data.labels == 1).nonzero()[:, 0]
     feats: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
@@ -271,7 +272,8 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
     for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
         idx = pos[start : start + batch]
         x = data.images[idx].to(device)
-        maps = first.slice_maps(x, idx, gate=False, x_cam=None if cam_images is None else cam_images[idx].to(device))
+        maps = first.slice_maps(x, idx, gate=False, x_cam=None if cam_images is None else cam_images[idx].to(device),
+                                cam_sources=tuple(seg.cam_source for seg in segs.values()))
         block = {c: seg.features(x) for c, seg in by_cdm.items()}
         for v in variants:
             seeds = segs[v].seeds(maps, idx, gate=False)
@@ -281,7 +283,7 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
                     continue
                 pixels = s.nonzero()[:, 0]
                 labels[v].append(s[pixels].long())
-                f = [b[j : j + 1] for b in block[VARIANTS[v][0]]]
+                f = [b[j : j + 1] for b in block[VARIANTS[v].features]]
                 feats[v].append(gather_at_pixels(f, pixels.to(x.device), size).cpu())
     return feats, labels
 
@@ -328,7 +330,7 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
     cfg = bundle.config
     tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
     done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
-    return fit_decoders(bundle, data, device, list(VARIANTS), req.decoder_seeds, done,
+    return fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done,
                         lambda state: save_file(state, str(path), metadata={"settings": tag}), req.progress, cam_images)
 
 
@@ -340,7 +342,7 @@ def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", co
     decoders are the ones `cldf train` makes today. Returns the variants added.
     """
     bundle = load_bundle(bundle_dir)
-    missing = [v for v in VARIANTS if v not in bundle.decoders]
+    missing = [v for v in bundle_variants(bundle) if v not in bundle.decoders]
     if not missing:
         return []
     cfg, card = bundle.config, bundle.card
@@ -386,24 +388,27 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     """The post-processing rule chosen on whole validation volumes (cached in the checkpoint folder)."""
     path = ckdir / "postprocess.json"
     if not path.is_file():
-        path.write_text(json.dumps(postprocess_selection(bundle, manifest, val_ids, req.target_labels,
-                                                         req.decoder_seeds, req.device, req.progress), indent=1))
+        path.write_text(json.dumps(postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
+                                                         req.device, req.progress, req.select_refine), indent=1))
     return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
 
 
 def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_labels, decoder_seeds, device: str,
-                          progress: bool = True) -> dict:
+                          progress: bool = True, refine: bool = True) -> dict:
     """`select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
     t0 = time.time()
-    _, rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds), device, progress)
+    chosen, rows, refine_rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds),
+                                                   device, progress, refine)
     return {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
             "metric": "per-case 3D Dice on the validation split (false positives on slices without target count), "
                       "mean over decoder seeds",
-            "chosen": rows[0]["settings"], "table": rows}
+            "chosen": chosen, "table": rows, **({"refine": refine_rows} if refine_rows else {})}
 
 
-def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "", progress: bool = True) -> dict:
-    """Choose a bundle's post-processing rule on its recorded validation split and write it into bundle.json.
+def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "", progress: bool = True,
+         refine: bool = True) -> dict:
+    """Choose a bundle's post-processing rule (and, with ``refine``, SAM refinement on or off) on its recorded
+    validation split and write it into bundle.json.
 
     For bundles made before the rule existed; `cldf train` chooses it itself. Weights are not touched.
     """
@@ -413,7 +418,7 @@ def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: s
     if not val_ids:
         raise ValueError(f"{bundle_dir}/bundle.json records no validation split; nothing to choose the rule on")
     doc = postprocess_selection(bundle, load_manifest(manifest_path), val_ids, card.get("task", {}).get("mask_labels"),
-                                tuple(sorted(bundle.decoders["cdm"])), device, progress)
+                                tuple(sorted(bundle.decoders["cdm"])), device, progress, refine)
     doc["command"] = command
     config = apply_settings(bundle.config, doc["chosen"])
     update_card(bundle_dir, config=config.to_dict(), selection={**(card.get("selection") or {}), "postprocess": doc})
