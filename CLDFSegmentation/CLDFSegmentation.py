@@ -1,7 +1,8 @@
 """CLDF Segmentation: weakly supervised segmentation (contrastive learning on diffusion features) in 3D Slicer.
 
-A thin shell: module metadata, the parameter node, the Widget that drives a
-stepwise job from a QTimer, and the self-test. The work is in
+A thin shell: module metadata, the parameter node, the Widget that runs a job
+on a worker thread and moves its finished slices into the scene from a QTimer,
+and the self-test. The work is in
 `CLDFSegmentationLib` (MRML, no Qt) and the bundled `cldf` engine.
 """
 
@@ -85,7 +86,7 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._result = None
         self._timer = qt.QTimer()
-        self._timer.setInterval(0)
+        self._timer.setInterval(50)  # torch works on a worker thread; each tick only copies finished slices
         self._timer.timeout.connect(self.onStep)
 
     def setup(self) -> None:
@@ -236,12 +237,13 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.maximum = total
             self.ui.progressBar.value = done
             self._updateButtons()
+            self._job.startInBackground()
             self._timer.start()
 
     def onStep(self) -> None:
-        """One batch of slices per timer tick: Slicer stays responsive and the overlays fill in."""
+        """Move the slices the worker finished into the scene: Slicer stays responsive and the overlays fill in."""
         try:
-            more = self._job.step()
+            more = self._job.poll()
         except Exception as e:
             self._cancel()
             slicer.util.errorDisplay(f"Segmentation failed: {e}")

@@ -1,4 +1,7 @@
-"""The Slicer module's logic on real MRML nodes (slicer-core): geometry, stepping, cancel, reruns, refusals, export."""
+"""The Slicer module's logic on real MRML nodes (slicer-core): geometry, stepping, cancel, reruns, refusals, export.
+
+One test runs the shipped bundle as it is (with its SAM refinement); the others pass refine="none" to save minutes.
+"""
 
 from __future__ import annotations
 
@@ -57,10 +60,11 @@ def _ijk_to_ras(node):
 
 def test_outputs_and_the_exported_label_map_have_the_exact_geometry_of_an_oblique_input(inputs, brain_bundle, tmp_path):
     flair = inputs["FLAIR"]
-    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")
+    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")  # the bundle's own SAM refinement
     result = job.run()
     mask = job._engine.result.mask
     assert mask.any(), "the shipped bundle finds the tumour in these slices"
+    assert job._engine.result.coarse_mask is not None, "the shipped bundle refines its masks (chosen on validation)"
     for node in (result.camVolume, result.meanGradientVolume):
         assert node.GetImageData().GetDimensions() == flair.GetImageData().GetDimensions()
         np.testing.assert_allclose(matrix(node), matrix(flair), atol=1e-9)
@@ -82,7 +86,7 @@ def test_outputs_and_the_exported_label_map_have_the_exact_geometry_of_an_obliqu
 
 
 def test_stepping_reports_increasing_progress_and_the_cam_fills_in_before_the_end(inputs, brain_bundle):
-    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", batchSize=4)
+    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none", batchSize=4)
     cam = job.result.camVolume
     assert job.progress == (0, 11) and not slicer.util.arrayFromVolume(cam).any()
     seen = []
@@ -100,7 +104,7 @@ def test_stepping_reports_increasing_progress_and_the_cam_fills_in_before_the_en
 def test_cancel_after_one_step_leaves_exactly_the_nodes_there_were(inputs, brain_bundle):
     scene = slicer.mrmlScene
     before = node_ids(scene)
-    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", batchSize=4)
+    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none", batchSize=4)
     assert len(node_ids(scene)) > len(before)
     job.step()
     job.cancel()
@@ -108,14 +112,87 @@ def test_cancel_after_one_step_leaves_exactly_the_nodes_there_were(inputs, brain
     assert job.result is None and not job.step()
 
 
+@pytest.fixture()
+def whole_volume(mrml_scene, tumour_case):
+    return {channel: loadVolume(tumour_case[channel], channel) for channel in ("FLAIR", "T1")}
+
+
+def test_in_the_background_no_main_thread_callback_takes_more_than_50_ms(whole_volume, brain_bundle):
+    import time
+
+    job = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=4)
+    cam = job.result.camVolume
+    total = job.progress[1]
+    job.startInBackground()
+    callbacks, cam_before_end = [], False
+    while True:
+        t0 = time.perf_counter()
+        more = job.poll()
+        callbacks.append(time.perf_counter() - t0)
+        if not more:
+            break
+        cam_before_end |= bool(slicer.util.arrayFromVolume(cam).any()) and job.progress[0] < total
+        time.sleep(0.01)  # the module's timer interval
+    assert job.finished and job.progress == (total, total) and not job.running
+    assert cam_before_end, "the CAM node fills in while the run goes on"
+    assert max(callbacks) < 0.05, f"slowest main-thread callback {max(callbacks) * 1000:.0f} ms"
+    np.testing.assert_array_equal(_segment_array(job.result), job._engine.result.mask)
+    blocking = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=4)
+    blocking.run()  # (replaces the background run's nodes: same input)
+    np.testing.assert_array_equal(job._engine.result.mask, blocking._engine.result.mask)
+
+
+def _segment_array(result) -> np.ndarray:
+    from CLDFSegmentationLib.segmentations import addLabelmap
+
+    reference = slicer.mrmlScene.GetNodeByID(result.camVolume.GetAttribute("CLDF.InputVolumeID"))
+    labelmap = addLabelmap(result.segmentation, reference, "check")
+    return slicer.util.arrayFromVolume(labelmap) > 0
+
+
+def test_cancel_in_the_background_stops_within_a_second_and_restores_the_scene(whole_volume, brain_bundle):
+    import time
+
+    scene = slicer.mrmlScene
+    before = node_ids(scene)
+    job = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=2)
+    job.startInBackground()
+    while job.progress[0] == 0:
+        job.poll()
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    job.cancel()
+    assert not job.running and time.perf_counter() - t0 < 1.0
+    assert node_ids(scene) == before and not job.poll()
+    assert job.progress[0] < job.progress[1]
+
+
+def test_an_error_on_the_worker_reaches_the_main_thread_and_leaves_no_nodes(whole_volume, brain_bundle):
+    import time
+
+    scene = slicer.mrmlScene
+    before = node_ids(scene)
+    job = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=4)
+
+    def broken():
+        raise MemoryError("no memory left for this batch")
+
+    job._engine.step = broken
+    job.startInBackground()
+    with pytest.raises(MemoryError, match="no memory left"):
+        while job.poll():
+            time.sleep(0.01)
+    assert node_ids(scene) == before and job.result is None
+
+
 def test_a_second_run_replaces_its_own_outputs_and_leaves_every_other_node_untouched(inputs, brain_bundle):
     scene = slicer.mrmlScene
     logic = CLDFSegmentationLogic()
-    first = logic.process(inputs, brain_bundle, device="cpu")
+    first = logic.process(inputs, brain_bundle, device="cpu", refine="none")
     lookalike = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "FLAIR CAM")  # the user's, not ours
     first_ids = _with_display_nodes(first.nodes)
     others = node_ids(scene) - first_ids
-    second = logic.process(inputs, brain_bundle, device="cpu")
+    second = logic.process(inputs, brain_bundle, device="cpu", refine="none")
     after = node_ids(scene)
     assert not first_ids & after, "the first run's outputs are gone, display nodes included"
     assert scene.GetNodeByID(lookalike.GetID()) is lookalike
@@ -131,8 +208,8 @@ def _with_display_nodes(nodes) -> set[str]:
 
 def test_a_cancelled_rerun_keeps_the_earlier_results(inputs, brain_bundle):
     logic = CLDFSegmentationLogic()
-    first = logic.process(inputs, brain_bundle, device="cpu")
-    job = logic.start(inputs, brain_bundle, device="cpu", batchSize=4)
+    first = logic.process(inputs, brain_bundle, device="cpu", refine="none")
+    job = logic.start(inputs, brain_bundle, device="cpu", refine="none", batchSize=4)
     job.step()
     job.cancel()
     assert all(slicer.mrmlScene.GetNodeByID(n.GetID()) is n for n in first.nodes)
@@ -144,7 +221,7 @@ def test_outputs_are_named_coloured_placed_under_the_study_and_record_their_prov
     study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
     for node in inputs.values():
         sh.CreateItem(study, node)
-    result = CLDFSegmentationLogic().process(inputs, brain_bundle, device="cpu")
+    result = CLDFSegmentationLogic().process(inputs, brain_bundle, device="cpu", refine="none")
     card = json.loads((brain_bundle / "bundle.json").read_text())
     assert result.camVolume.GetName() == "FLAIR CAM"
     assert result.meanGradientVolume.GetName() == "FLAIR mean gradient"
@@ -160,9 +237,9 @@ def test_outputs_are_named_coloured_placed_under_the_study_and_record_their_prov
 
 def test_the_same_input_gives_the_same_mask(inputs, brain_bundle, tmp_path):
     logic = CLDFSegmentationLogic()
-    a = logic.exportLabelmap(logic.process(inputs, brain_bundle, device="cpu").segmentation, inputs["FLAIR"],
+    a = logic.exportLabelmap(logic.process(inputs, brain_bundle, device="cpu", refine="none").segmentation, inputs["FLAIR"],
                              tmp_path / "a.nrrd")
-    b = logic.exportLabelmap(logic.process(inputs, brain_bundle, device="cpu").segmentation, inputs["FLAIR"],
+    b = logic.exportLabelmap(logic.process(inputs, brain_bundle, device="cpu", refine="none").segmentation, inputs["FLAIR"],
                              tmp_path / "b.nii.gz")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(b))))
@@ -172,7 +249,7 @@ def test_maps_show_as_a_heat_foreground_that_can_be_switched_and_faded(inputs, b
     scene = slicer.mrmlScene
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     logic = CLDFSegmentationLogic()
-    result = logic.process(inputs, brain_bundle, device="cpu")
+    result = logic.process(inputs, brain_bundle, device="cpu", refine="none")
     display = result.camVolume.GetDisplayNode()
     assert display.GetColorNode().GetName() == "PET-Heat" and display.GetApplyThreshold()
     assert composite.GetBackgroundVolumeID() == inputs["FLAIR"].GetID()
@@ -198,7 +275,7 @@ def test_wrong_channel_names_are_refused_before_any_work(inputs, brain_bundle, c
     before = node_ids(slicer.mrmlScene)
     given = {name: inputs[source] for name, source in channels.items()}
     with pytest.raises(ValueError, match=message):
-        CLDFSegmentationLogic().start(given, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start(given, brain_bundle, device="cpu", refine="none")
     assert node_ids(slicer.mrmlScene) == before
 
 
@@ -206,7 +283,7 @@ def test_inputs_on_different_grids_are_refused(inputs, brain_bundle):
     inputs["T1"].SetSpacing(1.0, 1.0, 1.0)
     before = node_ids(slicer.mrmlScene)
     with pytest.raises(ValueError, match="different voxel grids.*spacing.*resample 'T1' onto 'FLAIR'"):
-        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none")
     assert node_ids(slicer.mrmlScene) == before
 
 
@@ -214,7 +291,7 @@ def test_a_2d_volume_is_refused(inputs, brain_bundle):
     for node in inputs.values():
         slicer.util.updateVolumeFromArray(node, slicer.util.arrayFromVolume(node)[5:6].copy())
     with pytest.raises(ValueError, match="single 2D slice"):
-        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none")
 
 
 def test_a_volume_with_nans_is_refused(inputs, brain_bundle):
@@ -222,16 +299,16 @@ def test_a_volume_with_nans_is_refused(inputs, brain_bundle):
     array[3, 10, 10] = np.nan
     slicer.util.updateVolumeFromArray(inputs["T1"], array)
     with pytest.raises(ValueError, match="channel 'T1' contains 1 NaN"):
-        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none")
 
 
 def test_a_label_map_or_an_empty_node_is_refused(inputs, brain_bundle):
     label = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     with pytest.raises(ValueError, match="'labels' is a vtkMRMLLabelMapVolumeNode, not a scalar volume"):
-        CLDFSegmentationLogic().start({"FLAIR": inputs["FLAIR"], "T1": label}, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start({"FLAIR": inputs["FLAIR"], "T1": label}, brain_bundle, device="cpu", refine="none")
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ValueError, match="volume 'empty' holds no image data"):
-        CLDFSegmentationLogic().start({"FLAIR": inputs["FLAIR"], "T1": empty}, brain_bundle, device="cpu")
+        CLDFSegmentationLogic().start({"FLAIR": inputs["FLAIR"], "T1": empty}, brain_bundle, device="cpu", refine="none")
 
 
 def test_a_tampered_bundle_is_refused(inputs, brain_bundle, tmp_path):
@@ -242,16 +319,16 @@ def test_a_tampered_bundle_is_refused(inputs, brain_bundle, tmp_path):
         f.write(b"\x00" * 8)
     before = node_ids(slicer.mrmlScene)
     with pytest.raises(ValueError, match="does not match the sha256 recorded in bundle.json"):
-        CLDFSegmentationLogic().start(inputs, bundle, device="cpu")
+        CLDFSegmentationLogic().start(inputs, bundle, device="cpu", refine="none")
     assert node_ids(slicer.mrmlScene) == before
     with pytest.raises(FileNotFoundError, match="bundle directory not found"):
-        CLDFSegmentationLogic().start(inputs, tmp_path / "nowhere", device="cpu")
+        CLDFSegmentationLogic().start(inputs, tmp_path / "nowhere", device="cpu", refine="none")
 
 
 # ------------------------------------------------------------------ export
 def test_export_never_overwrites_silently_and_names_what_it_writes(inputs, brain_bundle, tmp_path):
     logic = CLDFSegmentationLogic()
-    result = logic.process(inputs, brain_bundle, device="cpu")
+    result = logic.process(inputs, brain_bundle, device="cpu", refine="none")
     target = tmp_path / "mask.nii.gz"
     target.write_bytes(b"the user's file")
     before = node_ids(slicer.mrmlScene)

@@ -1,14 +1,22 @@
-"""A segmentation run in the scene, one batch of slices per `step()`, so a viewer watches it fill in."""
+"""A segmentation run in the scene, filling in slice by slice so a viewer watches it.
+
+Two ways to drive it: `step()` segments one batch on the calling thread (scripts,
+tests); `startInBackground()` runs the engine on a worker thread and `poll()`,
+called from the main thread (a QTimer in the module), only moves finished slices
+into MRML, so Slicer never waits for torch. MRML is touched on the main thread only.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import display
 from .nodes import COMPLETE, earlierOutputs, removeNodes, writeSlices
-from .segmentations import setSegmentMask
+from .segmentations import addSegmentSlices, setSegmentMask
 
 
 @dataclass
@@ -41,14 +49,73 @@ class CLDFSegmentationJob:
         self.result: CLDFSegmentationResult | None = result
         self.cancelled = False
         self.finished = False
+        self._thread: threading.Thread | None = None
+        self._finished_slices: queue.SimpleQueue = queue.SimpleQueue()  # (start, stop) ranges, then None
+        self._error: BaseException | None = None
 
     @property
     def progress(self) -> tuple[int, int]:
         """(slices done, slices in all)."""
         return self._engine.progress
 
+    @property
+    def running(self) -> bool:
+        """True while a background run is at work."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def startInBackground(self) -> None:
+        """Segment on a worker thread; call `poll()` from the main thread until it returns False."""
+        if self._thread is not None:
+            raise RuntimeError("this run is already running in the background")
+        self._thread = threading.Thread(target=self._work, name="CLDF segmentation", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        """Worker thread: engine steps only (no MRML), each finished range queued for `poll`."""
+        try:
+            while not self.cancelled:
+                before = self._engine.done
+                more = self._engine.step()
+                self._finished_slices.put((before, self._engine.done))
+                if not more:
+                    break
+        except BaseException as error:  # handed to the main thread by `poll`
+            self._error = error
+        finally:
+            self._finished_slices.put(None)
+
+    def poll(self) -> bool:
+        """Main thread: move the slices finished since the last call into the nodes; True while the run goes on.
+
+        An error of the worker is raised here, after the run's nodes are removed.
+        """
+        if self.cancelled or self.finished:
+            return False
+        start, stop, ended = self._engine.total, 0, False
+        while True:
+            try:
+                item = self._finished_slices.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                ended = True
+                break
+            start, stop = min(start, item[0]), max(stop, item[1])
+        self._update(start, stop)
+        if not ended:
+            return True
+        self._thread.join()
+        if self._error is not None:
+            self.cancel()
+            raise self._error
+        if self._engine.done >= self._engine.total:
+            self._finish()
+        return False
+
     def step(self) -> bool:
         """Segment the next batch of slices and update the nodes; True while slices remain."""
+        if self._thread is not None:
+            raise RuntimeError("this run is running in the background: call poll(), not step()")
         if self.cancelled or self.finished:
             return False
         before = self._engine.done
@@ -58,16 +125,22 @@ class CLDFSegmentationJob:
             self._finish()
         return more
 
-    def cancel(self) -> None:
-        """Stop now and remove what this run created; the scene is as it was before `start`."""
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Stop and remove what this run created; the scene is as it was before `start`.
+
+        A background run stops after the batch in progress; this waits for it up to ``timeout`` seconds.
+        """
         if self.finished or self.cancelled:
             return
         self.cancelled = True
         self._engine.cancel()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
         removeNodes(self.result.nodes)
         self.result = None
 
     def run(self) -> CLDFSegmentationResult:
+        """Step to the end on this thread (blocking; for scripts and tests) and return the result."""
         while self.step():
             pass
         return self.result
@@ -78,10 +151,12 @@ class CLDFSegmentationJob:
         engine, result = self._engine.result, self.result
         writeSlices(result.camVolume, engine.cam, start, stop)
         writeSlices(result.meanGradientVolume, engine.mean_gradient, start, stop)
-        setSegmentMask(result.segmentation, result.segmentId, engine.mask, self._input)
+        addSegmentSlices(result.segmentation, result.segmentId, engine.mask, self._input, start, stop)
         result.sliceProbabilities[start:stop] = engine.presence[start:stop]
 
     def _finish(self) -> None:
+        # the engine's whole-volume rule may have changed any slice: the segment gets the final mask once more
+        setSegmentMask(self.result.segmentation, self.result.segmentId, self._engine.result.mask, self._input)
         self.finished = True
         removeNodes(earlierOutputs(self._input, exclude=self.result.nodes))
         for node in self.result.nodes:

@@ -28,8 +28,11 @@ class CLDFSegmentationLogic:
     """
 
     def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
-              batchSize: int = 8, decoderSeed: int = 0, show: bool = True) -> CLDFSegmentationJob:
+              batchSize: int = 8, decoderSeed: int = 0, show: bool = True,
+              refine: str | None = None) -> CLDFSegmentationJob:
         """Check the inputs against the bundle, create the output nodes and return a stepwise job.
+
+        ``refine``: ``"sam"`` or ``"none"`` overrides the bundle's mask refinement (None: the bundle's choice).
 
         Inputs that do not fit the bundle (channel names, grids, 2D, empty,
         NaN) and bundles that fail verification are refused with a
@@ -43,7 +46,7 @@ class CLDFSegmentationLogic:
             checkVolumeNode(node, channel)
         bundle = load_bundle(bundlePath)
         images = {channel: imageFromVolume(node) for channel, node in inputVolumes.items()}
-        segmenter = Segmenter(bundle, device, batchSize)
+        segmenter = Segmenter(bundle, device, batchSize, refine=refine)
         engineJob = segmenter.start_images(images, decoderSeed)
         reference = inputVolumes[bundle.channels[0]]
         before = nodeIDs()
@@ -57,9 +60,10 @@ class CLDFSegmentationLogic:
         return CLDFSegmentationJob(engineJob, reference, result)
 
     def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
-                batchSize: int = 8, decoderSeed: int = 0, show: bool = True) -> CLDFSegmentationResult:
+                batchSize: int = 8, decoderSeed: int = 0, show: bool = True,
+                refine: str | None = None) -> CLDFSegmentationResult:
         """`start` and step to the end."""
-        return self.start(inputVolumes, bundlePath, device, batchSize, decoderSeed, show).run()
+        return self.start(inputVolumes, bundlePath, device, batchSize, decoderSeed, show, refine).run()
 
     @staticmethod
     def exportLabelmap(segmentation, referenceVolume, path: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -33,14 +33,29 @@ def addSegmentation(reference, name: str, segmentName: str, color: tuple[int, in
 
 def setSegmentMask(node, segmentId: str, mask: np.ndarray, reference) -> None:
     """Replace the segment's voxels with a ``(Z, Y, X)`` 0/1 array on the reference's grid."""
+    _writeSegment(node, segmentId, mask, reference, 0, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+
+
+def addSegmentSlices(node, segmentId: str, mask: np.ndarray, reference, start: int, stop: int) -> None:
+    """Add slices ``start:stop`` of a ``(Z, Y, X)`` 0/1 array to the segment (the rest is untouched).
+
+    Only those slices are sent, so filling a volume batch by batch costs the volume once in all.
+    """
+    if stop > start:
+        _writeSegment(node, segmentId, mask[start:stop], reference, start,
+                      slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)
+
+
+def _writeSegment(node, segmentId: str, slab: np.ndarray, reference, firstSlice: int, mode: int) -> None:
+    """Slices ``firstSlice ...`` of the reference's grid, given as a ``(z, Y, X)`` slab, into the segment."""
     image = vtk.vtkImageData()
-    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    z, y, x = slab.shape
+    image.SetExtent(0, x - 1, 0, y - 1, firstSlice, firstSlice + z - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (mask > 0).astype(np.uint8).ravel()
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = (slab > 0).astype(np.uint8).ravel()
     oriented = slicer.vtkOrientedImageData()
     oriented.ShallowCopy(image)
     oriented.SetImageToWorldMatrix(ijkToRas(reference))
-    mode = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
     if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(oriented, node, segmentId, mode):
         raise RuntimeError(f"could not write the mask into segment '{segmentId}' of '{node.GetName()}'")
 

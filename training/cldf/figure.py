@@ -1,8 +1,10 @@
-"""`cldf figure`: the paper's Fig. 3 for one bundle: image | ground truth | LayerCAM | MG | CDM | CLDF.
+"""`cldf figure`: the paper's Fig. 3 for one bundle: image | ground truth | CAM | MG | CDM | CLDF.
 
 One row per test slice: the slice with the most target in each of the first
 test cases. Maps are drawn in a heat scale, masks tinted in the segment's
-colour. Ground truth is read here for display only, as in `evaluate`.
+colour. The CAM is the bundle's source (LayerCAM or AME-CAM, as chosen on
+validation) and the CLDF mask is refined when the bundle says so, as `cldf
+segment` gives them. Ground truth is read here for display only, as in `evaluate`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .demo import GAP, heat, overlay, to_unit
 from .evaluate import case_ids_for_split
 from .segment import Segmenter
 
-COLUMNS = ("image", "ground truth", "LayerCAM", "MG", "CDM saliency", "CLDF")
+COLUMNS = ("image", "ground truth", "CAM", "MG", "CDM saliency", "CLDF")
 GROUND_TRUTH_COLOR = (80, 200, 80)
 
 
@@ -38,17 +40,23 @@ def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows
         volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
         gt = target_mask(case.mask, labels)
         z = int(gt.reshape(len(gt), -1).sum(axis=1).argmax())
-        x = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)[z : z + 1].to(seg.device)
+        normalised = normalise(volume, tuple(cfg.percentiles))
+        x = to_slices(normalised, cfg.resolution)[z : z + 1].to(seg.device)
+        r = seg.cam_resolution
+        x_cam = to_slices(normalised, r)[z : z + 1].to(seg.device) if r else None
         ids = torch.tensor([z])
-        maps = seg.slice_maps(x, ids)
-        mask = seg.masks(x, maps, (0,))[0]
+        maps = seg.slice_maps(x, ids, x_cam=x_cam)
         hw = volume.shape[2:]
+        mask = from_slices(seg.masks(x, maps, (0,))[0], hw, mode="mask")
+        if seg.refiner is not None:
+            spacing = (ref.GetSpacing()[1], ref.GetSpacing()[0])
+            mask = seg.refiner.refine(normalised[seg.refine_channel][z : z + 1], mask, spacing)
         back = {name: from_slices(m, hw)[0] for name, m in
                 (("cam", maps.cam), ("mg", maps.mean_gradient), ("cdm", maps.extra["cdm"]))}
         grey = to_unit(volume[0, z].astype(np.float32))
         row = [np.repeat(grey[..., None], 3, axis=-1), overlay(grey, gt[z], GROUND_TRUTH_COLOR),
                heat(back["cam"]), heat(back["mg"]), heat(back["cdm"]),
-               overlay(grey, from_slices(mask, hw, mode="mask")[0], color)]
+               overlay(grey, mask[0], color)]
         out.append([radiological(p, ref.GetDirection()) for p in row])
         where.append((cid, z))
     return out, where
