@@ -1,22 +1,19 @@
 """CLDF Segmentation: weakly supervised segmentation (contrastive learning on diffusion features) in 3D Slicer.
 
-A thin shell: module metadata, the parameter node, the Widget that runs a job
-on a worker thread and moves its finished slices into the scene from a QTimer,
-and the self-test. The work is in
-`CLDFSegmentationLib` (MRML, no Qt) and the bundled `cldf` engine.
+A thin shell: module metadata, the Widget, the module logic and the self-test.
+The Widget only connects Qt signals to `CLDFSegmentationController` and draws
+the state it is given; every decision, and the module's state (in the parameter
+node), lives in `CLDFSegmentationLib` (MRML, no Qt), the work in the bundled
+`cldf` engine.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -25,11 +22,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CLDFSegmentationLib import CLDFSegmentationLogic, readBundleInfo, shippedBundles
-from CLDFSegmentationLib import dependencies
+import CLDFSegmentationLib
+from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationParameters, PanelState, shippedBundles
+from CLDFSegmentationLib.parameters import MAX_CHANNELS
 
-MAX_CHANNELS = 4
 LOAD_FROM_FOLDER = "Load bundle from folder..."
+MAP_BUTTONS = {"cam": "camRadioButton", "meanGradient": "meanGradientRadioButton", "none": "noMapRadioButton"}
 
 
 #
@@ -57,37 +55,20 @@ Networks from MONAI.
 
 
 #
-# Parameter node
-#
-@parameterNodeWrapper
-class CLDFSegmentationParameterNode:
-    """Inputs (one volume per bundle channel, in the bundle's order), bundle, device and display settings."""
-
-    inputVolume0: vtkMRMLScalarVolumeNode
-    inputVolume1: vtkMRMLScalarVolumeNode
-    inputVolume2: vtkMRMLScalarVolumeNode
-    inputVolume3: vtkMRMLScalarVolumeNode
-    bundlePath: str = ""
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
-    showMask: bool = True
-
-
-#
 # CLDFSegmentationWidget
 #
 class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt signals -> `CLDFSegmentationController`; `PanelState` and the parameter node -> widgets."""
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None
-        self._result = None
         self._timer = qt.QTimer()
         self._timer.setInterval(50)  # torch works on a worker thread; each tick only copies finished slices
-        self._timer.timeout.connect(self.onStep)
+        self._timer.timeout.connect(lambda: self.controller.tick())
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -95,59 +76,88 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = CLDFSegmentationModuleLogic()
+        self.logic = CLDFSegmentationLogic()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-
         self._fillBundles()
-        self.ui.bundleComboBox.currentIndexChanged.connect(self.onBundleChanged)
-        self.ui.segmentButton.clicked.connect(self.onSegmentOrCancel)
-        self.ui.exportButton.clicked.connect(self.onExport)
-        for button in (self.ui.camRadioButton, self.ui.meanGradientRadioButton, self.ui.noMapRadioButton):
-            button.toggled.connect(self.onDisplayChanged)
-        self.ui.opacitySliderWidget.valueChanged.connect(self.onDisplayChanged)
-        self.ui.showMaskCheckBox.toggled.connect(self.onDisplayChanged)
         self.initializeParameterNode()
 
+        self.ui.bundleComboBox.currentIndexChanged.connect(self.onBundleChanged)
+        for i in range(MAX_CHANNELS):
+            getattr(self.ui, f"inputSelector{i}").currentNodeChanged.connect(
+                lambda node, i=i: self.parameters.setInputVolume(i, node))
+        self.ui.deviceComboBox.currentTextChanged.connect(lambda text: setattr(self.parameters, "device", text))
+        for which, name in MAP_BUTTONS.items():
+            getattr(self.ui, name).toggled.connect(lambda on, which=which: on and self._setDisplay("shownMap", which))
+        self.ui.opacitySliderWidget.valueChanged.connect(lambda v: self._setDisplay("overlayOpacity", v))
+        self.ui.showMaskCheckBox.toggled.connect(lambda on: self._setDisplay("showMask", on))
+        self.ui.segmentButton.clicked.connect(lambda: self.controller.segmentOrCancel())
+        self.ui.exportButton.clicked.connect(lambda: self.controller.export())
+
+    @property
+    def parameters(self) -> CLDFSegmentationParameters:
+        return self.controller.parameters
+
     def cleanup(self) -> None:
-        self._cancel()
+        if self.controller is not None:
+            self.controller.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
     def onSceneStartClose(self, caller, event) -> None:
-        self._cancel()
-        self.setParameterNode(None)
+        self.controller.sceneClosing()
+        self._setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
 
-    # ------------------------------------------------------------------ parameter node
+    # ------------------------------------------------------------------ parameter node -> widgets
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(CLDFSegmentationParameterNode(self.logic.getParameterNode()))
-        if not self._parameterNode.bundlePath and self.ui.bundleComboBox.count > 1:
-            self._parameterNode.bundlePath = self.ui.bundleComboBox.itemData(0)
-        self._selectBundleInCombo(self._parameterNode.bundlePath)
-        self._showChannels()
+        self._setParameterNode(self.logic.getParameterNode())
+        if not self.parameters.bundlePath and self.ui.bundleComboBox.count > 1:
+            self.parameters.bundlePath = self.ui.bundleComboBox.itemData(0)
+        self.updateGUIFromParameterNode()
 
-    def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
+    def _setParameterNode(self, node) -> None:
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = node
+        if node is None:
+            return
+        parameters = CLDFSegmentationParameters(node)
+        if self.controller is None:
+            self.controller = CLDFSegmentationController(parameters, self.logic, self)
+        self.controller.parameters = parameters
+        self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        if self._parameterNode is None:
+            return
+        p = self.parameters
+        widgets = [self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
+                   self.ui.showMaskCheckBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
+                   *(getattr(self.ui, f"inputSelector{i}") for i in range(MAX_CHANNELS))]
+        blocked = [w.blockSignals(True) for w in widgets]
+        try:
+            self._selectBundleInCombo(p.bundlePath)
+            for i in range(MAX_CHANNELS):
+                getattr(self.ui, f"inputSelector{i}").setCurrentNode(p.inputVolume(i))
+            self.ui.deviceComboBox.currentText = p.device
+            self.ui.opacitySliderWidget.value = p.overlayOpacity
+            self.ui.showMaskCheckBox.checked = p.showMask
+            getattr(self.ui, MAP_BUTTONS[p.shownMap]).checked = True
+        finally:
+            for w, b in zip(widgets, blocked):
+                w.blockSignals(b)
+        self.controller.refresh()
+
+    def _setDisplay(self, name: str, value) -> None:
+        setattr(self.parameters, name, value)
+        self.controller.showDisplay()
 
     # ------------------------------------------------------------------ bundles
     def _fillBundles(self) -> None:
@@ -160,152 +170,60 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _selectBundleInCombo(self, path: str) -> None:
         combo = self.ui.bundleComboBox
         index = combo.findData(path)
-        if index < 0 and path:
-            info = readBundleInfo(path)
-            combo.insertItem(combo.count - 1, f"{info.name} ({', '.join(info.channels)})", path)
+        if index < 0 and path:  # a bundle loaded from a folder (or recorded in a saved scene)
+            combo.insertItem(combo.count - 1, Path(path).name, path)
             index = combo.findData(path)
-        combo.blockSignals(True)
         combo.setCurrentIndex(max(index, 0))
-        combo.blockSignals(False)
 
     def onBundleChanged(self, index: int) -> None:
         path = self.ui.bundleComboBox.itemData(index)
         if not path:  # "Load bundle from folder..."
-            folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Choose a CLDF model bundle folder")
-            if not folder:
-                self._selectBundleInCombo(self._parameterNode.bundlePath)
-                return
-            with slicer.util.tryWithErrorDisplay("This folder is not a CLDF model bundle.", waitCursor=True):
-                readBundleInfo(folder)
-                path = folder
-            if not path:
-                self._selectBundleInCombo(self._parameterNode.bundlePath)
-                return
-            self._selectBundleInCombo(path)
-        self._parameterNode.bundlePath = path
-        self._showChannels()
+            path = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Choose a CLDF model bundle folder")
+        if path:
+            self.controller.chooseBundle(path)
+        self.updateGUIFromParameterNode()
 
-    def _showChannels(self) -> None:
-        """One selector per bundle channel, labelled with the channel's name."""
-        try:
-            info = readBundleInfo(self._parameterNode.bundlePath) if self._parameterNode.bundlePath else None
-        except ValueError as e:
-            info = None
-            self.ui.bundleInfoLabel.text = str(e)
-        channels = info.channels if info else ()
+    # ------------------------------------------------------------------ the Panel the controller talks to
+    def refresh(self, state: PanelState) -> None:
+        self.ui.segmentButton.text = state.segmentText
+        self.ui.segmentButton.enabled = state.segmentEnabled
+        self.ui.exportButton.enabled = state.exportEnabled
+        self.ui.bundleComboBox.enabled = state.bundleEnabled
+        self.ui.bundleInfoLabel.text = state.bundleInfo
+        self.ui.progressBar.maximum = max(state.progress[1], 1)
+        self.ui.progressBar.value = state.progress[0]
         for i in range(MAX_CHANNELS):
-            visible = i < len(channels)
+            visible = i < len(state.channels)
             getattr(self.ui, f"channelLabel{i}").visible = visible
             getattr(self.ui, f"inputSelector{i}").visible = visible
             if visible:
-                getattr(self.ui, f"channelLabel{i}").text = f"{channels[i]} volume:"
-        if info:
-            self.ui.bundleInfoLabel.text = f"Segments: {info.targetName}. Channels: {', '.join(channels)}."
-        self._updateButtons()
+                getattr(self.ui, f"channelLabel{i}").text = f"{state.channels[i]} volume:"
 
-    # ------------------------------------------------------------------ running
-    def _updateButtons(self, caller=None, event=None) -> None:
-        running = self._job is not None
-        self.ui.segmentButton.text = "Cancel" if running else "Segment"
-        ready = bool(self._parameterNode and self._parameterNode.bundlePath and self._inputs(quiet=True))
-        self.ui.segmentButton.enabled = running or ready
-        self.ui.exportButton.enabled = not running and self._result is not None
-        self.ui.bundleComboBox.enabled = not running
+    def startTimer(self) -> None:
+        self._timer.start()
 
-    def _inputs(self, quiet: bool = False) -> dict | None:
-        info = readBundleInfo(self._parameterNode.bundlePath)
-        inputs = {}
-        for i, channel in enumerate(info.channels[:MAX_CHANNELS]):
-            node = getattr(self._parameterNode, f"inputVolume{i}")
-            if node is None:
-                if quiet:
-                    return None
-                raise ValueError(f"select a volume for channel '{channel}'")
-            inputs[channel] = node
-        return inputs
-
-    def onSegmentOrCancel(self) -> None:
-        if self._job is not None:
-            self._cancel()
-            return
-        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
-            if not self._ensureDependencies():
-                return
-            self._result = None
-            self._job = self.logic.start(self._inputs(), self._parameterNode.bundlePath, self._parameterNode.device)
-            done, total = self._job.progress
-            self.ui.progressBar.maximum = total
-            self.ui.progressBar.value = done
-            self._updateButtons()
-            self._job.startInBackground()
-            self._timer.start()
-
-    def onStep(self) -> None:
-        """Move the slices the worker finished into the scene: Slicer stays responsive and the overlays fill in."""
-        try:
-            more = self._job.poll()
-        except Exception as e:
-            self._cancel()
-            slicer.util.errorDisplay(f"Segmentation failed: {e}")
-            logging.exception("CLDF segmentation failed")
-            return
-        self.ui.progressBar.value = self._job.progress[0]
-        if not more:
-            self._timer.stop()
-            self._result = self._job.result
-            self._job = None
-            self.onDisplayChanged()
-            self._updateButtons()
-
-    def _cancel(self) -> None:
+    def stopTimer(self) -> None:
         self._timer.stop()
-        if self._job is not None:
-            self._job.cancel()
-            self._job = None
-            self.ui.progressBar.value = 0
-        self._updateButtons()
 
-    def _ensureDependencies(self) -> bool:
-        missing = (["torch (through the PyTorch extension)"] if dependencies.torchMissing() else [])
-        missing += dependencies.missingRequirements()
-        if not missing:
-            return True
-        if not slicer.util.confirmOkCancelDisplay(
-                "CLDF Segmentation needs these Python packages, which will be downloaded and installed now "
-                "(this can take several minutes):\n\n" + "\n".join(missing)):
-            return False
-        dependencies.installMissing()
-        return True
+    def askSavePath(self) -> str | None:
+        return qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export label map", "",
+                                              "Label map (*.nii.gz *.nrrd *.nii)") or None
 
-    # ------------------------------------------------------------------ display and export
-    def onDisplayChanged(self, *args) -> None:
-        result = self._job.result if self._job is not None else self._result
-        if result is None or self._parameterNode is None:
-            return
-        which = ("cam" if self.ui.camRadioButton.checked
-                 else "meanGradient" if self.ui.meanGradientRadioButton.checked else "none")
-        reference = self._inputs(quiet=True)
-        if reference:
-            self.logic.showMap(result, next(iter(reference.values())), which, self._parameterNode.overlayOpacity)
-        result.segmentation.GetDisplayNode().SetVisibility(self._parameterNode.showMask)
+    def confirm(self, question: str) -> bool:
+        return slicer.util.confirmOkCancelDisplay(question)
 
-    def onExport(self) -> None:
-        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export label map", "",
-                                              "Label map (*.nii.gz *.nrrd *.nii)")
-        if not path:
-            return
-        with slicer.util.tryWithErrorDisplay("The label map could not be written.", waitCursor=True):
-            reference = next(iter(self._inputs().values()))
-            # the file dialog has already asked before replacing an existing file
-            written = self.logic.exportLabelmap(self._result.segmentation, reference, path, overwrite=True)
-            slicer.util.showStatusMessage(f"Label map written to {written}", 5000)
+    def showError(self, message: str) -> None:
+        slicer.util.errorDisplay(message)
+
+    def showStatus(self, message: str) -> None:
+        slicer.util.showStatusMessage(message, 5000)
 
 
 #
-# CLDFSegmentationLogic for Slicer's module machinery (parameter node); the work is in CLDFSegmentationLib
+# CLDFSegmentationLogic: the Qt-free logic plus the module's parameter node, under the name Slicer expects
 #
-class CLDFSegmentationModuleLogic(ScriptedLoadableModuleLogic, CLDFSegmentationLogic):
-    """`CLDFSegmentationLogic` plus the module's parameter node (`getParameterNode`)."""
+class CLDFSegmentationLogic(ScriptedLoadableModuleLogic, CLDFSegmentationLib.CLDFSegmentationLogic):
+    """`CLDFSegmentationLib.CLDFSegmentationLogic` plus the module's parameter node (`getParameterNode`)."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -327,6 +245,14 @@ class CLDFSegmentationTest(ScriptedLoadableModuleTest):
     def test_segment_a_small_volume_and_export(self):
         import numpy as np
 
+        from CLDFSegmentationLib import dependencies
+
+        missing = (["torch"] if dependencies.torchMissing() else []) + dependencies.missingRequirements()
+        if missing:
+            self.delayDisplay(f"CLDF Segmentation self-test skipped: install {', '.join(missing)} first "
+                              "(press Segment once, or the PyTorch extension for torch)")
+            return
+
         info = shippedBundles()[0]
         rng = np.random.default_rng(0)
         inputs = {}
@@ -338,7 +264,7 @@ class CLDFSegmentationTest(ScriptedLoadableModuleTest):
             node.SetSpacing(0.9, 0.9, 3.0)
             inputs[channel] = node
         before = slicer.mrmlScene.GetNumberOfNodes()
-        job = CLDFSegmentationLogic().start(inputs, info.path, device="cpu", batchSize=2)
+        job = CLDFSegmentationLogic().start(inputs, info.path, device="cpu", batchSize=2, refine="none")
         steps = 0
         while job.step():
             steps += 1

@@ -62,6 +62,25 @@ def torchMissing() -> bool:
     return importlib.util.find_spec("torch") is None
 
 
+def oldTorch() -> str | None:
+    """The installed torch's version when it is older than `TORCH_REQUIREMENT`, else None."""
+    try:
+        installed = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return installed if _numbers(installed) < _numbers(TORCH_REQUIREMENT) else None
+
+
+def pytorchExtensionLogic():
+    """The PyTorch extension's logic, or None when the extension is not installed."""
+    import slicer
+
+    try:
+        return slicer.util.getModuleLogic("PyTorchUtils")
+    except Exception:  # Slicer raises when no module of that name is loaded
+        return None
+
+
 def constraints() -> str:
     """pip constraints that keep Slicer's own packages, and torch and torchvision, exactly as installed."""
     lines = []
@@ -78,7 +97,7 @@ def installMissing() -> None:
     import slicer
 
     if torchMissing():
-        torchLogic = slicer.util.getModuleLogic("PyTorchUtils")
+        torchLogic = pytorchExtensionLogic()
         if torchLogic is None:
             raise RuntimeError("PyTorch is needed: install the 'PyTorch' extension from the Extensions Manager, "
                                "restart Slicer and press Segment again")

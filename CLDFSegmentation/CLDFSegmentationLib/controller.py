@@ -1,0 +1,208 @@
+"""Every decision of the module's panel, without Qt: what a click does, what is enabled, what a label says.
+
+The Widget only connects Qt signals to `CLDFSegmentationController` and draws the
+`PanelState` it is given; the controller's collaborators (the parameters, the
+logic that starts runs, the panel's dialogs, the dependency checks) are injected,
+so tests drive it as a click would, on real MRML.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import dependencies as defaultDependencies
+from . import display
+from .bundles import readBundleInfo
+from .parameters import CLDFSegmentationParameters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PanelState:
+    """What the panel shows; the Widget copies it into its widgets."""
+
+    segmentText: str
+    segmentEnabled: bool
+    exportEnabled: bool
+    bundleEnabled: bool
+    progress: tuple[int, int]  # (slices done, slices in all)
+    channels: tuple[str, ...]  # one volume selector per channel, labelled with its name
+    bundleInfo: str  # what the bundle segments, or why it cannot be used
+
+
+class Panel(Protocol):
+    """What the controller asks of the GUI."""
+
+    def refresh(self, state: PanelState) -> None: ...
+    def startTimer(self) -> None: ...
+    def stopTimer(self) -> None: ...
+    def askSavePath(self) -> str | None: ...
+    def confirm(self, question: str) -> bool: ...
+    def showError(self, message: str) -> None: ...
+    def showStatus(self, message: str) -> None: ...
+
+
+class CLDFSegmentationController:
+    """Segment, Cancel, Export and display choices of the module, on the state in the parameter node."""
+
+    def __init__(self, parameters: CLDFSegmentationParameters, logic, panel: Panel, dependencies=defaultDependencies):
+        self.parameters = parameters
+        self.logic = logic
+        self.panel = panel
+        self.dependencies = dependencies
+        self.job = None
+        self._runInput = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def running(self) -> bool:
+        return self.job is not None
+
+    def state(self) -> PanelState:
+        """The panel as the parameters and the run in progress say it should look."""
+        info, problem = self._bundleInfo()
+        channels = info.channels if info else ()
+        ready = info is not None and self.parameters.inputVolumes(channels) is not None
+        progress = self.job.progress if self.job is not None else (0, 0)
+        text = problem or (f"Segments: {info.targetName}. Channels: {', '.join(channels)}." if info else
+                           "Choose a model bundle.")
+        return PanelState(segmentText="Cancel" if self.running else "Segment",
+                          segmentEnabled=self.running or ready,
+                          exportEnabled=not self.running and self.parameters.outputs() is not None,
+                          bundleEnabled=not self.running, progress=progress, channels=channels, bundleInfo=text)
+
+    def refresh(self) -> None:
+        self.panel.refresh(self.state())
+
+    def _bundleInfo(self):
+        path = self.parameters.bundlePath
+        if not path:
+            return None, ""
+        try:
+            return readBundleInfo(path), ""
+        except ValueError as e:  # e.g. a saved scene whose bundle folder is gone
+            return None, f"{e}. Choose another bundle."
+
+    # ------------------------------------------------------------------ clicks
+    def chooseBundle(self, path: str) -> None:
+        """A bundle picked in the list or loaded from a folder; a folder that is no bundle is refused."""
+        try:
+            readBundleInfo(path)
+        except ValueError as e:
+            self.panel.showError(str(e))
+            return
+        self.parameters.bundlePath = str(path)
+        self.refresh()
+
+    def segmentOrCancel(self) -> None:
+        if self.running:
+            self.cancel()
+        else:
+            self.segment()
+
+    def segment(self) -> None:
+        """Check everything, then start the run on a worker thread; the panel's timer calls `tick`."""
+        try:
+            info = readBundleInfo(self.parameters.bundlePath)
+            inputs = self.parameters.inputVolumes(info.channels)
+            if inputs is None:
+                raise ValueError(f"select one volume for each channel: {', '.join(info.channels)}")
+            if not self._dependenciesReady():
+                return
+            self.job = self.logic.start(inputs, self.parameters.bundlePath, self.parameters.device)
+            self._runInput = inputs[info.channels[0]]
+            self.job.startInBackground()
+        except Exception as e:
+            self.job = None
+            log.exception("CLDF segmentation could not start")
+            self.panel.showError(f"Segmentation could not start: {e}")
+            self.refresh()
+            return
+        self.panel.startTimer()
+        self.refresh()
+
+    def tick(self) -> None:
+        """Timer: move finished slices into the scene; at the end remember the outputs in the parameters."""
+        if self.job is None:
+            self.panel.stopTimer()
+            return
+        try:
+            more = self.job.poll()
+        except Exception as e:
+            self.job = None
+            self.panel.stopTimer()
+            log.exception("CLDF segmentation failed")
+            self.panel.showError(f"Segmentation failed: {e}. Nothing of this run was kept.")
+            self.refresh()
+            return
+        if not more:
+            self.panel.stopTimer()
+            self.parameters.setOutputs(self.job.result, self._runInput)
+            self.job = None
+            self.showDisplay()
+            self.panel.showStatus("Segmentation finished")
+        self.refresh()
+
+    def cancel(self) -> None:
+        """Stop the run; the scene keeps exactly the nodes it had before Segment."""
+        self.panel.stopTimer()
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
+        self.refresh()
+
+    def export(self) -> None:
+        """Write the last run's segmentation as a label map on the grid of the input it was made on."""
+        outputs = self.parameters.outputs()
+        if outputs is None:
+            self.panel.showError("There is no segmentation to export: press Segment first.")
+            return
+        path = self.panel.askSavePath()
+        if not path:
+            return
+        try:  # the save dialog has already asked before replacing a file
+            written = self.logic.exportLabelmap(outputs["segmentation"], outputs["runInput"], path, overwrite=True)
+        except Exception as e:
+            self.panel.showError(f"The label map could not be written: {e}")
+            return
+        self.panel.showStatus(f"Label map written to {written}")
+
+    def showDisplay(self) -> None:
+        """Show the chosen map over the run's input, the mask or not, at the chosen opacity."""
+        if self.job is not None and self.job.result is not None:
+            result = self.job.result
+            nodes = {"camVolume": result.camVolume, "meanGradientVolume": result.meanGradientVolume,
+                     "segmentation": result.segmentation, "runInput": self._runInput}
+        else:
+            nodes = self.parameters.outputs()
+            if nodes is None:
+                return
+        p = self.parameters
+        shown = {"cam": nodes["camVolume"], "meanGradient": nodes["meanGradientVolume"], "none": None}[p.shownMap]
+        display.showMap(shown, backgroundNode=nodes["runInput"], opacity=p.overlayOpacity)
+        nodes["segmentation"].GetDisplayNode().SetVisibility(p.showMask)
+
+    def sceneClosing(self) -> None:
+        """The scene is about to close: a run in progress is cancelled first."""
+        self.cancel()
+
+    # ------------------------------------------------------------------ dependencies
+    def _dependenciesReady(self) -> bool:
+        """Install what is missing after the user agrees; refuse an old torch with what to do."""
+        deps = self.dependencies
+        old = deps.oldTorch()
+        if old:
+            raise RuntimeError(f"torch {old} is older than this module needs ({deps.TORCH_REQUIREMENT}): update it "
+                               "in the PyTorch Utils module (PyTorch extension), restart Slicer and press Segment again")
+        missing = (["torch (through the PyTorch extension)"] if deps.torchMissing() else [])
+        missing += deps.missingRequirements()
+        if not missing:
+            return True
+        if not self.panel.confirm("CLDF Segmentation needs these Python packages, which will be downloaded and "
+                                  "installed now (this can take several minutes):\n\n" + "\n".join(missing)):
+            return False
+        deps.installMissing()
+        return True

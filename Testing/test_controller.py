@@ -1,0 +1,225 @@
+"""The module's controller driven as clicks would drive it, on real MRML (slicer-core) and real scans.
+
+The panel's dialogs are the one thing replaced: `RecordingPanel` answers them as a
+user would and records what the panel was told to show.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationLogic, CLDFSegmentationParameters
+from CLDFSegmentationLib import dependencies
+from CLDFSegmentationLib.headless import loadVolume
+
+
+class RecordingPanel:
+    def __init__(self, savePath=None, agree=True):
+        self.states, self.errors, self.statuses, self.questions = [], [], [], []
+        self.timerRunning = False
+        self.savePath, self.agree = savePath, agree
+
+    def refresh(self, state):
+        self.states.append(state)
+
+    def startTimer(self):
+        self.timerRunning = True
+
+    def stopTimer(self):
+        self.timerRunning = False
+
+    def askSavePath(self):
+        return self.savePath
+
+    def confirm(self, question):
+        self.questions.append(question)
+        return self.agree
+
+    def showError(self, message):
+        self.errors.append(message)
+
+    def showStatus(self, message):
+        self.statuses.append(message)
+
+
+class UnrefinedLogic(CLDFSegmentationLogic):
+    """The real logic; masks left unrefined to keep the tests short (the shipped bundle refines with SAM)."""
+
+    def start(self, *args, **kwargs):
+        return super().start(*args, refine="none", **kwargs)
+
+
+READY = types.SimpleNamespace(oldTorch=lambda: None, torchMissing=lambda: False, missingRequirements=lambda: [],
+                              TORCH_REQUIREMENT=dependencies.TORCH_REQUIREMENT)
+
+
+@pytest.fixture(scope="module")
+def slab_files(tumour_case, tmp_path_factory):
+    """Slices 8..18 of a real patient's FLAIR and T1, and a T1 on another grid (every second column)."""
+    folder = tmp_path_factory.mktemp("slab")
+    paths = {}
+    for channel in ("FLAIR", "T1"):
+        paths[channel] = folder / f"{channel}.nii.gz"
+        sitk.WriteImage(sitk.ReadImage(str(tumour_case[channel]))[:, :, 8:19], str(paths[channel]))
+    paths["other"] = folder / "other.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(tumour_case["T1"]))[::2, :, 8:19], str(paths["other"]))
+    return paths
+
+
+@pytest.fixture()
+def module(mrml_scene, slab_files, brain_bundle):
+    node = mrml_scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "CLDFSegmentation")
+    parameters = CLDFSegmentationParameters(node)
+    parameters.bundlePath = str(brain_bundle)
+    parameters.device = "cpu"
+    volumes = {c: loadVolume(slab_files[c], c) for c in ("FLAIR", "T1")}
+    panel = RecordingPanel()
+    controller = CLDFSegmentationController(parameters, UnrefinedLogic(), panel, READY)
+    return types.SimpleNamespace(scene=mrml_scene, parameters=parameters, volumes=volumes, panel=panel,
+                                 controller=controller, files=slab_files)
+
+
+def select_inputs(m) -> None:
+    m.parameters.setInputVolume(0, m.volumes["FLAIR"])
+    m.parameters.setInputVolume(1, m.volumes["T1"])
+
+
+def run_to_the_end(controller, timeout: float = 300.0) -> None:
+    t0 = time.time()
+    while controller.running:
+        controller.tick()
+        time.sleep(0.01)
+        assert time.time() - t0 < timeout
+
+
+def node_ids(scene) -> set[str]:
+    nodes = scene.GetNodes()
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def test_segment_runs_in_the_background_and_the_outputs_go_into_the_parameter_node(module):
+    m = module
+    assert not m.controller.state().segmentEnabled  # no volumes yet
+    select_inputs(m)
+    state = m.controller.state()
+    assert state.segmentEnabled and state.segmentText == "Segment" and state.channels == ("FLAIR", "T1")
+    assert state.bundleInfo == "Segments: tumour. Channels: FLAIR, T1." and not state.exportEnabled
+    m.controller.segmentOrCancel()
+    assert m.controller.running and m.panel.timerRunning and not m.panel.errors
+    running = m.panel.states[-1]
+    assert running.segmentText == "Cancel" and running.segmentEnabled and not running.bundleEnabled
+    run_to_the_end(m.controller)
+    assert not m.panel.timerRunning and m.panel.statuses[-1] == "Segmentation finished"
+    outputs = m.parameters.outputs()
+    assert outputs["runInput"] is m.volumes["FLAIR"] and outputs["segmentation"].GetAttribute("CLDF.Complete") == "true"
+    done = m.controller.state()
+    assert done.exportEnabled and done.segmentText == "Segment" and done.bundleEnabled
+
+
+def test_export_uses_the_runs_own_input_after_the_selector_changed(module, tmp_path):
+    m = module
+    select_inputs(m)
+    m.controller.segmentOrCancel()
+    run_to_the_end(m.controller)
+    other = loadVolume(m.files["other"], "other")
+    m.parameters.setInputVolume(0, other)  # the user picks another volume before exporting
+    m.panel.savePath = str(tmp_path / "mask.nii.gz")
+    m.controller.export()
+    assert not m.panel.errors, m.panel.errors
+    written = sitk.ReadImage(m.panel.savePath)
+    flair = m.volumes["FLAIR"]
+    assert written.GetSize() == flair.GetImageData().GetDimensions()  # the run's grid, not the new selection's
+    np.testing.assert_allclose(written.GetSpacing(), flair.GetSpacing(), atol=1e-6)
+    assert sitk.GetArrayFromImage(written).any()
+
+
+def test_cancel_mid_run_restores_the_scene_and_the_panel(module):
+    m = module
+    select_inputs(m)
+    before = node_ids(m.scene)
+    m.controller.segmentOrCancel()
+    while m.controller.job.progress[0] == 0:
+        m.controller.tick()
+        time.sleep(0.01)
+    m.controller.segmentOrCancel()  # the same button, now "Cancel"
+    assert not m.controller.running and not m.panel.timerRunning
+    assert node_ids(m.scene) == before and m.parameters.outputs() is None
+    assert m.panel.states[-1].segmentText == "Segment"
+
+
+def test_closing_the_scene_during_a_run_cancels_it(module):
+    m = module
+    select_inputs(m)
+    m.controller.segmentOrCancel()
+    job = m.controller.job
+    m.controller.sceneClosing()
+    assert not m.controller.running and job.cancelled and not job.running
+    m.scene.Clear(False)  # what Slicer does next: nothing of the run is left to tidy
+
+
+def test_a_saved_scene_whose_bundle_folder_is_gone_opens_and_says_what_to_do(module, tmp_path):
+    m = module
+    select_inputs(m)
+    m.parameters.bundlePath = str(tmp_path / "moved-away")
+    state = m.controller.state()  # no exception: the module opens
+    assert not state.segmentEnabled and "has no bundle.json" in state.bundleInfo and "Choose another" in state.bundleInfo
+    m.controller.segmentOrCancel()
+    assert "Segmentation could not start" in m.panel.errors[-1] and not m.controller.running
+    m.controller.chooseBundle(str(tmp_path))  # not a bundle either: refused, the path unchanged
+    assert "not a CLDF model bundle" in m.panel.errors[-1] and m.parameters.bundlePath.endswith("moved-away")
+
+
+def test_an_old_torch_or_missing_packages_are_met_with_what_to_do(module):
+    m = module
+    select_inputs(m)
+    m.controller.dependencies = types.SimpleNamespace(**{**vars(READY), "oldTorch": lambda: "1.13.1"})
+    m.controller.segmentOrCancel()
+    assert "torch 1.13.1 is older" in m.panel.errors[-1] and "PyTorch Utils" in m.panel.errors[-1]
+    installed = []
+    m.controller.dependencies = types.SimpleNamespace(**{**vars(READY), "torchMissing": lambda: True,
+                                                         "installMissing": lambda: installed.append(1)})
+    m.panel.agree = False
+    before = node_ids(m.scene)
+    m.controller.segmentOrCancel()
+    assert "torch (through the PyTorch extension)" in m.panel.questions[-1]
+    assert not installed and not m.controller.running and node_ids(m.scene) == before
+
+
+def test_a_failing_run_reports_and_keeps_nothing(module):
+    m = module
+    select_inputs(m)
+    before = node_ids(m.scene)
+    m.controller.segmentOrCancel()
+    job = m.controller.job
+
+    def out_of_memory():
+        raise MemoryError("no memory left for this batch")
+
+    job._engine.step = out_of_memory  # fails at its next batch
+    run_to_the_end(m.controller)
+    assert "Segmentation failed: no memory left" in m.panel.errors[-1]
+    assert node_ids(m.scene) == before and m.parameters.outputs() is None
+
+
+def test_display_choices_live_in_the_parameter_node_and_apply_to_the_last_run(module):
+    m = module
+    select_inputs(m)
+    m.controller.segmentOrCancel()
+    run_to_the_end(m.controller)
+    composite = m.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")  # a slice view's layers
+    m.parameters.shownMap = "meanGradient"
+    m.parameters.overlayOpacity = 0.3
+    m.parameters.showMask = False
+    m.controller.showDisplay()
+    outputs = m.parameters.outputs()
+    assert composite.GetForegroundVolumeID() == outputs["meanGradientVolume"].GetID()
+    assert composite.GetBackgroundVolumeID() == m.volumes["FLAIR"].GetID()
+    assert composite.GetForegroundOpacity() == pytest.approx(0.3)
+    assert not outputs["segmentation"].GetDisplayNode().GetVisibility()
+    with pytest.raises(ValueError, match="opacity must be in"):
+        m.parameters.overlayOpacity = 1.5
