@@ -69,6 +69,10 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(50)  # torch works on a worker thread; each tick only copies finished slices
         self._timer.timeout.connect(lambda: self.controller.tick())
+        self._redecideTimer = qt.QTimer()  # a dragged slider re-decides once it rests
+        self._redecideTimer.setSingleShot(True)
+        self._redecideTimer.setInterval(200)
+        self._redecideTimer.timeout.connect(lambda: self.controller.redecide())
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -92,6 +96,9 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).toggled.connect(lambda on, which=which: on and self._setDisplay("shownMap", which))
         self.ui.opacitySliderWidget.valueChanged.connect(lambda v: self._setDisplay("overlayOpacity", v))
         self.ui.showMaskCheckBox.toggled.connect(lambda on: self._setDisplay("showMask", on))
+        self.ui.presenceThresholdSliderWidget.valueChanged.connect(lambda v: self._setDecision("presenceThreshold", v))
+        self.ui.clusterKSpinBox.valueChanged.connect(lambda k: self._setDecision("clusterK", k))
+        self.ui.clusterRuleComboBox.currentTextChanged.connect(lambda rule: self._setDecision("clusterRule", rule))
         self.ui.segmentButton.clicked.connect(lambda: self.controller.segmentOrCancel())
         self.ui.exportButton.clicked.connect(lambda: self.controller.export())
 
@@ -139,7 +146,8 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self.parameters
         widgets = [self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
-                   self.ui.showMaskCheckBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
+                   self.ui.showMaskCheckBox, self.ui.presenceThresholdSliderWidget, self.ui.clusterKSpinBox,
+                   self.ui.clusterRuleComboBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
                    *(getattr(self.ui, f"inputSelector{i}") for i in range(MAX_CHANNELS))]
         blocked = [w.blockSignals(True) for w in widgets]
         try:
@@ -150,6 +158,10 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.opacitySliderWidget.value = p.overlayOpacity
             self.ui.showMaskCheckBox.checked = p.showMask
             getattr(self.ui, MAP_BUTTONS[p.shownMap]).checked = True
+            if p.presenceThreshold is not None:  # set when a run finishes, from the bundle
+                self.ui.presenceThresholdSliderWidget.value = p.presenceThreshold
+                self.ui.clusterKSpinBox.value = p.clusterK
+                self.ui.clusterRuleComboBox.currentText = p.clusterRule
         finally:
             for w, b in zip(widgets, blocked):
                 w.blockSignals(b)
@@ -158,6 +170,10 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _setDisplay(self, name: str, value) -> None:
         setattr(self.parameters, name, value)
         self.controller.showDisplay()
+
+    def _setDecision(self, name: str, value) -> None:
+        setattr(self.parameters, name, value)
+        self._redecideTimer.start()
 
     # ------------------------------------------------------------------ bundles
     def _fillBundles(self) -> None:
@@ -188,6 +204,7 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.text = state.segmentText
         self.ui.segmentButton.enabled = state.segmentEnabled
         self.ui.exportButton.enabled = state.exportEnabled
+        self.ui.decideCollapsibleButton.enabled = state.decideEnabled
         self.ui.bundleComboBox.enabled = state.bundleEnabled
         self.ui.bundleInfoLabel.text = state.bundleInfo
         self.ui.progressBar.maximum = max(state.progress[1], 1)
@@ -217,6 +234,9 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showStatus(self, message: str) -> None:
         slicer.util.showStatusMessage(message, 5000)
+
+    def showChart(self, chart) -> None:
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
 
 
 #

@@ -46,6 +46,9 @@ class RecordingPanel:
     def showStatus(self, message):
         self.statuses.append(message)
 
+    def showChart(self, chart):
+        self.chart = chart
+
 
 class UnrefinedLogic(CLDFSegmentationLogic):
     """The real logic; masks left unrefined to keep the tests short (the shipped bundle refines with SAM)."""
@@ -223,3 +226,62 @@ def test_display_choices_live_in_the_parameter_node_and_apply_to_the_last_run(mo
     assert not outputs["segmentation"].GetDisplayNode().GetVisibility()
     with pytest.raises(ValueError, match="opacity must be in"):
         m.parameters.overlayOpacity = 1.5
+
+
+@pytest.fixture(scope="module")
+def deep_files(tumour_case, tmp_path_factory):
+    """The real patient resampled to 155 slices, as deep as a BraTS volume."""
+    folder = tmp_path_factory.mktemp("deep")
+    paths = {}
+    for channel in ("FLAIR", "T1"):
+        image = sitk.ReadImage(str(tumour_case[channel]))
+        sx, sy, sz = image.GetSpacing()
+        size = (*image.GetSize()[:2], 155)
+        deep = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                             (sx, sy, sz * image.GetSize()[2] / 155), image.GetDirection())
+        paths[channel] = folder / f"{channel}.nii.gz"
+        sitk.WriteImage(deep, str(paths[channel]))
+    return paths
+
+
+def test_changing_the_threshold_re_decides_155_slices_in_under_a_second_and_the_chart_follows(module, deep_files):
+    from CLDFSegmentationLib.chart import tableColumn
+
+    m = module
+    for i, channel in enumerate(("FLAIR", "T1")):
+        m.parameters.setInputVolume(i, loadVolume(deep_files[channel], f"deep {channel}"))
+    m.controller.segmentOrCancel()
+    run_to_the_end(m.controller, timeout=900)
+    job, p = m.controller.lastJob, m.parameters
+    table = job.result.table
+    assert m.panel.chart is job.result.chart and m.controller.state().decideEnabled
+    np.testing.assert_allclose(tableColumn(table, "presence"), job.result.sliceProbabilities, atol=1e-6)
+    bundle_threshold = p.presenceThreshold
+    assert (tableColumn(table, "threshold") == pytest.approx(bundle_threshold))
+    before = job._engine.result.mask.copy()
+    while job.running:  # the worker clusters the slices the gate passed over, while the user looks
+        time.sleep(0.05)
+    p.presenceThreshold = bundle_threshold / 4
+    t0 = time.perf_counter()
+    m.controller.redecide()
+    seconds = time.perf_counter() - t0
+    assert seconds < 1.0, f"re-deciding 155 slices took {seconds:.2f} s"
+    after = job._engine.result.mask
+    positive = job.result.sliceProbabilities >= p.presenceThreshold
+    np.testing.assert_array_equal(tableColumn(table, "judged positive"), positive.astype(float))
+    area = after.reshape(len(after), -1).sum(axis=1) * np.prod(m.volumes["FLAIR"].GetSpacing()[:2])
+    np.testing.assert_allclose(tableColumn(table, "mask area (mm2)"), area, rtol=1e-5)
+    assert not after[~positive].any() and before.shape == after.shape
+    with pytest.raises(ValueError, match="presence threshold must be in"):
+        p.presenceThreshold = -0.1
+
+
+def test_a_run_reloaded_with_the_scene_asks_for_a_new_run_before_re_deciding(module):
+    m = module
+    select_inputs(m)
+    m.controller.segmentOrCancel()
+    run_to_the_end(m.controller)
+    m.controller.lastJob = None  # what a scene saved and loaded again has: the outputs, not the embeddings
+    assert not m.controller.state().decideEnabled
+    m.controller.redecide()
+    assert "press Segment to run it again" in m.panel.errors[-1]

@@ -52,3 +52,38 @@ def test_device_choices_are_checked():
 def test_unknown_decoder_seed_is_refused(segmenter, case_paths):
     with pytest.raises(ValueError, match="no decoder with seed 7"):
         segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}, decoder_seed=7)
+
+
+def test_masks_are_re_decided_from_the_cache_without_the_networks(tumour_case, brain_bundle):
+    import time
+    from dataclasses import replace
+
+    from cldf.segment import Redecider
+
+    seg = Segmenter(load_bundle(brain_bundle), "cpu", refine="none")
+    inputs = {"FLAIR": tumour_case["FLAIR"], "T1": tumour_case["T1"]}
+    result = seg.start(inputs, keep_cache=True).run(progress=False)
+    cfg = seg.cfg
+    redecider = Redecider(seg, result)
+    np.testing.assert_array_equal(redecider.mask(cfg.cluster, cfg.postprocess), result.mask)  # same settings, same mask
+    lower = replace(cfg.cluster, presence_threshold=cfg.cluster.presence_threshold / 4)
+    t0 = time.perf_counter()
+    wider = redecider.mask(lower, cfg.postprocess)
+    seconds = time.perf_counter() - t0
+    assert seconds < 1.0, f"re-deciding a {len(result.presence)}-slice volume took {seconds:.2f} s"
+    gated = result.presence >= lower.presence_threshold
+    assert not wider[~gated].any()
+    rerun = Segmenter(load_bundle(brain_bundle), "cpu", refine="none")
+    rerun.cfg.cluster = lower
+    np.testing.assert_array_equal(wider, rerun.start(inputs).run(progress=False).mask)  # as a new run would give
+    k3 = redecider.mask(replace(cfg.cluster, k=3, rule="closer_than_background"), cfg.postprocess)
+    assert k3.shape == result.mask.shape and not np.array_equal(k3, result.mask)
+
+
+def test_a_result_without_a_cache_cannot_be_re_decided(segmenter, case_paths):
+    from cldf.segment import Redecider
+
+    result = segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}).run(progress=False)
+    assert result.cache is None
+    with pytest.raises(ValueError, match="keep_cache=True"):
+        Redecider(segmenter, result)

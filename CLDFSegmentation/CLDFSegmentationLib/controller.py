@@ -31,6 +31,7 @@ class PanelState:
     progress: tuple[int, int]  # (slices done, slices in all)
     channels: tuple[str, ...]  # one volume selector per channel, labelled with its name
     bundleInfo: str  # what the bundle segments, or why it cannot be used
+    decideEnabled: bool = False  # the gate threshold, k and rule can be changed on the last run
 
 
 class Panel(Protocol):
@@ -43,6 +44,7 @@ class Panel(Protocol):
     def confirm(self, question: str) -> bool: ...
     def showError(self, message: str) -> None: ...
     def showStatus(self, message: str) -> None: ...
+    def showChart(self, chart) -> None: ...
 
 
 class CLDFSegmentationController:
@@ -55,6 +57,7 @@ class CLDFSegmentationController:
         self.dependencies = dependencies
         self.job = None
         self._runInput = None
+        self.lastJob = None  # the finished run whose cache re-decides the mask (memory only: not saved with the scene)
 
     # ------------------------------------------------------------------ state
     @property
@@ -72,7 +75,8 @@ class CLDFSegmentationController:
         return PanelState(segmentText="Cancel" if self.running else "Segment",
                           segmentEnabled=self.running or ready,
                           exportEnabled=not self.running and self.parameters.outputs() is not None,
-                          bundleEnabled=not self.running, progress=progress, channels=channels, bundleInfo=text)
+                          bundleEnabled=not self.running, progress=progress, channels=channels, bundleInfo=text,
+                          decideEnabled=not self.running and self._redecidable())
 
     def refresh(self) -> None:
         self.panel.refresh(self.state())
@@ -112,6 +116,7 @@ class CLDFSegmentationController:
                 raise ValueError(f"select one volume for each channel: {', '.join(info.channels)}")
             if not self._dependenciesReady():
                 return
+            self._forgetLastRun()
             self.job = self.logic.start(inputs, self.parameters.bundlePath, self.parameters.device)
             self._runInput = inputs[info.channels[0]]
             self.job.startInBackground()
@@ -140,9 +145,13 @@ class CLDFSegmentationController:
             return
         if not more:
             self.panel.stopTimer()
-            self.parameters.setOutputs(self.job.result, self._runInput)
-            self.job = None
+            job, self.job, self.lastJob = self.job, None, self.job
+            self.parameters.setOutputs(job.result, self._runInput)
+            cfg = job._engine.segmenter.cfg.cluster  # the bundle's decision, the starting point for re-deciding
+            self.parameters.presenceThreshold, self.parameters.clusterK, self.parameters.clusterRule = \
+                cfg.presence_threshold, cfg.k, cfg.rule
             self.showDisplay()
+            self.panel.showChart(job.result.chart)
             self.panel.showStatus("Segmentation finished")
         self.refresh()
 
@@ -152,6 +161,31 @@ class CLDFSegmentationController:
         if self.job is not None:
             self.job.cancel()
             self.job = None
+        self.refresh()
+
+    def _redecidable(self) -> bool:
+        outputs = self.parameters.outputs()
+        return (self.lastJob is not None and self.lastJob.result is not None and outputs is not None
+                and outputs["segmentation"] is self.lastJob.result.segmentation)
+
+    def redecide(self) -> None:
+        """Apply the gate threshold, k and rule in the parameters to the last run, from its cache (no networks)."""
+        from dataclasses import replace
+
+        if not self._redecidable():
+            self.panel.showError("The embeddings of this segmentation are not in memory (they are not saved with "
+                                 "the scene): press Segment to run it again, then change the threshold.")
+            return
+        p, cfg = self.parameters, self.lastJob._engine.segmenter.cfg
+        cluster = replace(cfg.cluster, presence_threshold=p.presenceThreshold, k=p.clusterK, rule=p.clusterRule)
+        try:
+            mask = self.lastJob.redecide(cluster, cfg.postprocess)
+        except Exception as e:
+            self.panel.showError(f"The mask could not be re-decided: {e}")
+            return
+        positive = int((self.lastJob.result.sliceProbabilities >= cluster.presence_threshold).sum())
+        self.panel.showStatus(f"{positive} slices judged to hold the target, {int(mask.sum())} mask voxels "
+                              "(unrefined)")
         self.refresh()
 
     def export(self) -> None:
@@ -186,8 +220,14 @@ class CLDFSegmentationController:
         nodes["segmentation"].GetDisplayNode().SetVisibility(p.showMask)
 
     def sceneClosing(self) -> None:
-        """The scene is about to close: a run in progress is cancelled first."""
+        """The scene is about to close: a run in progress is cancelled first, the last run's cache let go."""
         self.cancel()
+        self._forgetLastRun()
+
+    def _forgetLastRun(self) -> None:
+        if self.lastJob is not None:
+            self.lastJob.stopBackgroundWork()
+            self.lastJob = None
 
     # ------------------------------------------------------------------ dependencies
     def _dependenciesReady(self) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import display
+from .chart import chartSeries, updateSliceChart
 from .nodes import COMPLETE, earlierOutputs, removeNodes, writeSlices
 from .segmentations import addSegmentSlices, setSegmentMask
 
@@ -28,10 +29,13 @@ class CLDFSegmentationResult:
     segmentation: object
     segmentId: str
     sliceProbabilities: np.ndarray  # (Z,) probability that each axial slice holds the target
+    table: object = None  # per-slice numbers (`chart`)
+    chart: object = None  # the plot of them
 
     @property
     def nodes(self) -> list:
-        return [self.camVolume, self.meanGradientVolume, self.segmentation]
+        charts = [self.table, self.chart, *chartSeries(self.chart)] if self.chart is not None else []
+        return [self.camVolume, self.meanGradientVolume, self.segmentation, *charts]
 
 
 class CLDFSegmentationJob:
@@ -52,6 +56,10 @@ class CLDFSegmentationJob:
         self._thread: threading.Thread | None = None
         self._finished_slices: queue.SimpleQueue = queue.SimpleQueue()  # (start, stop) ranges, then None
         self._error: BaseException | None = None
+        self._redecider = None
+        self._presenceThreshold: float | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -60,7 +68,7 @@ class CLDFSegmentationJob:
 
     @property
     def running(self) -> bool:
-        """True while a background run is at work."""
+        """True while a background run is at work (segmenting, or clustering for `redecide` afterwards)."""
         return self._thread is not None and self._thread.is_alive()
 
     def startInBackground(self) -> None:
@@ -71,7 +79,8 @@ class CLDFSegmentationJob:
         self._thread.start()
 
     def _work(self) -> None:
-        """Worker thread: engine steps only (no MRML), each finished range queued for `poll`."""
+        """Worker thread: engine steps only (no MRML), each finished range queued for `poll`; once the run
+        is complete, K-means on the slices the gate passed over, so that `redecide` need not run it."""
         try:
             while not self.cancelled:
                 before = self._engine.done
@@ -83,6 +92,25 @@ class CLDFSegmentationJob:
             self._error = error
         finally:
             self._finished_slices.put(None)
+        if self._error is None and not self.cancelled and self._engine.result.cache is not None:
+            redecider = self._newRedecider()
+            with self._lock:
+                if self._stopped:
+                    return
+                self._redecider = redecider
+            redecider.prepare(self._engine.segmenter.cfg.cluster)
+
+    def stopBackgroundWork(self) -> None:
+        """Stop the clustering a finished run does for `redecide` (e.g. when the scene closes)."""
+        with self._lock:
+            self._stopped = True
+            if self._redecider is not None:
+                self._redecider.cancelled = True
+
+    def _newRedecider(self):
+        from cldf.segment import Redecider
+
+        return Redecider(self._engine.segmenter, self._engine.result, self._engine.decoder_seed)
 
     def poll(self) -> bool:
         """Main thread: move the slices finished since the last call into the nodes; True while the run goes on.
@@ -104,8 +132,8 @@ class CLDFSegmentationJob:
         self._update(start, stop)
         if not ended:
             return True
-        self._thread.join()
         if self._error is not None:
+            self._thread.join()
             self.cancel()
             raise self._error
         if self._engine.done >= self._engine.total:
@@ -134,6 +162,7 @@ class CLDFSegmentationJob:
             return
         self.cancelled = True
         self._engine.cancel()
+        self.stopBackgroundWork()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         removeNodes(self.result.nodes)
@@ -153,10 +182,40 @@ class CLDFSegmentationJob:
         writeSlices(result.meanGradientVolume, engine.mean_gradient, start, stop)
         addSegmentSlices(result.segmentation, result.segmentId, engine.mask, self._input, start, stop)
         result.sliceProbabilities[start:stop] = engine.presence[start:stop]
+        self._updateChart(start, stop)
+
+    def _updateChart(self, start: int = 0, stop: int | None = None) -> None:
+        if self.result.table is not None:
+            spacing = self._input.GetSpacing()
+            updateSliceChart(self.result.table, self._engine.result.presence, self.presenceThreshold,
+                             self._engine.result.mask, spacing[0] * spacing[1], start, stop)
+
+    @property
+    def presenceThreshold(self) -> float:
+        """The gate's threshold the masks were last decided with."""
+        return self._presenceThreshold if self._presenceThreshold is not None else \
+            self._engine.segmenter.cfg.cluster.presence_threshold
+
+    def redecide(self, cluster, postprocess) -> np.ndarray:
+        """Decide the masks again for other gate / clustering / post-processing settings (`cldf.segment.Redecider`),
+        without the networks, and show them; returns the new ``(Z, Y, X)`` mask (unrefined)."""
+        if not self.finished or self.result is None:
+            raise RuntimeError("only a finished run can be re-decided")
+        if self._thread is not None:
+            self._thread.join()  # the worker may still be clustering the slices the gate passed over
+        if self._redecider is None or self._redecider.cancelled:
+            self._redecider = self._newRedecider()
+        mask = self._redecider.mask(cluster, postprocess)
+        self._engine.result.mask = mask
+        self._presenceThreshold = cluster.presence_threshold
+        setSegmentMask(self.result.segmentation, self.result.segmentId, mask, self._input)
+        self._updateChart()
+        return mask
 
     def _finish(self) -> None:
         # the engine's whole-volume rule may have changed any slice: the segment gets the final mask once more
         setSegmentMask(self.result.segmentation, self.result.segmentId, self._engine.result.mask, self._input)
+        self._updateChart()
         self.finished = True
         removeNodes(earlierOutputs(self._input, exclude=self.result.nodes))
         for node in self.result.nodes:

@@ -9,6 +9,7 @@ import numpy as np
 import slicer
 
 from . import display
+from .chart import addSliceChart, chartSeries
 from .job import CLDFSegmentationJob, CLDFSegmentationResult, showResult
 from .nodes import (addVolumeLike, checkVolumeNode, imageFromVolume, nodeIDs, placeBeside, removeNodesAddedSince,
                     tagOutput)
@@ -29,10 +30,12 @@ class CLDFSegmentationLogic:
 
     def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
               batchSize: int = 8, decoderSeed: int = 0, show: bool = True,
-              refine: str | None = None) -> CLDFSegmentationJob:
+              refine: str | None = None, keepCache: bool = True) -> CLDFSegmentationJob:
         """Check the inputs against the bundle, create the output nodes and return a stepwise job.
 
         ``refine``: ``"sam"`` or ``"none"`` overrides the bundle's mask refinement (None: the bundle's choice).
+        ``keepCache``: keep every slice's pixel embeddings (about 0.26 MB a slice) so that
+        `CLDFSegmentationJob.redecide` can change the gate threshold or the clustering in under a second.
 
         Inputs that do not fit the bundle (channel names, grids, 2D, empty,
         NaN) and bundles that fail verification are refused with a
@@ -47,7 +50,7 @@ class CLDFSegmentationLogic:
         bundle = load_bundle(bundlePath)
         images = {channel: imageFromVolume(node) for channel, node in inputVolumes.items()}
         segmenter = Segmenter(bundle, device, batchSize, refine=refine)
-        engineJob = segmenter.start_images(images, decoderSeed)
+        engineJob = segmenter.start_images(images, decoderSeed, keep_cache=keepCache)
         reference = inputVolumes[bundle.channels[0]]
         before = nodeIDs()
         try:
@@ -97,10 +100,13 @@ class CLDFSegmentationLogic:
         segmentation, segmentId = addSegmentation(reference, f"{name} {task.get('target', 'target')}",
                                                   str(task.get("target", "target")),
                                                   tuple(task.get("color", (230, 80, 60))))
-        for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentation, "segmentation")):
+        table, chart = addSliceChart(name, slices)
+        for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentation, "segmentation"),
+                           (table, "table"), (chart, "chart"), *((s, "chartSeries") for s in chartSeries(chart))):
             tagOutput(node, role, reference, provenance)
             placeBeside(node, reference)
         for node in (cam, meanGradient):
             display.styleMap(node)
-        return CLDFSegmentationResult(cam, meanGradient, segmentation, segmentId, np.zeros(slices, np.float32))
+        return CLDFSegmentationResult(cam, meanGradient, segmentation, segmentId, np.zeros(slices, np.float32),
+                                      table, chart)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 MAX_CHANNELS = 4
 DEVICES = ("auto", "cuda", "cpu")
 MAPS = ("cam", "meanGradient", "none")
+RULES = ("nearest", "closer_than_background")  # as `cldf.cluster.RULES` (not imported: it needs the engine)
 DEFAULT_OPACITY = 0.6
 
 #: node-reference roles of the last run's outputs, and of the input they lie on
@@ -85,6 +86,39 @@ class CLDFSegmentationParameters:
     def showMask(self, show: bool) -> None:
         self.node.SetParameter("showMask", "true" if show else "false")
 
+    # ------------------------------------------------------------------ deciding the mask (re-decided from the cache)
+    @property
+    def presenceThreshold(self) -> float | None:
+        value = self.node.GetParameter("presenceThreshold")
+        return float(value) if value else None
+
+    @presenceThreshold.setter
+    def presenceThreshold(self, threshold: float) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"the gate's presence threshold must be in [0, 1], not {threshold}")
+        self.node.SetParameter("presenceThreshold", repr(float(threshold)))
+
+    @property
+    def clusterK(self) -> int | None:
+        value = self.node.GetParameter("clusterK")
+        return int(value) if value else None
+
+    @clusterK.setter
+    def clusterK(self, k: int) -> None:
+        if not 2 <= int(k) <= 16:
+            raise ValueError(f"K-means needs between 2 and 16 clusters, not {k}")
+        self.node.SetParameter("clusterK", str(int(k)))
+
+    @property
+    def clusterRule(self) -> str | None:
+        return self.node.GetParameter("clusterRule") or None
+
+    @clusterRule.setter
+    def clusterRule(self, rule: str) -> None:
+        if rule not in RULES:
+            raise ValueError(f"the foreground rule must be one of {RULES}, not '{rule}'")
+        self.node.SetParameter("clusterRule", rule)
+
     # ------------------------------------------------------------------ the last run
     def setOutputs(self, result, runInput) -> None:
         """Remember a finished run's output nodes and the input they lie on (None: forget them)."""
@@ -92,6 +126,7 @@ class CLDFSegmentationParameters:
             node = getattr(result, attribute) if result is not None else None
             self.node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
         self.node.SetParameter("outputSegmentId", result.segmentId if result is not None else "")
+        self.node.SetNodeReferenceID("outputChart", result.chart.GetID() if result is not None else None)
         self.node.SetNodeReferenceID(RUN_INPUT, runInput.GetID() if runInput is not None else None)
 
     def outputs(self) -> dict | None:

@@ -16,6 +16,18 @@ from .nodes import ijkToRas, nodeIDs, removeNodes, removeNodesAddedSince
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
+_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+_NO_REGION = "~^^~Anatomic codes - DICOM master list~^^~^^"
+#: Standard terminology (SNOMED CT codes, Slicer's "TerminologyEntry" tag) of the shipped bundles' targets
+TERMINOLOGY = {
+    "kidney": f"{_ANATOMY}~SCT^64033007^Kidney{_NO_REGION}",
+    "spleen": f"{_ANATOMY}~SCT^78961009^Spleen{_NO_REGION}",
+    "liver": f"{_ANATOMY}~SCT^10200004^Liver{_NO_REGION}",
+    "tumour": ("Segmentation category and type - 3D Slicer General Anatomy list"
+               "~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
+               "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^"),
+}
+
 
 def addSegmentation(reference, name: str, segmentName: str, color: tuple[int, int, int]):
     """A segmentation node with one empty segment (named and coloured explicitly) on the reference's grid.
@@ -28,6 +40,8 @@ def addSegmentation(reference, name: str, segmentName: str, color: tuple[int, in
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
     node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     segmentId = node.GetSegmentation().AddEmptySegment("", segmentName, [c / 255.0 for c in color])
+    if segmentName.lower() in TERMINOLOGY:  # a target of its own name keeps just its name and colour
+        node.GetSegmentation().GetSegment(segmentId).SetTag("TerminologyEntry", TERMINOLOGY[segmentName.lower()])
     return node, segmentId
 
 

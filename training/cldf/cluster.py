@@ -1,4 +1,9 @@
-"""Inference clustering (CLDF, Sec. 2.5): K-means on pixel embeddings, foreground by seed proximity."""
+"""Inference clustering (CLDF, Sec. 2.5): K-means on pixel embeddings, foreground by seed proximity.
+
+`segment.cluster_slice` applies them to one slice: ``nearest`` keeps the one cluster
+whose centroid is nearest the foreground seeds' mean embedding (the paper);
+``closer_than_background`` every cluster nearer to it than to the background seeds' mean.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,6 @@ from sklearn.cluster import KMeans
 
 
 RULES = ("nearest", "closer_than_background")
-
-
-def foreground_cluster(
-    embeddings: np.ndarray,
-    foreground: np.ndarray,
-    background: np.ndarray | None,
-    k: int,
-    seed: int,
-    rule: str = "nearest",
-) -> np.ndarray:
-    """Cluster pixels and keep the foreground cluster(s).
-
-    Args:
-        embeddings: ``(P, E)`` L2-normalised pixel embeddings of one slice.
-        foreground: ``(E,)`` mean embedding of the slice's foreground seeds (or the
-            bundle's foreground prototype when the slice has none).
-        background: ``(E,)`` mean embedding of the background seeds (rule
-            ``closer_than_background`` only).
-        k: number of clusters (2 in the paper).
-        seed: K-means random state.
-        rule: ``nearest``: the one cluster whose centroid is nearest ``foreground``
-            (the paper); ``closer_than_background``: every cluster nearer
-            ``foreground`` than ``background``.
-
-    Returns:
-        ``(P,)`` boolean foreground.
-    """
-    labels, centers = kmeans(embeddings, k, seed)
-    if centers is None:
-        return np.zeros(len(embeddings), dtype=bool)
-    return np.isin(labels, choose_clusters(centers, foreground, background, rule))
 
 
 def kmeans(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -34,6 +34,7 @@ class SliceEvidence:
     similarity: torch.Tensor  # cosine similarity of the mask's mean embedding to the foreground prototype; nan if empty
     foreground_seeds: torch.Tensor  # foreground seed pixels in the slice
     presence: torch.Tensor  # the gate's presence probability
+    embeddings: torch.Tensor | None = None  # (B, E, R, R) pixel embeddings, when asked for (`Segmenter.masks_with_evidence`)
 
 
 def mask_similarity(embeddings: torch.Tensor, mask: torch.Tensor, prototype: torch.Tensor) -> float:

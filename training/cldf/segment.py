@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
-from .cluster import foreground_cluster
+from .config import ClusterConfig, PostprocessConfig
+from .cluster import choose_clusters, kmeans
 from .data import from_slices, normalise, read_channels, stack_channels, to_slices
 from .features import DiffusionFeatures, EncoderFeatures
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
@@ -76,6 +77,39 @@ def seed_references(e: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tenso
     ref_fg = F.normalize(e[fg].mean(dim=0) if fg.any() else prototype.cpu(), dim=0).numpy()
     ref_bg = F.normalize(e[bg].mean(dim=0), dim=0).numpy() if bg.any() else None
     return ref_fg, ref_bg, fg
+
+
+def cluster_slice(emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, prototype: torch.Tensor,
+                  cfg: ClusterConfig, kmeans_cache: dict | None = None, key=None) -> tuple[torch.Tensor, float]:
+    """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask and its similarity to the prototype.
+
+    ``kmeans_cache``: K-means results by ``(key, k, within_body)`` and the seed references by
+    ``("references", key)``, so that re-deciding with another foreground rule or gate reuses them (`Redecider`).
+    """
+    e = emb.flatten(1).T.float()  # (H*W, E)
+    if kmeans_cache is not None and ("references", key) in kmeans_cache:
+        ref_fg, ref_bg, fg = kmeans_cache[("references", key)]
+    else:
+        ref_fg, ref_bg, fg = seed_references(e, seeds.flatten(), prototype)
+        if kmeans_cache is not None:
+            kmeans_cache[("references", key)] = ref_fg, ref_bg, fg
+    pixels = body.flatten() if cfg.within_body else torch.ones(len(e), dtype=torch.bool)
+    memo = (key, cfg.k, cfg.within_body)
+    if kmeans_cache is None or memo not in kmeans_cache:
+        found = kmeans(e[pixels].numpy(), cfg.k, cfg.seed)
+        if kmeans_cache is not None:
+            kmeans_cache[memo] = found
+    else:
+        found = kmeans_cache[memo]
+    labels, centers = found
+    mask = torch.zeros(len(e), dtype=torch.bool)
+    if centers is not None:
+        chosen = np.isin(labels, choose_clusters(centers, ref_fg, ref_bg, cfg.rule))
+        mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
+    mask = mask.view(emb.shape[1:])
+    if cfg.seeded_components and fg.any():
+        mask = keep_seeded_components(mask, fg.view(emb.shape[1:]))
+    return mask, mask_similarity(e, mask.flatten(), prototype)
 
 
 class Variant(NamedTuple):
@@ -275,56 +309,72 @@ class Segmenter:
         return self.masks_with_evidence(x, maps, decoder_seeds, per_slice_rule)[0]
 
     def masks_with_evidence(self, x: torch.Tensor, maps: SliceMaps, decoder_seeds: tuple[int, ...] = (0,),
-                            per_slice_rule: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, SliceEvidence]]:
-        """As `masks`, plus per decoder seed the evidence each slice's mask rests on (`postprocess.SliceEvidence`)."""
+                            per_slice_rule: bool = True, embed_all: bool = False, kmeans_cache: dict | None = None,
+                            slice_ids: torch.Tensor | None = None,
+                            ) -> tuple[dict[int, torch.Tensor], dict[int, SliceEvidence]]:
+        """As `masks`, plus per decoder seed the evidence each slice's mask rests on (`postprocess.SliceEvidence`).
+
+        With ``embed_all`` the pixel embeddings of every slice, judged positive or not, are computed and
+        returned in ``evidence[seed].embeddings`` (``(B, E, R, R)``), so the masks can be re-decided later
+        for another gate threshold or clustering without the networks (`Redecider`); ``kmeans_cache`` then
+        keeps the K-means results (keyed by ``slice_ids``), so re-deciding does not repeat them.
+        """
         shape = maps.cam.shape
         out = {s: torch.zeros(shape, dtype=torch.bool) for s in decoder_seeds}
         n_seeds = (maps.seeds == FOREGROUND).flatten(1).sum(dim=1).cpu()
         evidence = {s: SliceEvidence(torch.full((shape[0],), float("nan")), n_seeds, maps.presence.float().cpu())
                     for s in decoder_seeds}
-        positive = (maps.presence >= self.cfg.cluster.presence_threshold).nonzero()[:, 0].cpu()
-        if len(positive) == 0:
+        gated = (maps.presence >= self.cfg.cluster.presence_threshold).cpu()
+        todo = torch.arange(shape[0]) if embed_all else gated.nonzero()[:, 0]
+        if len(todo) == 0:
             return out, evidence
         decoders = [self.bundle.decoders[self.variant][s] for s in decoder_seeds]
         # every decoder's first layer in one projection: the UNet runs once for all seeds
         weights = [torch.cat(ws) for ws in zip(*[d.block_weights(self.features.block_channels) for d in decoders])]
         with autocast(self.device):
-            projected = self.features(x[positive.to(x.device)], project=weights)
+            projected = self.features(x[todo.to(x.device)], project=weights)
         size = tuple(x.shape[-2:])
         for n, (s, decoder) in enumerate(zip(decoder_seeds, decoders)):
             k = decoder.cfg.hidden[0]
             with torch.inference_mode():
                 emb = decoder.embed_projected([p[:, n * k : (n + 1) * k] for p in projected], size).float().cpu()
-            for j, i in enumerate(positive.tolist()):
-                out[s][i], evidence[s].similarity[i] = self._cluster(emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder)
+            if embed_all:
+                evidence[s].embeddings = emb
+            for j, i in enumerate(todo.tolist()):
+                if gated[i]:
+                    out[s][i], evidence[s].similarity[i] = cluster_slice(
+                        emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder.foreground_prototype_, self.cfg.cluster,
+                        kmeans_cache, int(slice_ids[i]) if slice_ids is not None else i)
             if per_slice_rule:
                 out[s][~keep_slices(evidence[s], self.cfg.postprocess)] = False
         return out, evidence
 
-    def _cluster(self, emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, decoder) -> tuple[torch.Tensor, float]:
-        """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask and its similarity to the prototype."""
-        cfg = self.cfg.cluster
-        e = emb.flatten(1).T  # (H*W, E)
-        ref_fg, ref_bg, fg = seed_references(e, seeds.flatten(), decoder.foreground_prototype_)
-        pixels = body.flatten() if cfg.within_body else torch.ones(len(e), dtype=torch.bool)
-        chosen = foreground_cluster(e[pixels].numpy(), ref_fg, ref_bg, cfg.k, cfg.seed, cfg.rule)
-        mask = torch.zeros(len(e), dtype=torch.bool)
-        mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
-        mask = mask.view(emb.shape[1:])
-        if cfg.seeded_components and fg.any():
-            mask = keep_seeded_components(mask, fg.view(emb.shape[1:]))
-        return mask, mask_similarity(e, mask.flatten(), decoder.foreground_prototype_)
-
     # ------------------------------------------------------------------ volumes
-    def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0) -> "SegmentationJob":
-        """Validate and read the inputs (refusing bad ones before any work), return a stepwise job."""
-        volume, reference = read_channels(inputs, self.bundle.channels)
-        return SegmentationJob(self, volume, reference, decoder_seed)
+    def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0, keep_cache: bool = False) -> "SegmentationJob":
+        """Validate and read the inputs (refusing bad ones before any work), return a stepwise job.
 
-    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0) -> "SegmentationJob":
+        ``keep_cache``: also keep every slice's pixel embeddings (`SliceCache`), so the masks can be
+        re-decided for another gate threshold or clustering in a fraction of a second (`Redecider`).
+        """
+        volume, reference = read_channels(inputs, self.bundle.channels)
+        return SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+
+    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0,
+                     keep_cache: bool = False) -> "SegmentationJob":
         """As `start`, for images already in memory (the Slicer module's volume nodes)."""
         volume, reference = stack_channels(images, self.bundle.channels)
-        return SegmentationJob(self, volume, reference, decoder_seed)
+        return SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+
+
+@dataclass
+class SliceCache:
+    """What the last, cheap step of inference needs per slice, on the bundle's grid."""
+
+    embeddings: np.ndarray  # (Z, E, R, R) float32 pixel embeddings of the run's decoder
+    seeds: np.ndarray  # (Z, R, R) uint8: 1 foreground, 2 background, before the gate
+    body: np.ndarray  # (Z, R, R) bool
+    presence: np.ndarray  # (Z,) the gate's probabilities
+    kmeans: dict = field(default_factory=dict)  # K-means results by (slice, k, within_body), as they are made
 
 
 @dataclass
@@ -340,12 +390,14 @@ class VolumeResult:
     similarity: np.ndarray | None = None  # (Z,) the mask's similarity to the foreground prototype; nan where empty
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     coarse_mask: np.ndarray | None = None  # with refinement: the mask before it (resized from the bundle's grid)
+    cache: SliceCache | None = None  # with ``keep_cache``: for re-deciding the masks (`Redecider`)
 
 
 class SegmentationJob:
     """One volume, segmented one batch of slices per `step()`."""
 
-    def __init__(self, segmenter: Segmenter, volume: np.ndarray, reference: sitk.Image, decoder_seed: int = 0):
+    def __init__(self, segmenter: Segmenter, volume: np.ndarray, reference: sitk.Image, decoder_seed: int = 0,
+                 keep_cache: bool = False):
         if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:
             raise ValueError(f"the bundle has no decoder with seed {decoder_seed}")
         self.segmenter = segmenter
@@ -371,6 +423,10 @@ class SegmentationJob:
             extra={name: np.zeros(self.shape, np.float32) for name in segmenter.extra_maps},
             coarse_mask=np.zeros(self.shape, np.uint8) if segmenter.refiner is not None else None,
         )
+        if keep_cache:
+            r, e = cfg.resolution, segmenter.bundle.decoders[segmenter.variant][decoder_seed].cfg.hidden[-1]
+            self.result.cache = SliceCache(np.zeros((z, e, r, r), np.float32), np.zeros((z, r, r), np.uint8),
+                                           np.zeros((z, r, r), bool), self.result.presence)
         self.done = 0
         self.cancelled = False
 
@@ -418,8 +474,15 @@ class SegmentationJob:
         seg = self.segmenter
         x = self.slices[start:stop].to(seg.device)
         x_cam = self.cam_slices[start:stop].to(seg.device) if self.cam_slices is not None else None
-        maps = seg.slice_maps(x, torch.arange(start, stop), x_cam=x_cam)
-        masks, evidence = seg.masks_with_evidence(x, maps, (self.decoder_seed,))
+        ids = torch.arange(start, stop)
+        maps = seg.slice_maps(x, ids, x_cam=x_cam)
+        cache = self.result.cache
+        masks, evidence = seg.masks_with_evidence(x, maps, (self.decoder_seed,), embed_all=cache is not None,
+                                                  kmeans_cache=cache.kmeans if cache is not None else None, slice_ids=ids)
+        if cache is not None:
+            cache.embeddings[start:stop] = evidence[self.decoder_seed].embeddings.numpy()
+            cache.seeds[start:stop] = seg.seeds(maps, ids, gate=False).cpu().numpy()
+            cache.body[start:stop] = maps.body.cpu().numpy()
         mask = masks[self.decoder_seed]
         self.result.similarity[start:stop] = evidence[self.decoder_seed].similarity.numpy()
         hw = self.shape[1:]
@@ -442,3 +505,48 @@ class SegmentationJob:
                 bar.update(self.done - bar.n)
             bar.update(self.done - bar.n)
         return self.result
+
+
+class Redecider:
+    """A segmented volume's masks for another gate threshold, clustering or post-processing, from its `SliceCache`.
+
+    No network runs: K-means is the one cost, remembered per slice and k, so a new gate threshold or
+    foreground rule takes a fraction of a second for a whole volume. The masks are the unrefined ones
+    (SAM refinement is not re-run).
+    """
+
+    def __init__(self, segmenter: Segmenter, result: VolumeResult, decoder_seed: int = 0):
+        if result.cache is None:
+            raise ValueError("this result keeps no slice cache: segment with keep_cache=True to re-decide its masks")
+        self.cache = result.cache
+        self.shape = result.mask.shape
+        self.prototype = segmenter.bundle.decoders[segmenter.variant][decoder_seed].foreground_prototype_
+        self._kmeans = self.cache.kmeans
+        self.cancelled = False
+
+    def prepare(self, cluster: ClusterConfig) -> None:
+        """K-means on every slice not clustered yet (those the gate passed over), so that moving the gate
+        threshold later costs no K-means at all. Seconds for a whole volume; `cancel` stops it."""
+        c = self.cache
+        for i in range(len(c.presence)):
+            if self.cancelled:
+                return
+            if (i, cluster.k, cluster.within_body) not in self._kmeans:
+                cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
+                              torch.from_numpy(c.body[i]), self.prototype, cluster, self._kmeans, i)
+
+    def mask(self, cluster: ClusterConfig, post: PostprocessConfig) -> np.ndarray:
+        """``(Z, Y, X)`` uint8 mask on the input's grid, as the run would have made it with these settings."""
+        c = self.cache
+        z = len(c.presence)
+        small = torch.zeros(c.seeds.shape, dtype=torch.bool)
+        similarity = torch.full((z,), float("nan"))
+        gated = c.presence >= cluster.presence_threshold
+        for i in np.flatnonzero(gated):
+            small[i], similarity[i] = cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
+                                                    torch.from_numpy(c.body[i]), self.prototype, cluster,
+                                                    self._kmeans, int(i))
+        n_seeds = torch.from_numpy(((c.seeds == FOREGROUND) & gated[:, None, None]).reshape(z, -1).sum(axis=1))
+        small[~keep_slices(SliceEvidence(similarity, n_seeds, torch.from_numpy(c.presence)), post)] = False
+        mask = from_slices(small, self.shape[1:], mode="mask")
+        return keep_main_components(mask, post.min_component_fraction).astype(np.uint8)
