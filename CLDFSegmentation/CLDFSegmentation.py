@@ -99,6 +99,15 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.presenceThresholdSliderWidget.valueChanged.connect(lambda v: self._setDecision("presenceThreshold", v))
         self.ui.clusterKSpinBox.valueChanged.connect(lambda k: self._setDecision("clusterK", k))
         self.ui.clusterRuleComboBox.currentTextChanged.connect(lambda rule: self._setDecision("clusterRule", rule))
+        for name, label in (("labelPresentButton", 1), ("labelAbsentButton", 0), ("labelClearButton", -1)):
+            getattr(self.ui, name).clicked.connect(lambda _=False, label=label: self.controller.labelSlices(
+                label, self.ui.labelFirstSpinBox.value, self.ui.labelLastSpinBox.value))
+        self.ui.saveManifestButton.clicked.connect(lambda: self.controller.saveManifest())
+        self._shortcuts = []
+        for keys, label in (("Ctrl+Shift+P", 1), ("Ctrl+Shift+A", 0), ("Ctrl+Shift+C", -1)):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut.activated.connect(lambda label=label: self.controller.labelSlices(label))
+            self._shortcuts.append(shortcut)
         self.ui.segmentButton.clicked.connect(lambda: self.controller.segmentOrCancel())
         self.ui.exportButton.clicked.connect(lambda: self.controller.export())
 
@@ -109,6 +118,8 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self.controller is not None:
             self.controller.cancel()
+        for shortcut in getattr(self, "_shortcuts", []):
+            shortcut.setParent(None)
         self.removeObservers()
 
     def enter(self) -> None:
@@ -237,6 +248,14 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showChart(self, chart) -> None:
         slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+    def currentSlice(self, volume) -> int:
+        from CLDFSegmentationLib.labels import sliceIndexAt
+
+        return sliceIndexAt(volume, slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode())
+
+    def askFolder(self) -> str | None:
+        return qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder for the labels and manifest") or None
 
 
 #

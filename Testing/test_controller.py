@@ -285,3 +285,24 @@ def test_a_run_reloaded_with_the_scene_asks_for_a_new_run_before_re_deciding(mod
     assert not m.controller.state().decideEnabled
     m.controller.redecide()
     assert "press Segment to run it again" in m.panel.errors[-1]
+
+
+def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module, tmp_path):
+    from cldf.data import load_manifest, weak_slice_labels
+
+    m = module
+    select_inputs(m)
+    m.panel.currentSlice = lambda volume: 4  # the slice the Red view shows
+    m.controller.labelSlices(1)
+    m.controller.labelSlices(0, 0, 2)
+    assert "slices 0..2: absent (1 present, 3 absent)" in m.panel.statuses[-1]
+    m.panel.askFolder = lambda: str(tmp_path)
+    m.controller.saveManifest()
+    assert not m.panel.errors, m.panel.errors
+    case = load_manifest(tmp_path / "manifest.json").case("FLAIR")
+    assert set(case.channels) == {"FLAIR", "T1"}
+    expected = np.full(11, -1)
+    expected[4], expected[:3] = 1, 0
+    np.testing.assert_array_equal(weak_slice_labels(case, None, 0.01), expected)
+    m.controller.labelSlices(1, 0, 99)
+    assert "outside 'FLAIR'" in m.panel.errors[-1]

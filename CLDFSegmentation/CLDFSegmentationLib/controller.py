@@ -45,6 +45,8 @@ class Panel(Protocol):
     def showError(self, message: str) -> None: ...
     def showStatus(self, message: str) -> None: ...
     def showChart(self, chart) -> None: ...
+    def currentSlice(self, volume) -> int: ...
+    def askFolder(self) -> str | None: ...
 
 
 class CLDFSegmentationController:
@@ -187,6 +189,49 @@ class CLDFSegmentationController:
         self.panel.showStatus(f"{positive} slices judged to hold the target, {int(mask.sum())} mask voxels "
                               "(unrefined)")
         self.refresh()
+
+    # ------------------------------------------------------------------ weak labels
+    def labelSlices(self, label: int, first: int | None = None, last: int | None = None) -> None:
+        """Mark slices of the first input (default: the one in the slice view) target present (1) / absent (0) /
+        unlabelled (-1); the labels are kept on the volume and saved with the scene."""
+        from .labels import markSlices, rememberChannels
+
+        info, problem = self._bundleInfo()
+        inputs = self.parameters.inputVolumes(info.channels) if info else None
+        if inputs is None:
+            self.panel.showError(problem or "Select the volumes of every channel before labelling slices.")
+            return
+        volume = next(iter(inputs.values()))
+        first = self.panel.currentSlice(volume) if first is None else first
+        last = first if last is None else last
+        try:
+            labels = markSlices(volume, first, last, label)
+        except ValueError as e:
+            self.panel.showError(str(e))
+            return
+        rememberChannels(volume, inputs)
+        word = {1: "present", 0: "absent", -1: "unlabelled"}[label]
+        self.panel.showStatus(f"'{volume.GetName()}' slices {min(first, last)}..{max(first, last)}: {word} "
+                              f"({int((labels == 1).sum())} present, {int((labels == 0).sum())} absent)")
+
+    def saveManifest(self) -> None:
+        """Write every labelled volume of the scene, its labels and a manifest for `cldf train --data`."""
+        import slicer
+
+        from .labels import labelledCases, writeManifest
+
+        folder = self.panel.askFolder()
+        if not folder:
+            return
+        try:
+            cases = labelledCases(slicer.mrmlScene)
+            if not cases:
+                raise ValueError("no volume has labelled slices yet")
+            path = writeManifest(cases, folder)
+        except Exception as e:
+            self.panel.showError(f"The manifest could not be written: {e}")
+            return
+        self.panel.showStatus(f"{len(cases)} labelled case(s) and {path.name} written to {folder}")
 
     def export(self) -> None:
         """Write the last run's segmentation as a label map on the grid of the input it was made on."""
