@@ -27,6 +27,10 @@ from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationPara
 from CLDFSegmentationLib.parameters import MAX_CHANNELS
 
 LOAD_FROM_FOLDER = "Load bundle from folder..."
+#: Train section: parameter field -> widget (path line edits report currentPath, line edits text)
+TRAIN_FIELDS = {"manifest": "trainManifestPathLineEdit", "output": "trainOutputPathLineEdit",
+                "channels": "trainChannelsLineEdit", "target": "trainTargetLineEdit", "name": "trainNameLineEdit",
+                "targetName": "trainTargetNameLineEdit", "extra": "trainExtraLineEdit"}
 MAP_BUTTONS = {"cam": "camRadioButton", "meanGradient": "meanGradientRadioButton", "none": "noMapRadioButton"}
 
 
@@ -52,6 +56,10 @@ Segmentation", 2025. Mean-gradient maps: Wolleb et al., "Diffusion Models for Me
 MICCAI 2022. LayerCAM: Jiang et al., IEEE TIP 2021. Supervised contrastive loss: Khosla et al., NeurIPS 2020.
 Networks from MONAI.
 """
+        # The shipped sample scan (a real LGG test patient, FLAIR + T1) in the Sample Data module.
+        from CLDFSegmentationLib.sampledata import registerSampleData
+
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
@@ -103,6 +111,11 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).clicked.connect(lambda _=False, label=label: self.controller.labelSlices(
                 label, self.ui.labelFirstSpinBox.value, self.ui.labelLastSpinBox.value))
         self.ui.saveManifestButton.clicked.connect(lambda: self.controller.saveManifest())
+        for field, name in TRAIN_FIELDS.items():
+            widget = getattr(self.ui, name)
+            signal = widget.currentPathChanged if name.endswith("PathLineEdit") else widget.textChanged
+            signal.connect(lambda text, field=field: self.parameters.setTraining(**{field: text}))
+        self.ui.trainButton.clicked.connect(lambda: self.controller.trainOrCancel())
         self._shortcuts = []
         for keys, label in (("Ctrl+Shift+P", 1), ("Ctrl+Shift+A", 0), ("Ctrl+Shift+C", -1)):
             shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
@@ -156,7 +169,8 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             return
         p = self.parameters
-        widgets = [self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
+        widgets = [*(getattr(self.ui, n) for n in TRAIN_FIELDS.values()),
+                   self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
                    self.ui.showMaskCheckBox, self.ui.presenceThresholdSliderWidget, self.ui.clusterKSpinBox,
                    self.ui.clusterRuleComboBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
                    *(getattr(self.ui, f"inputSelector{i}") for i in range(MAX_CHANNELS))]
@@ -169,6 +183,12 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.opacitySliderWidget.value = p.overlayOpacity
             self.ui.showMaskCheckBox.checked = p.showMask
             getattr(self.ui, MAP_BUTTONS[p.shownMap]).checked = True
+            for field, value in p.training().items():
+                widget = getattr(self.ui, TRAIN_FIELDS[field])
+                if widget.className() == "ctkPathLineEdit":
+                    widget.currentPath = value
+                else:
+                    widget.text = value
             if p.presenceThreshold is not None:  # set when a run finishes, from the bundle
                 self.ui.presenceThresholdSliderWidget.value = p.presenceThreshold
                 self.ui.clusterKSpinBox.value = p.clusterK
@@ -216,6 +236,10 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.enabled = state.segmentEnabled
         self.ui.exportButton.enabled = state.exportEnabled
         self.ui.decideCollapsibleButton.enabled = state.decideEnabled
+        self.ui.trainButton.text = state.trainText
+        self.ui.trainProgressBar.maximum = max(state.trainProgress[1], 1)
+        self.ui.trainProgressBar.value = state.trainProgress[0]
+        self.ui.trainStatusLabel.text = state.trainStatus
         self.ui.bundleComboBox.enabled = state.bundleEnabled
         self.ui.bundleInfoLabel.text = state.bundleInfo
         self.ui.progressBar.maximum = max(state.progress[1], 1)

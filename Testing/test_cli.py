@@ -168,16 +168,6 @@ def test_train_help_is_for_newcomers(capsys):
     assert "resumes" in text and "--preset" in text and "slice labels" in text
 
 
-def test_demo_falls_back_to_a_phantom_without_data_and_writes_a_montage(tiny_bundle, tmp_path, capsys):
-    from cldf.demo import run_demo
-
-    montage = run_demo(tmp_path / "demo", tiny_bundle, tmp_path / "no-data" / "manifest.json", progress=False)
-    assert "real data not found" in capsys.readouterr().out
-    png = sitk.GetArrayFromImage(sitk.ReadImage(str(montage)))
-    assert png.ndim == 3 and png.shape[2] == 3 and png.std() > 0
-    assert (tmp_path / "demo" / "mask.nii.gz").is_file()
-
-
 def test_bench_compares_both_paths_on_the_same_slices(tiny_bundle, small_manifest):
     from cldf.bench import run_bench
 

@@ -306,3 +306,25 @@ def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module,
     np.testing.assert_array_equal(weak_slice_labels(case, None, 0.01), expected)
     m.controller.labelSlices(1, 0, 99)
     assert "outside 'FLAIR'" in m.panel.errors[-1]
+
+
+def test_train_runs_cldf_train_as_a_child_process_and_selects_the_new_bundle(module, small_manifest, tmp_path):
+    m = module
+    out = tmp_path / "my-bundle"
+    tiny = ("--set data.resolution=32 --set diffusion.steps=3 --set noisy_classifier.steps=3 "
+            "--set cam_classifier.steps=3 --set decoder.epochs=1 --set decoder.pixels_per_class=32 "
+            "--decoder-seeds 0 --no-select")  # seconds, not hours
+    m.parameters.setTraining(manifest=str(small_manifest), output=str(out), channels="FLAIR, T1", target="1",
+                             name="my-bundle", targetName="tumour", extra=tiny)
+    m.controller.trainOrCancel()
+    assert m.panel.timerRunning and m.panel.states[-1].trainText == "Cancel training"
+    t0 = time.time()
+    while m.controller.training is not None:
+        m.controller.tick()
+        time.sleep(0.1)
+        assert time.time() - t0 < 600
+    assert not m.panel.errors, m.panel.errors
+    assert m.parameters.bundlePath == str(out) and (out / "bundle.json").is_file()
+    assert "Training finished" in m.panel.statuses[-1] and m.panel.states[-1].trainText == "Train"
+    with pytest.raises(ValueError, match="unknown training field"):
+        m.parameters.setTraining(epochs="3")

@@ -9,6 +9,7 @@ so tests drive it as a click would, on real MRML.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +33,9 @@ class PanelState:
     channels: tuple[str, ...]  # one volume selector per channel, labelled with its name
     bundleInfo: str  # what the bundle segments, or why it cannot be used
     decideEnabled: bool = False  # the gate threshold, k and rule can be changed on the last run
+    trainText: str = "Train"
+    trainProgress: tuple[int, int] = (0, 0)  # steps of the stage in progress
+    trainStatus: str = ""  # the stage in progress, or the last line the training printed
 
 
 class Panel(Protocol):
@@ -60,6 +64,7 @@ class CLDFSegmentationController:
         self.job = None
         self._runInput = None
         self.lastJob = None  # the finished run whose cache re-decides the mask (memory only: not saved with the scene)
+        self.training = None  # a `cldf train` child process (`trainrun.TrainingRun`)
 
     # ------------------------------------------------------------------ state
     @property
@@ -78,7 +83,16 @@ class CLDFSegmentationController:
                           segmentEnabled=self.running or ready,
                           exportEnabled=not self.running and self.parameters.outputs() is not None,
                           bundleEnabled=not self.running, progress=progress, channels=channels, bundleInfo=text,
-                          decideEnabled=not self.running and self._redecidable())
+                          decideEnabled=not self.running and self._redecidable(),
+                          **self._trainingState())
+
+    def _trainingState(self) -> dict:
+        run = self.training
+        if run is None:
+            return {}
+        status = f"{run.stage}: step {run.done} of {run.total}" if run.stage else (run.lines[-1] if run.lines else
+                                                                                   "starting")
+        return {"trainText": "Cancel training", "trainProgress": (run.done, run.total), "trainStatus": status}
 
     def refresh(self) -> None:
         self.panel.refresh(self.state())
@@ -132,37 +146,94 @@ class CLDFSegmentationController:
         self.refresh()
 
     def tick(self) -> None:
-        """Timer: move finished slices into the scene; at the end remember the outputs in the parameters."""
-        if self.job is None:
+        """Timer: move finished slices into the scene, follow a training run; stops when neither is left."""
+        if self.job is not None:
+            self._tickSegmentation()
+        if self.training is not None:
+            self._tickTraining()
+        if self.job is None and self.training is None:
             self.panel.stopTimer()
-            return
+        self.refresh()
+
+    def _tickSegmentation(self) -> None:
+        """At the end of a run, its outputs and the bundle's decision go into the parameters."""
         try:
             more = self.job.poll()
         except Exception as e:
             self.job = None
-            self.panel.stopTimer()
             log.exception("CLDF segmentation failed")
             self.panel.showError(f"Segmentation failed: {e}. Nothing of this run was kept.")
-            self.refresh()
             return
-        if not more:
-            self.panel.stopTimer()
-            job, self.job, self.lastJob = self.job, None, self.job
-            self.parameters.setOutputs(job.result, self._runInput)
-            cfg = job._engine.segmenter.cfg.cluster  # the bundle's decision, the starting point for re-deciding
-            self.parameters.presenceThreshold, self.parameters.clusterK, self.parameters.clusterRule = \
-                cfg.presence_threshold, cfg.k, cfg.rule
-            self.showDisplay()
-            self.panel.showChart(job.result.chart)
-            self.panel.showStatus("Segmentation finished")
-        self.refresh()
+        if more:
+            return
+        job, self.job, self.lastJob = self.job, None, self.job
+        self.parameters.setOutputs(job.result, self._runInput)
+        cfg = job._engine.segmenter.cfg.cluster  # the bundle's decision, the starting point for re-deciding
+        self.parameters.presenceThreshold, self.parameters.clusterK, self.parameters.clusterRule = \
+            cfg.presence_threshold, cfg.k, cfg.rule
+        self.showDisplay()
+        self.panel.showChart(job.result.chart)
+        self.panel.showStatus("Segmentation finished")
 
     def cancel(self) -> None:
-        """Stop the run; the scene keeps exactly the nodes it had before Segment."""
-        self.panel.stopTimer()
+        """Stop the segmentation run; the scene keeps exactly the nodes it had before Segment."""
         if self.job is not None:
             self.job.cancel()
             self.job = None
+        if self.training is None:
+            self.panel.stopTimer()
+        self.refresh()
+
+    # ------------------------------------------------------------------ training
+    def trainOrCancel(self) -> None:
+        if self.training is not None:
+            self.cancelTraining()
+        else:
+            self.startTraining()
+
+    def startTraining(self) -> None:
+        """`cldf train` on the manifest and settings in the parameters, as a child process (resumes when the
+        output folder holds the checkpoints of the same command)."""
+        from .trainrun import TrainingRun, trainCommand
+
+        t = self.parameters.training()
+        try:
+            if not t["manifest"] or not t["output"]:
+                raise ValueError("choose the manifest (e.g. from Save labels and manifest...) and an output folder")
+            channels = [c.strip() for c in t["channels"].split(",") if c.strip()]
+            args = trainCommand(t["manifest"], t["output"], channels, t["target"], t["name"],
+                                t["targetName"] or "target", device=self.parameters.device,
+                                extra=tuple(shlex.split(t["extra"])))
+            self.training = TrainingRun(args)
+            self.training.start()
+        except Exception as e:
+            self.training = None
+            self.panel.showError(f"Training could not start: {e}")
+            self.refresh()
+            return
+        self.panel.startTimer()
+        self.refresh()
+
+    def _tickTraining(self) -> None:
+        run = self.training
+        if run.poll():
+            return
+        self.training = None
+        if run.returncode == 0:
+            self.chooseBundle(str(run.out))
+            self.panel.showStatus(f"Training finished: the bundle in {run.out} is selected")
+        elif run.returncode == 130:
+            self.panel.showStatus("Training cancelled; press Train again to resume from its checkpoints")
+        else:
+            self.panel.showError(f"Training failed (exit code {run.returncode}):\n{run.error()}")
+
+    def cancelTraining(self) -> None:
+        """Ctrl-C to the child: it saves the step in progress and stops; Train again resumes."""
+        if self.training is not None:
+            self.training.cancel()
+            self._tickTraining()
+        if self.job is None:
+            self.panel.stopTimer()
         self.refresh()
 
     def _redecidable(self) -> bool:
@@ -265,7 +336,8 @@ class CLDFSegmentationController:
         nodes["segmentation"].GetDisplayNode().SetVisibility(p.showMask)
 
     def sceneClosing(self) -> None:
-        """The scene is about to close: a run in progress is cancelled first, the last run's cache let go."""
+        """The scene is about to close: a segmentation in progress is cancelled first, the last run's cache let go.
+        A training run goes on (it writes files, not nodes)."""
         self.cancel()
         self._forgetLastRun()
 

@@ -119,6 +119,21 @@ class CLDFSegmentationParameters:
             raise ValueError(f"the foreground rule must be one of {RULES}, not '{rule}'")
         self.node.SetParameter("clusterRule", rule)
 
+    # ------------------------------------------------------------------ training a bundle
+    TRAINING_FIELDS = ("manifest", "output", "channels", "target", "name", "targetName", "extra")
+
+    def training(self) -> dict[str, str]:
+        """The Train section's fields: manifest, output folder, channels, target labels, bundle and target names,
+        and extra `cldf train` arguments (e.g. ``--set diffusion.steps=8000``)."""
+        return {f: self.node.GetParameter(f"train.{f}") or "" for f in self.TRAINING_FIELDS}
+
+    def setTraining(self, **fields: str) -> None:
+        unknown = set(fields) - set(self.TRAINING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown training field(s) {sorted(unknown)}; they are {self.TRAINING_FIELDS}")
+        for f, value in fields.items():
+            self.node.SetParameter(f"train.{f}", str(value))
+
     # ------------------------------------------------------------------ the last run
     def setOutputs(self, result, runInput) -> None:
         """Remember a finished run's output nodes and the input they lie on (None: forget them)."""

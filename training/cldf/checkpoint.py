@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,28 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             state.setdefault(int(idx), {})[key] = v
     optimizer.load_state_dict({"state": state, "param_groups": meta.pop("param_groups")})
     return meta
+
+
+class StopAtStepBoundary:
+    """While active, SIGINT (Ctrl-C, or Cancel in Slicer) only sets `requested`; the loop saves and stops.
+
+    A second SIGINT interrupts at once. Outside the main thread (where signals cannot be caught) it does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "StopAtStepBoundary":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
     d.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
-    d.add_argument("--data", type=Path, default=None, help="LGG manifest (default: ../shared/data/lgg or $CLDF_DATA/lgg)")
+    d.add_argument("--data", type=Path, default=None, help="an LGG manifest to take the bundle's first test case from (default: the shipped sample case)")
 
     b = sub.add_parser("bench", help="speed and peak memory: fast path, paper-literal path, LayerCAM, CDM saliency, "
                                      "whole volume")

@@ -17,12 +17,11 @@ import torch
 
 from .bundle import load_bundle
 from .data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
-from .demo import GAP, heat, overlay, to_unit
+from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, to_unit
 from .evaluate import case_ids_for_split
 from .segment import Segmenter
 
 COLUMNS = ("image", "ground truth", "CAM", "MG", "CDM saliency", "CLDF")
-GROUND_TRUTH_COLOR = (80, 200, 80)
 
 
 def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows: int = 3,

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from .config import CLDFConfig, ClassifierConfig
 from .data import SliceSet, load_manifest, load_slice_set, split_cases
 from .decoder import PixelDecoder
@@ -227,22 +227,25 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tenso
     model.train()
     bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not req.progress)
     t_start, t_saved, running = time.time(), time.time(), []
-    for step in range(meta["step"], steps):
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running.append(loss.item())
-        bar.update()
-        if len(running) == 50:
-            meta["loss"].append([step + 1, sum(running) / len(running)])
-            bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
-            running = []
-        if time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
-            meta["step"] = step + 1
-            meta["seconds"] += time.time() - t_start
-            t_start = t_saved = time.time()
-            save_checkpoint(ckdir / name, model, opt, meta)
+    with StopAtStepBoundary() as stop:  # Ctrl-C (or Cancel in Slicer) ends the step in progress, saves, stops
+        for step in range(meta["step"], steps):
+            loss = loss_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            running.append(loss.item())
+            bar.update()
+            if len(running) == 50:
+                meta["loss"].append([step + 1, sum(running) / len(running)])
+                bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
+                running = []
+            if stop.requested or time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
+                meta["step"] = step + 1
+                meta["seconds"] += time.time() - t_start
+                t_start = t_saved = time.time()
+                save_checkpoint(ckdir / name, model, opt, meta)
+            if stop.requested:
+                raise KeyboardInterrupt
     bar.close()
     return float(meta["seconds"])
 

@@ -1,0 +1,40 @@
+"""The module's sample scan in Slicer's Sample Data module: a real LGG test patient, FLAIR and T1.
+
+The files ship with the module (``Resources/SampleData/<case>/``, licence beside
+them) and are registered by local ``file://`` URI, so loading them needs no network.
+`sampleDataSources` is plain Python; only `registerSampleData` needs Slicer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CATEGORY = "CLDF Segmentation"
+SAMPLE_CASE = "TCGA_CS_6669_20020102"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / SAMPLE_CASE
+#: channel -> (file in SAMPLE_DIR, its SHA256): the channels of the shipped brain bundle, in its order.
+SAMPLE_FILES = {
+    "FLAIR": ("flair.nii.gz", "a4e3cd48734051ac274819d3c973198012884f52f7180b142c5a8e125387ec95"),
+    "T1": ("t1.nii.gz", "a39ad19e01a3f0601299c223741cd59c09fb9fdc0f27cc60ea06683463c6eaaa"),
+}
+
+
+def sampleDataSources(sampleDir: Path = SAMPLE_DIR) -> list[dict]:
+    """Keyword arguments of ``SampleDataLogic.registerCustomSampleDataSource``, one dict per sample."""
+    files = [(channel, name, sha) for channel, (name, sha) in SAMPLE_FILES.items()]
+    return [{
+        "category": CATEGORY,
+        "sampleName": SAMPLE_CASE,
+        "uris": [(sampleDir / name).as_uri() for _, name, _ in files],
+        "fileNames": [f"{SAMPLE_CASE}_{name}" for _, name, _ in files],  # names in Slicer's download cache
+        "nodeNames": [f"{SAMPLE_CASE}_{channel}" for channel, _, _ in files],
+        "checksums": [f"SHA256:{sha}" for _, _, sha in files],
+    }]
+
+
+def registerSampleData() -> None:
+    """Add the sample to Slicer's Sample Data module (call once Slicer has started)."""
+    import SampleData  # a Slicer module: only importable inside Slicer
+
+    for source in sampleDataSources():
+        SampleData.SampleDataLogic.registerCustomSampleDataSource(**source)
