@@ -10,17 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cldf.train_ame as train_ame
+import cldf.training.train_ame as train_ame
 from cldf.ame_cam import (AmeCam, AttentionAggregator, MultiExitClassifier, multi_exit_loss, region_contrastive_loss,
                           upsample)
 from cldf.bundle import BundleError, load_bundle, read_card
 from cldf.config import AmeCamConfig
 from cldf.data import load_manifest, load_slice_set
 from cldf.maps import AmeCamMap, build_cam
-from cldf.evaluate import available_methods, evaluate
+from cldf.evaluation.evaluate import available_methods, evaluate
 from cldf.segment import Segmenter, bundle_variants
-from cldf.select import select_settings
-from cldf.train import TrainRequest, train
+from cldf.training.select import select_settings
+from cldf.training.train import TrainRequest, train
 from conftest import BRAIN_BUNDLE, tiny_config
 
 
@@ -125,7 +125,7 @@ def test_region_contrastive_loss_prefers_a_map_on_the_shared_object_to_a_random_
 
 def test_hard_negatives_are_weighted_by_their_distance_to_the_patients_positive_slices():
     from cldf.data import SliceSet
-    from cldf.train_ame import near_positive_weights
+    from cldf.training.train_ame import near_positive_weights
 
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0])  # patient 0: slices 0-4, patient 1 (no positive): 5-7
     data = SliceSet(torch.zeros(8, 1, 4, 4), labels, torch.tensor([0, 0, 0, 0, 0, 1, 1, 1]), ["a", "b"])

@@ -169,7 +169,7 @@ def test_train_help_is_for_newcomers(capsys):
 
 
 def test_bench_compares_both_paths_on_the_same_slices(tiny_bundle, small_manifest):
-    from cldf.bench import run_bench
+    from cldf.evaluation.bench import run_bench
 
     report = run_bench(tiny_bundle, small_manifest, None, slices=3, device="cpu")
     assert report["max_abs_diff"] < 1e-4 and report["slices"] == 3
@@ -178,7 +178,8 @@ def test_bench_compares_both_paths_on_the_same_slices(tiny_bundle, small_manifes
 
 
 def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_manifest, tmp_path):
-    from cldf import bench, cli
+    from cldf import cli
+    from cldf.evaluation import bench
 
     assert cli.PATHS == bench.PATHS
     out = tmp_path / "speed.md"

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf import demo
+from cldf.evaluation import demo
 from cldf.cli import main
 from cldf.data import InputError, load_manifest
-from cldf.figure import radiological
+from cldf.evaluation.figure import radiological
 
 from conftest import BRAIN_BUNDLE, TUMOUR_CASE
 

@@ -38,10 +38,20 @@ def test_every_module_file_is_listed_in_the_module_cmake_lists():
     assert not listed - on_disk, f"listed but missing: {sorted(map(str, listed - on_disk))}"
 
 
-def test_every_engine_file_is_bundled_with_the_module():
+def test_the_runtime_and_training_ship_with_the_module_and_the_evaluation_tooling_does_not():
     listed = {REPO / "training" / f for f in cmake_list("CLDF_ENGINE_SCRIPTS")}
     on_disk = {p for p in files_under(ENGINE) if p.suffix == ".py"}
-    assert listed == on_disk, f"differ: {sorted(map(str, listed ^ on_disk))}"
+    evaluation = {p for p in on_disk if "evaluation" in p.relative_to(ENGINE).parts}
+    assert evaluation and listed == on_disk - evaluation, f"differ: {sorted(map(str, listed ^ (on_disk - evaluation)))}"
+
+
+def test_the_runtime_and_training_never_import_the_evaluation_tooling():
+    for path in ENGINE.rglob("*.py"):
+        if "evaluation" in path.relative_to(ENGINE).parts or path.name == "cli.py":
+            continue
+        tree = ast.parse(path.read_text())
+        modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not any("evaluation" in m for m in modules), f"{path} imports the evaluation tooling"
 
 
 def test_the_top_level_cmake_lists_build_the_module_as_an_extension():

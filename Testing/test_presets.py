@@ -73,7 +73,7 @@ def test_every_preset_keeps_its_timesteps_inside_the_schedule():
 
 
 def test_classifier_augmentation_is_seeded_and_stays_in_range():
-    from cldf.train import _augment
+    from cldf.training.train import _augment
 
     x = torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     a = _augment(x, torch.Generator().manual_seed(1))

@@ -176,7 +176,7 @@ def test_an_unknown_refinement_is_refused_before_any_work(tiny_bundle):
 
 def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_bundle, three_slices, case_paths):
     from cldf.data import Case, Manifest
-    from cldf.evaluate import _dice, evaluate
+    from cldf.evaluation.evaluate import _dice, evaluate
 
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(mask.sum(axis=(1, 2)).argmax())
@@ -194,7 +194,7 @@ def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_b
 def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_bundle, three_slices, case_paths):
     from cldf.config import PostprocessConfig
     from cldf.postprocess import SliceEvidence
-    from cldf.select import _ValVolume, _volume_dice, select_refine
+    from cldf.training.select import _ValVolume, _volume_dice, select_refine
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(truth.sum(axis=(1, 2)).argmax())

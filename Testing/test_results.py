@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from cldf.cli import main
-from cldf.demo import GAP
-from cldf.figure import COLUMNS
-from cldf.evaluate import _slice_scores, pointing
-from cldf.results import cldf_is_best
+from cldf.evaluation.demo import GAP
+from cldf.evaluation.figure import COLUMNS
+from cldf.evaluation.evaluate import _slice_scores, pointing
+from cldf.evaluation.results import cldf_is_best
 
 
 def test_results_table_from_the_metrics_recorded_in_bundles(tiny_bundle, small_manifest, tmp_path, capsys):

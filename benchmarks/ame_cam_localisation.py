@@ -40,13 +40,13 @@ from cldf.ame_cam import AmeCam, minmax, upsample
 from cldf.bundle import read_card
 from cldf.config import AmeCamConfig, CLDFConfig, preset
 from cldf.data import load_manifest, load_slice_set, normalise, read_channels, split_cases, target_mask, to_slices
-from cldf.evaluate import pointing
+from cldf.evaluation.evaluate import pointing
 from cldf.maps import AmeCamMap, LayerCAM
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
-from cldf.train import TrainRequest, fit_classifier
-from cldf.train_ame import fit_ame_cam
+from cldf.training.train import TrainRequest, fit_classifier
+from cldf.training.train_ame import fit_ame_cam
 
 CPU = torch.device("cpu")
 INFERENCE_ONLY = ("map_exits",)  # AME-CAM settings that need no retraining

@@ -27,12 +27,12 @@ import torch
 from cldf.bundle import read_card
 from cldf.config import CLDFConfig
 from cldf.data import load_manifest, load_slice_set, normalise, read_channels, target_mask, to_slices
-from cldf.evaluate import pointing
+from cldf.evaluation.evaluate import pointing
 from cldf.maps import LayerCAM
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
-from cldf.train import TrainRequest, fit_classifier
+from cldf.training.train import TrainRequest, fit_classifier
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):

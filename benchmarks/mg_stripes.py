@@ -28,7 +28,7 @@ import torch
 
 from cldf.bundle import load_bundle
 from cldf.data import load_manifest, normalise, read_channels, target_mask, to_slices
-from cldf.demo import GAP, heat, to_unit
+from cldf.evaluation.demo import GAP, heat, to_unit
 from cldf.maps import MeanGradient
 from cldf.seeds import threshold_maps
 

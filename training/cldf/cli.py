@@ -218,11 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cldf {args.command}: interrupted; nothing half-written was kept. "
               "`cldf train` resumes from its checkpoints when run again.", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("cldf.evaluation"):
+            raise
+        print(f"cldf {args.command}: error: this installation (the Slicer module's engine) has no evaluation "
+              "tooling; install the `cldf` package from the project's repository to run it", file=sys.stderr)
+        return 2
 
 
 def cmd_train(args, argv) -> int:
     from .config import preset
-    from .train import TrainRequest, train
+    from .training.train import TrainRequest, train
 
     cfg = preset(args.preset)
     cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
@@ -267,7 +273,7 @@ def cmd_segment(args, argv) -> int:
 def cmd_evaluate(args, argv) -> int:
     from .bundle import load_bundle
     from .data import load_manifest
-    from .evaluate import available_methods, case_ids_for_split, evaluate, markdown_table, write_report
+    from .evaluation.evaluate import available_methods, case_ids_for_split, evaluate, markdown_table, write_report
 
     bundle = load_bundle(args.bundle)
     manifest = load_manifest(args.data)
@@ -295,7 +301,7 @@ def cmd_evaluate(args, argv) -> int:
 
 
 def cmd_results(args, argv) -> int:
-    from .results import build_results, markdown, write_results
+    from .evaluation.results import build_results, markdown, write_results
 
     results = build_results(args.bundles, args.split)
     write_results(results, args.out)
@@ -305,7 +311,7 @@ def cmd_results(args, argv) -> int:
 
 
 def cmd_figure(args, argv) -> int:
-    from .figure import COLUMNS, make_figure
+    from .evaluation.figure import COLUMNS, make_figure
 
     where = make_figure(args.bundle, args.data, args.out, args.split, args.rows, args.device)
     print(f"wrote {args.out}: columns {' | '.join(COLUMNS)}; rows " + ", ".join(f"{c} slice {z}" for c, z in where))
@@ -313,7 +319,7 @@ def cmd_figure(args, argv) -> int:
 
 
 def cmd_ablate(args, argv) -> int:
-    from .train import add_decoders
+    from .training.train import add_decoders
 
     added = add_decoders(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
     print(f"added decoder variants {', '.join(added)} to {args.bundle}" if added
@@ -322,7 +328,7 @@ def cmd_ablate(args, argv) -> int:
 
 
 def cmd_tune(args, argv) -> int:
-    from .train import tune
+    from .training.train import tune
 
     doc = tune(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet,
                refine=not args.no_refine)
@@ -334,14 +340,14 @@ def cmd_tune(args, argv) -> int:
 
 
 def cmd_demo(args, argv) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     run_demo(args.out, args.bundle, args.data, progress=not args.quiet)
     return 0
 
 
 def cmd_bench(args, argv) -> int:
-    from .bench import run_bench
+    from .evaluation.bench import run_bench
 
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
     run_bench(args.bundle, args.data, args.case, args.slices, args.device, args.scale, args.depth, paths, args.out)

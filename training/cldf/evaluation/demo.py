@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .bundle import Bundle, load_bundle
-from .data import Case, InputError, load_manifest, target_mask
-from .outputs import write_result
-from .segment import Segmenter, VolumeResult
+from ..bundle import Bundle, load_bundle
+from ..data import Case, InputError, load_manifest, target_mask
+from ..outputs import write_result
+from ..segment import Segmenter, VolumeResult
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SHIPPED_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
 SAMPLE_DIR = REPO / "CLDFSegmentation" / "Resources" / "SampleData" / "TCGA_CS_6669_20020102"
 MONTAGE_ROWS = 3

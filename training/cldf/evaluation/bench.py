@@ -38,13 +38,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, load_bundle
-from .config import preset
-from .data import load_manifest, normalise, read_channels, to_slices
-from .models import NoiseSchedule
-from .features import DiffusionFeatures, literal_feature_stack
-from .maps import CDMSaliency, LayerCAM
-from .segment import Segmenter, autocast, resolve_device, slice_presence
+from ..bundle import Bundle, load_bundle
+from ..config import preset
+from ..data import load_manifest, normalise, read_channels, to_slices
+from ..models import NoiseSchedule
+from ..features import DiffusionFeatures, literal_feature_stack
+from ..maps import CDMSaliency, LayerCAM
+from ..segment import Segmenter, autocast, resolve_device, slice_presence
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")
@@ -227,9 +227,9 @@ def random_bundle(preset_name: str, channels: list[str], out: Path) -> Path:
     Time and memory of the two paths do not depend on the weights, so this
     measures the paper's 256x256 scale without training it.
     """
-    from .bundle import decoders_state, save_bundle
-    from .decoder import PixelDecoder
-    from .models import SliceClassifier, build_cdm
+    from ..bundle import decoders_state, save_bundle
+    from ..decoder import PixelDecoder
+    from ..models import SliceClassifier, build_cdm
 
     cfg = preset(preset_name)
     cfg.data.channels = list(channels)

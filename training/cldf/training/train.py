@@ -32,14 +32,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
+from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
-from .config import CLDFConfig, ClassifierConfig
-from .data import SliceSet, load_manifest, load_slice_set, split_cases
-from .decoder import PixelDecoder
-from .features import gather_at_pixels
-from .models import NoiseSchedule, SliceClassifier, build_cdm
-from .segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
+from ..config import CLDFConfig, ClassifierConfig
+from ..data import SliceSet, load_manifest, load_slice_set, split_cases
+from ..decoder import PixelDecoder
+from ..features import gather_at_pixels
+from ..models import NoiseSchedule, SliceClassifier, build_cdm
+from ..segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
 from .select import apply_settings, select_postprocess, select_settings
 
 log = logging.getLogger(__name__)

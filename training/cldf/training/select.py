@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .bundle import Bundle
-from .cluster import choose_clusters, kmeans
-from .config import CLDFConfig, PostprocessConfig, SeedConfig
-from .data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
-from .decoder import PixelDecoder
-from .features import gather_at_pixels
-from .postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
-from .seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
-from .segment import Segmenter, autocast, resolve_device, seed_references
+from ..bundle import Bundle
+from ..cluster import choose_clusters, kmeans
+from ..config import CLDFConfig, PostprocessConfig, SeedConfig
+from ..data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
+from ..decoder import PixelDecoder
+from ..features import gather_at_pixels
+from ..postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
+from ..seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
+from ..segment import Segmenter, autocast, resolve_device, seed_references
 
 # The paper's value first in every list: ties keep the paper's setting.
 DECODER_GRID = {
@@ -314,7 +314,7 @@ def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessCo
 
     Ties keep "none" (refinement costs seconds per slice).
     """
-    from .refine import SamRefiner  # loads timm: only when refinement is weighed
+    from ..refine import SamRefiner  # loads timm: only when refinement is weighed
 
     refiner = SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device))
     plain, sharp = [], []

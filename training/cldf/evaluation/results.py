@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .bundle import read_card
+from ..bundle import read_card
 from .evaluate import BASELINES, METHODS
 
 #: row labels, in the paper's order

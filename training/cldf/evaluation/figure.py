@@ -15,11 +15,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .bundle import load_bundle
-from .data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
+from ..bundle import load_bundle
+from ..data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
 from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, to_unit
 from .evaluate import case_ids_for_split
-from .segment import Segmenter
+from ..segment import Segmenter
 
 COLUMNS = ("image", "ground truth", "CAM", "MG", "CDM saliency", "CLDF")
 

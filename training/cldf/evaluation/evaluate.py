@@ -32,13 +32,13 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from tqdm.auto import tqdm
 
-from .bundle import Bundle
-from .data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
-from .maps import GradCAM, LayerCAM
-from .maps.scorecam import ScoreCAM
-from .postprocess import keep_main_components
-from .seeds import FOREGROUND, threshold_maps
-from .segment import Segmenter, resolve_device
+from ..bundle import Bundle
+from ..data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
+from ..maps import GradCAM, LayerCAM
+from ..maps.scorecam import ScoreCAM
+from ..postprocess import keep_main_components
+from ..seeds import FOREGROUND, threshold_maps
+from ..segment import Segmenter, resolve_device
 
 MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "cdm")  # one map, thresholded per slice
 BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "fusion", "cdm")
@@ -162,7 +162,7 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
 
 def _refiner(bundle: Bundle, device: str, batch_size: int):
     """The bundle's refinement settings with SAM switched on (the ``cldf+sam`` row)."""
-    from .refine import SamRefiner  # loads timm: only when the row is asked for
+    from ..refine import SamRefiner  # loads timm: only when the row is asked for
 
     return SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device), batch_size=batch_size)
 

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
-from .ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
-from .config import CLDFConfig
-from .data import Manifest, SliceSet, load_slice_set
-from .segment import autocast
+from ..ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
+from ..config import CLDFConfig
+from ..data import Manifest, SliceSet, load_slice_set
+from ..segment import autocast
 from .train import TrainRequest, _augment, _fit, _step_generator
 
 
