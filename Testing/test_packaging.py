@@ -94,9 +94,16 @@ def test_torch_is_imported_lazily_by_the_module_and_library():
         for node in tree.body:
             if isinstance(node, ast.Import):
                 top |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module != "cldf.defaults":
                 top.add(node.module.split(".")[0])
         assert not top & {"torch", "cldf", "monai"}, f"{path.name} imports the engine at load time"
+
+
+def test_the_shared_defaults_import_nothing():
+    """The module reads `cldf.defaults` at load time: it must stay plain constants (`cldf/__init__` too)."""
+    for path in (ENGINE / "defaults.py", ENGINE / "__init__.py"):
+        tree = ast.parse(path.read_text())
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{path.name} imports"
 
 
 # ------------------------------------------------------------------ dependencies inside Slicer

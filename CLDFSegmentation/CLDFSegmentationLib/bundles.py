@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cldf.defaults import TARGET_COLOR, TARGET_NAME  # plain constants: no torch
+
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
 
@@ -30,7 +32,7 @@ def readBundleInfo(path: str | Path) -> BundleInfo:
         doc = json.loads(card.read_text())
         task = doc.get("task", {})
         return BundleInfo(path, str(doc.get("name", path.name)), tuple(doc["channels"]),
-                          str(task.get("target", "target")), tuple(task.get("color", (230, 80, 60))))
+                          str(task.get("target", TARGET_NAME)), tuple(task.get("color", TARGET_COLOR)))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{card} is not a valid bundle card ({e}); rebuild or re-download the bundle") from e
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import slicer
 
+from cldf.defaults import BATCH_SIZE, TARGET_COLOR, TARGET_NAME  # plain constants: no torch
+
 from . import display
 from .chart import addSliceChart, chartSeries
 from .job import CLDFSegmentationJob, CLDFSegmentationResult, showResult
@@ -29,7 +31,7 @@ class CLDFSegmentationLogic:
     """
 
     def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
-              batchSize: int = 8, decoderSeed: int = 0, show: bool = True,
+              batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
               refine: str | None = None, keepCache: bool = True) -> CLDFSegmentationJob:
         """Check the inputs against the bundle, create the output nodes and return a stepwise job.
 
@@ -63,7 +65,7 @@ class CLDFSegmentationLogic:
         return CLDFSegmentationJob(engineJob, reference, result)
 
     def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
-                batchSize: int = 8, decoderSeed: int = 0, show: bool = True,
+                batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
                 refine: str | None = None) -> CLDFSegmentationResult:
         """`start` and step to the end."""
         return self.start(inputVolumes, bundlePath, device, batchSize, decoderSeed, show, refine).run()
@@ -97,9 +99,9 @@ class CLDFSegmentationLogic:
         name = reference.GetName()
         cam = addVolumeLike(reference, f"{name} CAM")
         meanGradient = addVolumeLike(reference, f"{name} mean gradient")
-        segmentation, segmentId = addSegmentation(reference, f"{name} {task.get('target', 'target')}",
-                                                  str(task.get("target", "target")),
-                                                  tuple(task.get("color", (230, 80, 60))))
+        segmentation, segmentId = addSegmentation(reference, f"{name} {task.get('target', TARGET_NAME)}",
+                                                  str(task.get("target", TARGET_NAME)),
+                                                  tuple(task.get("color", TARGET_COLOR)))
         table, chart = addSliceChart(name, slices)
         for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentation, "segmentation"),
                            (table, "table"), (chart, "chart"), *((s, "chartSeries") for s in chartSeries(chart))):

@@ -8,8 +8,9 @@ state is the same in Slicer, in scripts and in the headless tests.
 
 from __future__ import annotations
 
+from cldf.defaults import DEVICES  # plain constants: no torch
+
 MAX_CHANNELS = 4
-DEVICES = ("auto", "cuda", "cpu")
 MAPS = ("cam", "meanGradient", "none")
 RULES = ("nearest", "closer_than_background")  # as `cldf.cluster.RULES` (not imported: it needs the engine)
 DEFAULT_OPACITY = 0.6

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .defaults import BATCH_SIZE, DEVICES, TARGET_COLOR, TARGET_NAME
+
 DESCRIPTION = """\
 CLDF: weakly supervised segmentation with contrastive learning on diffusion features.
 
@@ -96,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path, help="bundle directory to create (or resume)")
     t.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
                    help="cpu: 64x64, fits a 2-core machine (default); paper: the paper's 256x256 scale, for a GPU")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto uses CUDA when present")
+    t.add_argument("--device", choices=DEVICES, default="auto", help="auto uses CUDA when present")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the networks and the sampling")
     t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
-    t.add_argument("--target-name", default="target", help="name of the segment, e.g. tumour")
-    t.add_argument("--color", default="230,80,60", help="segment colour as R,G,B")
+    t.add_argument("--target-name", default=TARGET_NAME, help="name of the segment, e.g. tumour")
+    t.add_argument("--color", default=",".join(map(str, TARGET_COLOR)), help="segment colour as R,G,B")
     t.add_argument("--decoder-seeds", default="0,1,2", help="train one pixel decoder per seed (default 0,1,2)")
     t.add_argument("--no-select", action="store_true",
                    help="keep the preset's settings instead of choosing them on the validation split")
@@ -116,11 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input", dest="inputs", action="append", required=True, metavar="NAME=PATH",
                    help="one per bundle channel, e.g. --input FLAIR=flair.nii.gz --input T1=t1.nii.gz")
     s.add_argument("--out", required=True, type=Path, help="output directory")
-    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    s.add_argument("--device", choices=DEVICES, default="auto")
     s.add_argument("--format", choices=["nifti", "nrrd"], default="nifti", help=".nii.gz (default) or .nrrd")
     s.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     s.add_argument("--decoder-seed", type=int, default=0, help="which shipped pixel decoder to use")
-    s.add_argument("--batch-size", type=int, default=8, help="slices per step")
+    s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="slices per step")
     s.add_argument("--maps", default="", metavar="NAMES",
                    help="extra maps to write, comma-separated: 'cdm' (CDM saliency, Hu et al. 2023, as cdm_saliency)")
     s.add_argument("--refine", choices=["bundle", "none", "sam"], default="bundle",
@@ -137,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="train, val, test (as recorded in the bundle) or all")
     e.add_argument("--target", type=_labels, default=None, help="mask values of the target (default: the bundle's)")
     e.add_argument("--out", required=True, type=Path, help="report JSON to write")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--methods", default="", metavar="NAMES",
                    help="comma-separated methods to score (default: every method the bundle has decoders for)")
     e.add_argument("--record", action="store_true",
@@ -158,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default="test")
     f.add_argument("--rows", type=int, default=3)
     f.add_argument("--out", required=True, type=Path, help="PNG to write")
-    f.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    f.add_argument("--device", choices=DEVICES, default="auto")
 
     a = sub.add_parser("ablate", help="add the ablation decoders (seeds from one map) to a bundle made without them",
                        description="Train the pixel decoders a bundle made before the ablations lacks (LayerCAM+CL, "
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "makes them itself.")
     a.add_argument("--bundle", required=True, type=Path)
     a.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
-    a.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    a.add_argument("--device", choices=DEVICES, default="auto")
 
     u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "
@@ -177,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'selection.postprocess'). `cldf train` does this itself.")
     u.add_argument("--bundle", required=True, type=Path)
     u.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
-    u.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    u.add_argument("--device", choices=DEVICES, default="auto")
     u.add_argument("--no-refine", action="store_true",
                    help="leave refinement as it is (weighing it runs SAM on every validation slice with a mask)")
 
@@ -192,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: LGG)")
     b.add_argument("--case", default=None, help="case id (default: the first test case)")
     b.add_argument("--slices", type=int, default=0, help="use only this many slices (0: all)")
-    b.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b.add_argument("--device", choices=DEVICES, default="auto")
     b.add_argument("--scale", choices=["cpu", "paper"], default=None,
                    help="benchmark random networks at a preset's scale (e.g. paper: 256x256) instead of the bundle's")
     b.add_argument("--depth", type=int, default=0,

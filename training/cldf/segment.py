@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .bundle import Bundle
 from .config import ClusterConfig, PostprocessConfig
+from .defaults import BATCH_SIZE, DEVICES
 from .cluster import choose_clusters, kmeans
 from .data import from_slices, normalise, read_channels, stack_channels, to_slices
 from .features import DiffusionFeatures, EncoderFeatures
@@ -42,8 +43,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not '{name}'")
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{name}'")
     return torch.device(name)
 
 
@@ -169,7 +170,7 @@ class Segmenter:
             ``"none"`` does not; None: the bundle's ``refine.method``.
     """
 
-    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = 8, variant: str = "cdm",
+    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = BATCH_SIZE, variant: str = "cdm",
                  maps: tuple[str, ...] = (), refine: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")

@@ -36,6 +36,7 @@ from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from ..config import CLDFConfig, ClassifierConfig
 from ..data import SliceSet, load_manifest, load_slice_set, split_cases
+from ..defaults import TARGET_COLOR, TARGET_NAME
 from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
 from ..models import NoiseSchedule, SliceClassifier, build_cdm
@@ -55,8 +56,8 @@ class TrainRequest:
     seed: int = 0
     decoder_seeds: tuple[int, ...] = (0, 1, 2)
     name: str = "bundle"
-    target_name: str = "target"
-    target_color: tuple[int, int, int] = (230, 80, 60)
+    target_name: str = TARGET_NAME
+    target_color: tuple[int, int, int] = TARGET_COLOR
     command: str = ""
     checkpoint_every_s: float = 300.0
     select: bool = True
