@@ -104,6 +104,7 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             getattr(self.ui, name).toggled.connect(lambda on, which=which: on and self._setDisplay("shownMap", which))
         self.ui.opacitySliderWidget.valueChanged.connect(lambda v: self._setDisplay("overlayOpacity", v))
         self.ui.showMaskCheckBox.toggled.connect(lambda on: self._setDisplay("showMask", on))
+        self.ui.showSeedsCheckBox.toggled.connect(lambda on: self._setDisplay("showSeeds", on))
         self.ui.presenceThresholdSliderWidget.valueChanged.connect(lambda v: self._setDecision("presenceThreshold", v))
         self.ui.clusterKSpinBox.valueChanged.connect(lambda k: self._setDecision("clusterK", k))
         self.ui.clusterRuleComboBox.currentTextChanged.connect(lambda rule: self._setDecision("clusterRule", rule))
@@ -171,7 +172,7 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self.parameters
         widgets = [*(getattr(self.ui, n) for n in TRAIN_FIELDS.values()),
                    self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
-                   self.ui.showMaskCheckBox, self.ui.presenceThresholdSliderWidget, self.ui.clusterKSpinBox,
+                   self.ui.showMaskCheckBox, self.ui.showSeedsCheckBox, self.ui.presenceThresholdSliderWidget, self.ui.clusterKSpinBox,
                    self.ui.clusterRuleComboBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
                    *(getattr(self.ui, f"inputSelector{i}") for i in range(MAX_CHANNELS))]
         blocked = [w.blockSignals(True) for w in widgets]
@@ -182,6 +183,7 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceComboBox.currentText = p.device
             self.ui.opacitySliderWidget.value = p.overlayOpacity
             self.ui.showMaskCheckBox.checked = p.showMask
+            self.ui.showSeedsCheckBox.checked = p.showSeeds
             getattr(self.ui, MAP_BUTTONS[p.shownMap]).checked = True
             for field, value in p.training().items():
                 widget = getattr(self.ui, TRAIN_FIELDS[field])

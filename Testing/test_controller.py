@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import slicer
 
 from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationLogic, CLDFSegmentationParameters
 from CLDFSegmentationLib import dependencies
@@ -224,6 +225,11 @@ def test_display_choices_live_in_the_parameter_node_and_apply_to_the_last_run(mo
     assert composite.GetBackgroundVolumeID() == m.volumes["FLAIR"].GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.3)
     assert not outputs["segmentation"].GetDisplayNode().GetVisibility()
+    assert not composite.GetLabelVolumeID()  # seeds are an optional layer, off by default
+    m.parameters.showSeeds = True
+    m.controller.showDisplay()
+    assert composite.GetLabelVolumeID() == outputs["seedsVolume"].GetID()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(outputs["seedsVolume"]), m.controller.lastJob._engine.result.seeds)
     with pytest.raises(ValueError, match="opacity must be in"):
         m.parameters.overlayOpacity = 1.5
 

@@ -325,7 +325,8 @@ class CLDFSegmentationController:
         if self.job is not None and self.job.result is not None:
             result = self.job.result
             nodes = {"camVolume": result.camVolume, "meanGradientVolume": result.meanGradientVolume,
-                     "segmentation": result.segmentation, "runInput": self._runInput}
+                     "segmentation": result.segmentation, "seedsVolume": result.seedsVolume,
+                     "runInput": self._runInput}
         else:
             nodes = self.parameters.outputs()
             if nodes is None:
@@ -334,6 +335,7 @@ class CLDFSegmentationController:
         shown = {"cam": nodes["camVolume"], "meanGradient": nodes["meanGradientVolume"], "none": None}[p.shownMap]
         display.showMap(shown, backgroundNode=nodes["runInput"], opacity=p.overlayOpacity)
         nodes["segmentation"].GetDisplayNode().SetVisibility(p.showMask)
+        display.showSeeds(nodes["seedsVolume"] if p.showSeeds else None)
 
     def sceneClosing(self) -> None:
         """The scene is about to close: a segmentation in progress is cancelled first, the last run's cache let go.

@@ -48,6 +48,15 @@ def showMap(mapNode, backgroundNode=None, opacity: float | None = None) -> None:
                 composite.SetForegroundOpacity(opacity)
 
 
+def showSeeds(seedsNode=None, opacity: float = 0.8) -> None:
+    """Show a seeds label map (1 foreground, 2 background) in the label layer of every slice view, or none."""
+    checkOpacity(opacity)
+    for composite in sliceCompositeNodes():
+        with slicer.util.NodeModify(composite):
+            composite.SetLabelVolumeID(seedsNode.GetID() if seedsNode is not None else None)
+            composite.SetLabelOpacity(opacity)
+
+
 def setOverlayOpacity(opacity: float) -> None:
     """Foreground (map) opacity of every slice view, 0 (hidden) .. 1 (opaque)."""
     checkOpacity(opacity)

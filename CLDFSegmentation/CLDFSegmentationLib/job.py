@@ -31,11 +31,13 @@ class CLDFSegmentationResult:
     sliceProbabilities: np.ndarray  # (Z,) probability that each axial slice holds the target
     table: object = None  # per-slice numbers (`chart`)
     chart: object = None  # the plot of them
+    seedsVolume: object = None  # label map: 1 foreground seeds, 2 background seeds (an optional layer)
 
     @property
     def nodes(self) -> list:
         charts = [self.table, self.chart, *chartSeries(self.chart)] if self.chart is not None else []
-        return [self.camVolume, self.meanGradientVolume, self.segmentation, *charts]
+        seeds = [self.seedsVolume] if self.seedsVolume is not None else []
+        return [self.camVolume, self.meanGradientVolume, self.segmentation, *seeds, *charts]
 
 
 class CLDFSegmentationJob:
@@ -180,6 +182,8 @@ class CLDFSegmentationJob:
         engine, result = self._engine.result, self.result
         writeSlices(result.camVolume, engine.cam, start, stop)
         writeSlices(result.meanGradientVolume, engine.mean_gradient, start, stop)
+        if result.seedsVolume is not None:
+            writeSlices(result.seedsVolume, engine.seeds, start, stop)
         addSegmentSlices(result.segmentation, result.segmentId, engine.mask, self._input, start, stop)
         result.sliceProbabilities[start:stop] = engine.presence[start:stop]
         self._updateChart(start, stop)

@@ -102,13 +102,15 @@ class CLDFSegmentationLogic:
         segmentation, segmentId = addSegmentation(reference, f"{name} {task.get('target', TARGET_NAME)}",
                                                   str(task.get("target", TARGET_NAME)),
                                                   tuple(task.get("color", TARGET_COLOR)))
+        seeds = addVolumeLike(reference, f"{name} seeds", "vtkMRMLLabelMapVolumeNode", np.uint8)  # 1 fg, 2 bg
         table, chart = addSliceChart(name, slices)
         for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentation, "segmentation"),
+                           (seeds, "seeds"),
                            (table, "table"), (chart, "chart"), *((s, "chartSeries") for s in chartSeries(chart))):
             tagOutput(node, role, reference, provenance)
             placeBeside(node, reference)
         for node in (cam, meanGradient):
             display.styleMap(node)
         return CLDFSegmentationResult(cam, meanGradient, segmentation, segmentId, np.zeros(slices, np.float32),
-                                      table, chart)
+                                      table, chart, seeds)
 

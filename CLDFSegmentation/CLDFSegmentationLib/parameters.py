@@ -17,7 +17,7 @@ DEFAULT_OPACITY = 0.6
 
 #: node-reference roles of the last run's outputs, and of the input they lie on
 OUTPUT_ROLES = {"camVolume": "outputCAM", "meanGradientVolume": "outputMeanGradient",
-                "segmentation": "outputSegmentation"}
+                "segmentation": "outputSegmentation", "seedsVolume": "outputSeeds"}
 RUN_INPUT = "runInput"
 
 
@@ -86,6 +86,14 @@ class CLDFSegmentationParameters:
     @showMask.setter
     def showMask(self, show: bool) -> None:
         self.node.SetParameter("showMask", "true" if show else "false")
+
+    @property
+    def showSeeds(self) -> bool:
+        return self.node.GetParameter("showSeeds") == "true"
+
+    @showSeeds.setter
+    def showSeeds(self, show: bool) -> None:
+        self.node.SetParameter("showSeeds", "true" if show else "false")
 
     # ------------------------------------------------------------------ deciding the mask (re-decided from the cache)
     @property
