@@ -312,6 +312,15 @@ def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module,
     np.testing.assert_array_equal(weak_slice_labels(case, None, 0.01), expected)
     m.controller.labelSlices(1, 0, 99)
     assert "outside 'FLAIR'" in m.panel.errors[-1]
+    m.controller.segmentOrCancel()  # a run on the labelled input: its chart shows the labels
+    run_to_the_end(m.controller)
+    from CLDFSegmentationLib.chart import tableColumn
+
+    table = m.parameters.outputs()["table"]
+    np.testing.assert_array_equal(tableColumn(table, "slice label"), expected)
+    m.controller.labelSlices(0, 10)
+    expected[10] = 0
+    np.testing.assert_array_equal(tableColumn(table, "slice label"), expected)
 
 
 def test_train_runs_cldf_train_as_a_child_process_and_selects_the_new_bundle(module, small_manifest, tmp_path):

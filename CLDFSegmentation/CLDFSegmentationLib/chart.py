@@ -11,10 +11,12 @@ import numpy as np
 import slicer
 import vtk
 
-COLUMNS = ("slice", "presence", "threshold", "judged positive", "mask area (mm2)", "mask area (relative)")
+COLUMNS = ("slice", "presence", "threshold", "judged positive", "mask area (mm2)", "mask area (relative)",
+           "slice label")
 #: what the chart draws: column, colour, line or bars
 SERIES = (("presence", (0.85, 0.33, 0.1), "line"), ("threshold", (0.5, 0.5, 0.5), "line"),
-          ("judged positive", (0.2, 0.6, 0.2), "bar"), ("mask area (relative)", (0.2, 0.4, 0.8), "line"))
+          ("judged positive", (0.2, 0.6, 0.2), "bar"), ("mask area (relative)", (0.2, 0.4, 0.8), "line"),
+          ("slice label", (0.6, 0.1, 0.6), "points"))  # the user's weak labels: 1 present, 0 absent, -1 none
 
 
 def addSliceChart(name: str, slices: int):
@@ -25,7 +27,7 @@ def addSliceChart(name: str, slices: int):
         array = vtk.vtkFloatArray()
         array.SetName(column)
         array.SetNumberOfTuples(slices)
-        array.Fill(0.0)
+        array.Fill(-1.0 if column == "slice label" else 0.0)
         table.AddColumn(array)
     for z in range(slices):
         table.GetTable().SetValue(z, 0, vtk.vtkVariant(float(z)))
@@ -38,8 +40,11 @@ def addSliceChart(name: str, slices: int):
         series.SetAndObserveTableNodeID(table.GetID())
         series.SetXColumnName("slice")
         series.SetYColumnName(column)
-        series.SetPlotType(series.PlotTypeScatterBar if kind == "bar" else series.PlotTypeLine)
-        series.SetMarkerStyle(series.MarkerStyleNone)
+        series.SetPlotType({"bar": series.PlotTypeScatterBar, "line": series.PlotTypeLine,
+                            "points": series.PlotTypeScatter}[kind])
+        series.SetMarkerStyle(series.MarkerStyleCircle if kind == "points" else series.MarkerStyleNone)
+        if kind == "points":
+            series.SetLineStyle(series.LineStyleNone)
         series.SetColor(*color)
         chart.AddAndObservePlotSeriesNodeID(series.GetID())
     return table, chart
@@ -65,6 +70,15 @@ def updateSliceChart(table, presence: np.ndarray, threshold: float, mask: np.nda
         columns["threshold"].SetValue(z, float(threshold))
         columns["mask area (mm2)"].SetValue(z, float(area[z]))
         columns["mask area (relative)"].SetValue(z, float(area[z]) / largest)
+    table.GetTable().Modified()
+    table.Modified()
+
+
+def updateSliceLabels(table, labels: np.ndarray) -> None:
+    """The weak labels of the run's input (`labels.sliceLabels`) on the chart."""
+    column = _column(table, "slice label")
+    for z, label in enumerate(labels[: column.GetNumberOfTuples()]):
+        column.SetValue(z, float(label))
     table.GetTable().Modified()
     table.Modified()
 

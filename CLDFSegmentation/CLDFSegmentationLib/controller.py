@@ -265,6 +265,7 @@ class CLDFSegmentationController:
     def labelSlices(self, label: int, first: int | None = None, last: int | None = None) -> None:
         """Mark slices of the first input (default: the one in the slice view) target present (1) / absent (0) /
         unlabelled (-1); the labels are kept on the volume and saved with the scene."""
+        from .chart import updateSliceLabels
         from .labels import markSlices, rememberChannels
 
         info, problem = self._bundleInfo()
@@ -281,6 +282,9 @@ class CLDFSegmentationController:
             self.panel.showError(str(e))
             return
         rememberChannels(volume, inputs)
+        outputs = self.parameters.outputs()
+        if outputs is not None and outputs["runInput"] is volume and outputs.get("table") is not None:
+            updateSliceLabels(outputs["table"], labels)  # the last run's chart shows them
         word = {1: "present", 0: "absent", -1: "unlabelled"}[label]
         self.panel.showStatus(f"'{volume.GetName()}' slices {min(first, last)}..{max(first, last)}: {word} "
                               f"({int((labels == 1).sum())} present, {int((labels == 0).sum())} absent)")

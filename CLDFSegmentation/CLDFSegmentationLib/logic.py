@@ -11,7 +11,8 @@ import slicer
 from cldf.defaults import BATCH_SIZE, TARGET_COLOR, TARGET_NAME  # plain constants: no torch
 
 from . import display
-from .chart import addSliceChart, chartSeries
+from .chart import addSliceChart, chartSeries, updateSliceLabels
+from .labels import sliceLabels
 from .job import CLDFSegmentationJob, CLDFSegmentationResult, showResult
 from .nodes import (addVolumeLike, checkVolumeNode, imageFromVolume, nodeIDs, placeBeside, removeNodesAddedSince,
                     tagOutput)
@@ -104,6 +105,7 @@ class CLDFSegmentationLogic:
                                                   tuple(task.get("color", TARGET_COLOR)))
         seeds = addVolumeLike(reference, f"{name} seeds", "vtkMRMLLabelMapVolumeNode", np.uint8)  # 1 fg, 2 bg
         table, chart = addSliceChart(name, slices)
+        updateSliceLabels(table, sliceLabels(reference))  # weak labels the user made on this input, if any
         for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentation, "segmentation"),
                            (seeds, "seeds"),
                            (table, "table"), (chart, "chart"), *((s, "chartSeries") for s in chartSeries(chart))):

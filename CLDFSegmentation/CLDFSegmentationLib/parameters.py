@@ -17,7 +17,7 @@ DEFAULT_OPACITY = 0.6
 
 #: node-reference roles of the last run's outputs, and of the input they lie on
 OUTPUT_ROLES = {"camVolume": "outputCAM", "meanGradientVolume": "outputMeanGradient",
-                "segmentation": "outputSegmentation", "seedsVolume": "outputSeeds"}
+                "segmentation": "outputSegmentation", "seedsVolume": "outputSeeds", "table": "outputTable"}
 RUN_INPUT = "runInput"
 
 
