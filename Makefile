@@ -58,7 +58,7 @@ screenshots: $(STAMP)
 
 # A 155-slice brain volume (a real test patient resampled in z, as deep as a BraTS volume).
 bench: $(STAMP)
-	$(VENV)/bin/cldf bench --case TCGA_DU_6408_19860521 --depth 155 --out benchmarks/speed.md
+	$(VENV)/bin/cldf bench --data $(DATA)/lgg/manifest.json --case TCGA_DU_6408_19860521 --depth 155 --out benchmarks/speed.md
 
 clean:
 	rm -rf demo-output .pytest_cache

@@ -96,7 +96,7 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
     assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
     assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
     assert list(report["methods"]) == ["gradcam", "layercam", "scorecam", "mg", "fusion", "cdm", "layercam+cl",
-                                       "mg+cl", "cldf-untrained", "encoder-features", "cldf"]
+                                       "mg+cl", "cldf-untrained", "encoder-features", "cldf", "cldf+sam"]
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
     for method, r in report["methods"].items():  # pointing only for maps; precision for every row

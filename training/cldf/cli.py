@@ -80,7 +80,7 @@ def _apply_overrides(config, items: list[str]) -> None:
         setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
 
 
-PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")  # as cldf.bench.PATHS
+PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")  # as cldf.evaluation.bench.PATHS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and peak memory: fast path, paper-literal path, LayerCAM, CDM saliency, "
                                      "whole volume")
     b.add_argument("--bundle", type=Path, default=None, help="default: the shipped brain bundle")
-    b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: LGG)")
+    b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: the shipped sample case)")
     b.add_argument("--case", default=None, help="case id (default: the first test case)")
     b.add_argument("--slices", type=int, default=0, help="use only this many slices (0: all)")
     b.add_argument("--device", choices=DEVICES, default="auto")

@@ -168,11 +168,11 @@ def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str, input
 
 
 def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device: str, inputs: dict[str, str]) -> dict:
-    """`measure` in a new interpreter (``python -m cldf.bench``): nothing of this process's memory counts."""
+    """`measure` in a new interpreter (``python -m cldf.evaluation.bench``): nothing of this process's memory counts."""
     with tempfile.TemporaryDirectory() as tmp:
         x_file, out_file = Path(tmp) / "slices.safetensors", Path(tmp) / "result.json"
         save_file({"slices": slices.contiguous()}, str(x_file))
-        cmd = [sys.executable, "-m", "cldf.bench", path, str(bundle_dir), str(x_file), device, str(out_file),
+        cmd = [sys.executable, "-m", "cldf.evaluation.bench", path, str(bundle_dir), str(x_file), device, str(out_file),
                json.dumps(inputs)]
         done = subprocess.run(cmd)
         if done.returncode != 0 or not out_file.is_file():
@@ -182,24 +182,17 @@ def _in_fresh_process(path: str, bundle_dir: Path, slices: torch.Tensor, device:
 
 def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: Path,
                      depth: int = 0) -> tuple[str, torch.Tensor, dict[str, str]]:
-    """``(Z, C, R, R)`` slices of the case at the bundle's resolution (a phantom when the data is absent).
+    """``(Z, C, R, R)`` slices of the case at the bundle's resolution (default: the shipped sample case).
 
     With ``depth`` the volume is first resampled (linearly) to that many slices
     over the same extent. Returns the case id, the slices, and the (resampled)
     channel files written to ``tmp`` for the whole-volume run.
     """
     from .demo import default_data, sample_case
-    from .phantom import make_phantom
 
     manifest = Path(data) if data is not None else default_data()
-    if case is not None:
-        c = load_manifest(manifest).case(case)
-        case_id, inputs = c.id, {k: v for k, v in c.channels.items() if k in bundle.channels}
-    elif manifest.is_file():
-        case_id, inputs = sample_case(bundle, manifest)
-    else:
-        print(f"real data not found at {manifest}: benchmarking a generated phantom instead")
-        case_id, inputs = "phantom", make_phantom(tmp)
+    c = load_manifest(manifest).case(case) if case is not None else sample_case(bundle, manifest)
+    case_id, inputs = c.id, {k: v for k, v in c.channels.items() if k in bundle.channels}
     files = {}
     for name in bundle.channels:
         image = sitk.ReadImage(str(inputs[name]))
