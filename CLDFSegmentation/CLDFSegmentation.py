@@ -172,8 +172,9 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self.parameters
         widgets = [*(getattr(self.ui, n) for n in TRAIN_FIELDS.values()),
                    self.ui.bundleComboBox, self.ui.deviceComboBox, self.ui.opacitySliderWidget,
-                   self.ui.showMaskCheckBox, self.ui.showSeedsCheckBox, self.ui.presenceThresholdSliderWidget, self.ui.clusterKSpinBox,
-                   self.ui.clusterRuleComboBox, *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
+                   self.ui.showMaskCheckBox, self.ui.showSeedsCheckBox, self.ui.presenceThresholdSliderWidget,
+                   self.ui.clusterKSpinBox, self.ui.clusterRuleComboBox,
+                   *(getattr(self.ui, n) for n in MAP_BUTTONS.values()),
                    *(getattr(self.ui, f"inputSelector{i}") for i in range(MAX_CHANNELS))]
         blocked = [w.blockSignals(True) for w in widgets]
         try:
@@ -281,7 +282,8 @@ class CLDFSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return sliceIndexAt(volume, slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode())
 
     def askFolder(self) -> str | None:
-        return qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder for the labels and manifest") or None
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder for the labels and manifest")
+        return folder or None
 
 
 #

@@ -358,8 +358,9 @@ class CLDFSegmentationController:
         deps = self.dependencies
         old = deps.oldTorch()
         if old:
-            raise RuntimeError(f"torch {old} is older than this module needs ({deps.TORCH_REQUIREMENT}): update it "
-                               "in the PyTorch Utils module (PyTorch extension), restart Slicer and press Segment again")
+            raise RuntimeError(f"torch {old} is older than this module needs ({deps.TORCH_REQUIREMENT}): update "
+                               "it in the PyTorch Utils module (PyTorch extension), restart Slicer and press Segment "
+                               "again")
         missing = (["torch (through the PyTorch extension)"] if deps.torchMissing() else [])
         missing += deps.missingRequirements()
         if not missing:

@@ -94,7 +94,8 @@ def writeManifest(cases: dict[str, dict], folder: str | os.PathLike, name: str =
             files[channel] = f"{caseId}/{channel}.nii.gz"
             _writeImage(volume, folder / files[channel], overwrite)
         entries.append({"id": caseId, "channels": files, "slice_labels": labelsPath.relative_to(folder).as_posix()})
-    return _writeText(folder / "manifest.json", json.dumps({"name": name, "cases": entries}, indent=1) + "\n", overwrite)
+    manifest = json.dumps({"name": name, "cases": entries}, indent=1) + "\n"
+    return _writeText(folder / "manifest.json", manifest, overwrite)
 
 
 def rememberChannels(volume, channels: dict) -> None:
