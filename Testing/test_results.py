@@ -77,3 +77,8 @@ def test_the_shipped_row_is_the_refined_one_when_the_bundle_refines():
     rows = {"mg+cl": {"dice": 0.5}, "ame-cam+cl": {"dice": 0.58}, "cldf": {"dice": 0.55}, "cldf+sam": {"dice": 0.6}}
     assert not cldf_is_best(rows, "cldf")  # the AME-CAM ablation beats unrefined CLDF
     assert cldf_is_best(rows, "cldf+sam")
+
+
+def test_a_case_without_positive_slices_points_nowhere_and_does_not_fail():
+    maps = np.random.default_rng(0).random((4, 8, 8))
+    assert pointing(maps, np.zeros((4, 8, 8), bool), np.array([], dtype=np.int64)) == []

@@ -238,7 +238,9 @@ def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacin
 
 
 def pointing(maps: np.ndarray, gt: np.ndarray, positive: np.ndarray) -> list[bool]:
-    """Per positive slice: does the map's maximum lie on the target?"""
+    """Per positive slice: does the map's maximum lie on the target? (A case may have none.)"""
+    if len(positive) == 0:
+        return []
     flat = maps[positive].reshape(len(positive), -1)
     return gt[positive].reshape(len(positive), -1)[np.arange(len(positive)), flat.argmax(axis=1)].tolist()
 
