@@ -168,6 +168,11 @@ def test_a_tiny_real_run_writes_a_verified_ame_cam_file_with_its_card(ame_bundle
     assert card["training"]["wall_clock_s"]["ame_cam"] > 0
     b = load_bundle(ame_bundle)
     assert isinstance(b.ame_cam, AmeCam) and not any(p.requires_grad for p in b.ame_cam.parameters())
+    from safetensors.torch import load_file
+
+    stored = load_file(str(ame_bundle / "ame_cam.safetensors"))
+    assert {t.dtype for t in stored.values() if t.is_floating_point()} == {torch.float16}  # half the file
+    assert all(p.dtype == torch.float32 for p in b.ame_cam.parameters())  # used in float32
 
 
 def test_a_bundle_with_ame_cam_segments_a_real_volume(ame_bundle, case_paths):

@@ -85,6 +85,14 @@ def decoders_state(decoders: dict[str, dict[int, PixelDecoder]]) -> dict[str, to
     return {f"{variant}.{seed}.{k}": v for variant, by_seed in decoders.items() for seed, d in by_seed.items() for k, v in d.state_dict().items()}
 
 
+HALF_PRECISION = ("ame_cam",)  # stored as float16 (its ResNet widths would make an 11 MB file); loaded as float32
+
+
+def _stored(name: str, tensor):
+    t = tensor.detach().cpu().contiguous()
+    return t.half() if name in HALF_PRECISION and t.is_floating_point() else t
+
+
 def save_bundle(
     out: str | Path,
     config: CLDFConfig,
@@ -101,7 +109,7 @@ def save_bundle(
     for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if n in networks):
         path = out / f"{name}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in networks[name].items()}, str(tmp))
+        save_file({k: _stored(name, v) for k, v in networks[name].items()}, str(tmp))
         os.replace(tmp, path)
         files[path.name] = sha256(path)
     doc = {
