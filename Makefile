@@ -23,17 +23,24 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # Rebuilds the shipped bundles (hours each on 2 CPU cores, minutes on a GPU; resumes from checkpoints when rerun).
+# Each is trained into build/models/ and replaces the shipped one only once complete.
 # AME-CAM is trained beside LayerCAM; which of the two seeds CLDF is chosen on the validation patients.
 AME := --set ame_cam.enabled=true --set ame_cam.top_fraction=0.05 --set ame_cam.hard_negatives=0.5
+NEW := build/models
+install_bundle = rm -rf $(MODELS)/$(1) && mv $(NEW)/$(1) $(MODELS)/$(1)
 bundles: $(STAMP)
 	$(VENV)/bin/cldf train --data $(DATA)/lgg/manifest.json --target 1 --channels FLAIR,T1 \
-		--out $(BRAIN) --name brain-mri-flair-t1 --target-name tumour --seed 0 $(AME)
+		--out $(NEW)/brain-mri-flair-t1 --name brain-mri-flair-t1 --target-name tumour --seed 0 $(AME)
+	$(call install_bundle,brain-mri-flair-t1)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 2,3 --channels CT \
-		--out $(MODELS)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0 $(AME)
+		--out $(NEW)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0 $(AME)
+	$(call install_bundle,abdomen-ct-kidney)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 1 --channels CT \
-		--out $(MODELS)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0 $(AME)
+		--out $(NEW)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0 $(AME)
+	$(call install_bundle,abdomen-ct-spleen)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 6 --channels CT \
-		--out $(MODELS)/abdomen-ct-liver --name abdomen-ct-liver --target-name liver --color 221,130,101 --seed 0 $(AME)
+		--out $(NEW)/abdomen-ct-liver --name abdomen-ct-liver --target-name liver --color 221,130,101 --seed 0 $(AME)
+	$(call install_bundle,abdomen-ct-liver)
 
 # Every method on each shipped bundle's test split (recorded into its bundle.json), then the results table.
 BUNDLES := $(patsubst %/bundle.json,%,$(wildcard $(addsuffix /bundle.json,$(BRAIN) \
@@ -42,7 +49,7 @@ dataset = $(if $(findstring brain,$(1)),lgg,btcv)
 
 results: $(STAMP)
 	$(foreach b,$(BUNDLES),$(VENV)/bin/cldf evaluate --bundle $(b) --data $(DATA)/$(call dataset,$(b))/manifest.json \
-		--split test --out benchmarks/$(notdir $(b))-test.json --record &&) true
+		--split test --out benchmarks/$(notdir $(b))-test.json --overwrite --record &&) true
 	$(VENV)/bin/cldf results $(foreach b,$(BUNDLES),--bundle $(b)) --out benchmarks/results.md
 
 evaluate: results

@@ -31,7 +31,7 @@ def lgg_manifest() -> Path:
 @pytest.fixture(scope="session")
 def small_manifest(lgg_manifest: Path, tmp_path_factory) -> Path:
     """Four real LGG cases with a fixed split (2 train, 1 val, 1 test), paths absolute."""
-    raw = json.loads(lgg_manifest.read_text())
+    raw = json.loads(lgg_manifest.read_text(encoding="utf-8"))
     root = lgg_manifest.parent
     cases = []
     for case, split in zip(raw["cases"][:4], ["train", "train", "val", "test"]):
@@ -59,12 +59,12 @@ def tiny_bundle(small_manifest: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     return train(TrainRequest(manifest=small_manifest, out=out, config=tiny_config(), target_labels=[1],
                               decoder_seeds=(0, 1), name="tiny", target_name="tumour", progress=False,
-                              select_refine=False))
+                              select_refine=False, min_val_patients=1))  # selection on the one validation case
 
 
 @pytest.fixture(scope="session")
 def case_paths(small_manifest: Path) -> dict[str, Path]:
-    case = json.loads(small_manifest.read_text())["cases"][3]
+    case = json.loads(small_manifest.read_text(encoding="utf-8"))["cases"][3]
     return {"FLAIR": Path(case["channels"]["FLAIR"]), "T1": Path(case["channels"]["T1"]), "mask": Path(case["mask"])}
 
 
@@ -101,7 +101,7 @@ def brain_bundle() -> Path:
 @pytest.fixture(scope="session")
 def tumour_case(lgg_manifest: Path) -> dict[str, Path]:
     """Channel and mask files of a real LGG test patient."""
-    case = next(c for c in json.loads(lgg_manifest.read_text())["cases"] if c["id"] == TUMOUR_CASE)
+    case = next(c for c in json.loads(lgg_manifest.read_text(encoding="utf-8"))["cases"] if c["id"] == TUMOUR_CASE)
     root = lgg_manifest.parent
     return {**{k: root / v for k, v in case["channels"].items()}, "mask": root / case["mask"]}
 

@@ -211,7 +211,7 @@ def test_a_tampered_ame_cam_file_is_refused(ame_bundle, tmp_path):
 
 
 def test_a_bundle_without_the_ame_file_still_loads_and_refuses_ame_cam_clearly():
-    card = json.loads((BRAIN_BUNDLE / "bundle.json").read_text())
+    card = json.loads((BRAIN_BUNDLE / "bundle.json").read_text(encoding="utf-8"))
     assert "ame_cam.safetensors" not in card["files"]
     b = load_bundle(BRAIN_BUNDLE)
     assert b.ame_cam is None and b.config.ame_cam == AmeCamConfig()

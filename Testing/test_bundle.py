@@ -58,15 +58,15 @@ def test_refuses_a_missing_file(copy):
 
 
 def test_refuses_an_unknown_format_version(copy):
-    card = json.loads((copy / "bundle.json").read_text())
+    card = json.loads((copy / "bundle.json").read_text(encoding="utf-8"))
     card["format_version"] = 99
     (copy / "bundle.json").write_text(json.dumps(card))
-    with pytest.raises(BundleError, match="format version 99; this cldf reads version 1"):
+    with pytest.raises(BundleError, match="format version 99; this cldf reads version 2"):
         load_bundle(copy)
 
 
 def test_refuses_a_corrupted_card(copy):
-    (copy / "bundle.json").write_text('{"format_version": 1, "files": ')
+    (copy / "bundle.json").write_text('{"format_version": 2, "files": ')
     with pytest.raises(BundleError, match="corrupted"):
         load_bundle(copy)
 
@@ -86,7 +86,7 @@ def test_no_pickle_anywhere_in_the_package():
     import re
 
     for path in Path(cldf.__file__).parent.rglob("*.py"):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         assert "import pickle" not in text, path
         # the one torch.load, of LiteMedSAM's pinned weights (cldf.refine), runs no pickled code
         for call in re.findall(r"torch\.load\(([^)]*)\)", text):

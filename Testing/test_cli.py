@@ -45,9 +45,9 @@ def test_outputs_have_the_inputs_exact_geometry(tiny_bundle, oblique_case, tmp_p
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "mask.nii.gz")))
     seeds = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "seeds.nii.gz")))
     assert set(np.unique(mask)) <= {0, 1} and set(np.unique(seeds)) <= {0, 1, 2}
-    cam = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "cam.nii.gz")))
-    assert cam.min() >= 0 and cam.max() <= 1
-    rows = (tmp_path / "o" / "slices.csv").read_text().splitlines()
+    cam = sitk.ReadImage(str(tmp_path / "o" / "cam.nii.gz"))
+    assert cam.GetPixelID() == sitk.sitkUInt8  # 0..255 for the map's 0..1
+    rows = (tmp_path / "o" / "slices.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("slice,presence_probability") and len(rows) == ref.GetSize()[2] + 1
 
 
@@ -56,9 +56,10 @@ def test_two_runs_with_the_same_seed_give_identical_masks(tiny_bundle, case_path
     assert _segment(tiny_bundle, inputs, tmp_path / "a") == 0
     assert _segment(tiny_bundle, inputs, tmp_path / "b", "--batch-size", "3") == 0
     for name in ("mask", "seeds", "cam"):
-        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{name}.nii.gz")))
-        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / f"{name}.nii.gz")))
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / f"{name}.nii.gz"))).astype(int)
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / f"{name}.nii.gz"))).astype(int)
+        # another batch size may move a map value across an 8-bit step (1/255); masks and seeds are equal
+        np.testing.assert_allclose(a, b, atol=1 if name == "cam" else 0)
 
 
 def test_refuses_an_output_folder_with_results_unless_overwrite(tiny_bundle, case_paths, tmp_path, capsys):
@@ -91,8 +92,8 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
     out = tmp_path / "report.json"
     assert main(["-q", "evaluate", "--bundle", str(tiny_bundle), "--data", str(small_manifest),
                  "--split", "test", "--out", str(out), "--device", "cpu", "--record"]) == 0
-    report = json.loads(out.read_text())
-    recorded = json.loads((tiny_bundle / "bundle.json").read_text())["metrics"]["test"]
+    report = json.loads(out.read_text(encoding="utf-8"))
+    recorded = json.loads((tiny_bundle / "bundle.json").read_text(encoding="utf-8"))["metrics"]["test"]
     assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
     assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
     assert list(report["methods"]) == ["gradcam", "layercam", "scorecam", "mg", "fusion", "cdm", "layercam+cl",
@@ -114,7 +115,7 @@ def test_segment_writes_the_cdm_saliency_map_on_request(tiny_bundle, oblique_cas
     ref = sitk.ReadImage(str(oblique_case["FLAIR"]))
     assert sal.GetSize() == ref.GetSize() and np.allclose(sal.GetDirection(), ref.GetDirection())
     a = sitk.GetArrayFromImage(sal)
-    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0
+    assert sal.GetPixelID() == sitk.sitkUInt8 and a.std() > 0
     assert _segment(tiny_bundle, oblique_case, tmp_path / "p", "--maps", "cam") == 2
 
 
@@ -137,28 +138,37 @@ def test_ablate_adds_the_decoders_train_makes_to_an_older_bundle(tiny_bundle, sm
         for s, d in full.decoders[v].items():
             for k, t in d.state_dict().items():
                 torch.testing.assert_close(added.decoders[v][s].state_dict()[k], t)
-    assert json.loads((older / "bundle.json").read_text())["added_decoders"]["variants"] == ["cam-seeds", "mg-seeds", "encoder"]
+    assert json.loads((older / "bundle.json").read_text(encoding="utf-8"))["added_decoders"]["variants"] == ["cam-seeds", "mg-seeds", "encoder"]
     assert main(evaluate + ["--methods", "mg+cl,cdm"]) == 0
-    assert list(json.loads(report.read_text())["methods"]) == ["mg+cl", "cdm"]
+    assert list(json.loads(report.read_text(encoding="utf-8"))["methods"]) == ["mg+cl", "cdm"]
 
 
-def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path):
+def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path, monkeypatch, capsys):
+    import cldf.training.train as train_module
+
     out = tmp_path / "bundle"
     args = ["-q", "train", "--data", str(small_manifest), "--target", "1", "--channels", "FLAIR,T1",
             "--out", str(out), "--device", "cpu", "--decoder-seeds", "0", "--set", "data.resolution=32",
             "--set", "diffusion.steps=3", "--set", "noisy_classifier.steps=3", "--set", "cam_classifier.steps=3",
             "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32", "--no-refine-selection"]
-    assert main(args) == 0
-    first = json.loads((out / "bundle.json").read_text())
-    cdm_meta = json.loads((out / ".checkpoints" / "cdm.json").read_text())
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_train_decoders", stop)  # stopped after the network stages
+    assert main(args) == 130 and not out.exists()
+    cdm_meta = json.loads((tmp_path / "bundle.checkpoints" / "cdm.json").read_text(encoding="utf-8"))
     assert cdm_meta["step"] == 3
-    assert main(args) == 0  # every stage found complete: nothing retrained
-    second = json.loads((out / "bundle.json").read_text())
-    assert second["files"] == first["files"]
+    monkeypatch.undo()
+    assert main(args) == 0  # every network stage found complete: nothing retrained
+    first = json.loads((out / "bundle.json").read_text(encoding="utf-8"))
+    assert first["training"]["wall_clock_s"]["cdm"] == round(cdm_meta["seconds"], 1)
     assert first["training"]["command"].startswith("cldf ") and "--channels FLAIR,T1" in first["training"]["command"]
-    longer = [a.replace("diffusion.steps=3", "diffusion.steps=5") for a in args]
-    assert main(longer) == 0
-    assert json.loads((out / ".checkpoints" / "cdm.json").read_text())["step"] == 5
+    assert not (tmp_path / "bundle.checkpoints").exists()
+    capsys.readouterr()
+    assert main(args) == 2  # a finished bundle is never rewritten
+    assert "already holds a finished bundle" in capsys.readouterr().err
+    assert json.loads((out / "bundle.json").read_text(encoding="utf-8")) == first
 
 
 def test_train_help_is_for_newcomers(capsys):
@@ -186,8 +196,8 @@ def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_man
     report = bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", depth=7,
                              paths=("fast", "literal", "cldf-volume"), out=out)
     assert report["slices"] == 7 and report["cldf-volume"]["seconds"] > 0
-    text = out.read_text()
+    text = out.read_text(encoding="utf-8")
     assert "resampled to 7 slices" in text and "| cldf-volume |" in text and "whole volume" in text
-    assert json.loads(out.with_suffix(".json").read_text())["depth"] == 7
+    assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["depth"] == 7
     with pytest.raises(ValueError, match="must include fast and literal"):
         bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", paths=("layercam",))

@@ -78,7 +78,7 @@ def test_refuses_an_all_zero_volume(tmp_path, pair):
 
 def test_refuses_an_empty_file(tmp_path, pair):
     (tmp_path / "empty.nii.gz").write_bytes(b"")
-    with pytest.raises(InputError, match="cannot read .*empty.nii.gz as an image"):
+    with pytest.raises(InputError, match="empty.nii.gz is not an image this tool can read, or it is corrupted"):
         read_channels({"FLAIR": tmp_path / "empty.nii.gz", "T1": pair["T1"]}, ["FLAIR", "T1"])
 
 

@@ -37,7 +37,7 @@ def test_the_sample_is_one_documented_test_case_of_the_brain_bundle():
     assert [p.name for p in SAMPLE.parent.iterdir()] == [TUMOUR_CASE]  # one case ships, no other
     manifest = load_manifest(SAMPLE / "manifest.json")
     (case,) = manifest.cases
-    bundle = json.loads((BRAIN_BUNDLE / "bundle.json").read_text())
+    bundle = json.loads((BRAIN_BUNDLE / "bundle.json").read_text(encoding="utf-8"))
     assert case.id == TUMOUR_CASE and case.id in bundle["training"]["split"]["test"]
     assert sorted(case.channels) == sorted(bundle["channels"]) == ["FLAIR", "T1"]
     assert {p.name for p in case.channels.values()} | {case.mask.name} == {"flair.nii.gz", "t1.nii.gz", "mask.nii.gz"}
@@ -46,20 +46,20 @@ def test_the_sample_is_one_documented_test_case_of_the_brain_bundle():
     mask = read(case.mask)
     assert set(np.unique(mask)) == {0, 1}
     holding = np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1))
-    raw = json.loads((SAMPLE / "manifest.json").read_text())["cases"][0]
+    raw = json.loads((SAMPLE / "manifest.json").read_text(encoding="utf-8"))["cases"][0]
     assert holding.tolist() == list(range(9, 19)) and raw["n_tumor_slices"] == len(holding)
     assert sum(p.stat().st_size for p in SAMPLE.glob("*.nii.gz")) < 2_000_000
 
 
 def test_the_sample_files_are_the_lgg_case_renamed(lgg_manifest):
-    raw = next(c for c in json.loads(lgg_manifest.read_text())["cases"] if c["id"] == TUMOUR_CASE)
+    raw = next(c for c in json.loads(lgg_manifest.read_text(encoding="utf-8"))["cases"] if c["id"] == TUMOUR_CASE)
     source = {"flair.nii.gz": raw["channels"]["FLAIR"], "t1.nii.gz": raw["channels"]["T1"], "mask.nii.gz": raw["mask"]}
     for shipped, original in source.items():
         assert sha256(SAMPLE / shipped) == sha256(lgg_manifest.parent / original), shipped
 
 
 def test_the_licence_names_the_source_the_authors_and_the_licence():
-    text = " ".join((SAMPLE / "LICENSE.txt").read_text().split())
+    text = " ".join((SAMPLE / "LICENSE.txt").read_text(encoding="utf-8").split())
     for needed in ("TCGA-LGG", "lgg-mri-segmentation", "Buda", "Kaggle", "The Cancer Imaging Archive",
                    "CC BY-NC-SA 4.0", "creativecommons.org/licenses/by-nc-sa/4.0", "TCIA's data usage",
                    "pre.nii.gz -> t1.nii.gz", "seg.nii.gz -> mask.nii.gz"):
@@ -117,7 +117,7 @@ def test_the_montage_shows_the_slices_with_the_most_ground_truth(sample_run):
 
 def test_the_demo_takes_a_case_from_a_given_manifest(lgg_manifest, tmp_path, capsys):
     demo.run_demo(tmp_path / "lgg", data=lgg_manifest, progress=False, refine="none")
-    first_test = json.loads((BRAIN_BUNDLE / "bundle.json").read_text())["training"]["split"]["test"][0]
+    first_test = json.loads((BRAIN_BUNDLE / "bundle.json").read_text(encoding="utf-8"))["training"]["split"]["test"][0]
     printed = capsys.readouterr().out
     assert f"case {first_test} from {lgg_manifest}" in printed and DICE_LINE.search(printed)
 
@@ -131,7 +131,7 @@ def test_the_demo_refuses_without_the_sample_and_says_what_to_do(tmp_path, monke
 
 
 def test_the_demo_refuses_a_case_without_a_mask(tmp_path):
-    raw = json.loads((SAMPLE / "manifest.json").read_text())
+    raw = json.loads((SAMPLE / "manifest.json").read_text(encoding="utf-8"))
     del raw["cases"][0]["mask"]
     raw["cases"][0]["channels"] = {k: str(SAMPLE / v) for k, v in raw["cases"][0]["channels"].items()}
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
@@ -181,7 +181,7 @@ def test_the_module_registers_the_sample_once_slicer_has_started():
     import ast
 
     module = Path(__file__).resolve().parents[1] / "CLDFSegmentation" / "CLDFSegmentation.py"
-    tree = ast.parse(module.read_text())
+    tree = ast.parse(module.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CLDFSegmentation")
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     source = ast.unparse(init)

@@ -19,16 +19,18 @@ LIB = MODULE / "CLDFSegmentationLib"
 
 
 def cmake_list(name: str) -> list[str]:
-    text = (MODULE / "CMakeLists.txt").read_text()
+    text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     match = re.search(rf"set\({name}\n(.*?)\n\s*\)", text, re.S)
     assert match, f"CMakeLists.txt has no set({name} ...)"
     return match.group(1).split()
 
 
 def files_under(root: Path) -> set[Path]:
-    """Files that ship: not caches, not hidden ones (a bundle's training checkpoints live in `.checkpoints`)."""
+    """Files that ship: not caches, not hidden ones, not a training run's checkpoints or unfinished bundle
+    (``<bundle>.checkpoints``, ``<bundle>.partial``; older versions kept checkpoints in ``<bundle>/.checkpoints``)."""
     return {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)}
+            and not any(part.startswith(".") or part.endswith((".checkpoints", ".partial"))
+                        for part in p.relative_to(root).parts)}
 
 
 def test_every_module_file_is_listed_in_the_module_cmake_lists():
@@ -49,13 +51,13 @@ def test_the_runtime_and_training_never_import_the_evaluation_tooling():
     for path in ENGINE.rglob("*.py"):
         if "evaluation" in path.relative_to(ENGINE).parts or path.name == "cli.py":
             continue
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         modules = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert not any("evaluation" in m for m in modules), f"{path} imports the evaluation tooling"
 
 
 def test_the_top_level_cmake_lists_build_the_module_as_an_extension():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for needed in ("find_package(Slicer REQUIRED)", "add_subdirectory(CLDFSegmentation)",
                    "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK", "EXTENSION_DEPENDS"):
         assert needed in text
@@ -67,7 +69,7 @@ def test_python_sources_compile(path, tmp_path):
 
 
 def imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -89,7 +91,7 @@ def test_the_engine_imports_neither_slicer_nor_qt():
 
 def test_torch_is_imported_lazily_by_the_module_and_library():
     for path in [MODULE / "CLDFSegmentation.py", *LIB.glob("*.py")]:
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         top = set()
         for node in tree.body:
             if isinstance(node, ast.Import):
@@ -102,7 +104,7 @@ def test_torch_is_imported_lazily_by_the_module_and_library():
 def test_the_shared_defaults_import_nothing():
     """The module reads `cldf.defaults` at load time: it must stay plain constants (`cldf/__init__` too)."""
     for path in (ENGINE / "defaults.py", ENGINE / "__init__.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{path.name} imports"
 
 
@@ -129,7 +131,7 @@ def test_requirements_cover_every_third_party_import_of_the_engine():
 
 
 def test_requirements_agree_with_the_package_metadata():
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     pinned = {re.split(r"[=<>]", d)[0].lower(): d.replace(" ", "") for d in project}
     for name, op, version in dependencies.requirements():
         assert name.lower() in pinned, f"{name} is in requirements.txt but not in pyproject.toml"

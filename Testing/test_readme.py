@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def python_blocks() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text[text.index("The same from Python"):text.index("Inputs that do not fit the bundle")]
     return re.findall(r"```python\n(.*?)```", section, re.S)
 

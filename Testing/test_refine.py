@@ -184,7 +184,7 @@ def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_b
     manifest = Manifest(gt_path.parent / "m.json", "three", [Case("three", dict(three_slices), gt_path)])
     bundle = load_bundle(tiny_bundle)
     report = evaluate(bundle, manifest, ["three"], [1], "cpu", methods=("cldf", "cldf+sam"), progress=False)
-    product = Segmenter(bundle, "cpu", refine="sam").start(three_slices).run(progress=False)
+    product = Segmenter(bundle, "cpu", refine="sam").start(three_slices).run(progress=False).on_input_grid()
     gt = mask[z - 1 : z + 2] > 0
     by_seed = report["per_case"]["three"]["cldf+sam"]["by_seed"]
     assert by_seed[0]["dice_3d"] == pytest.approx(_dice(product.mask.astype(bool), gt))

@@ -18,7 +18,7 @@ from cldf.evaluation.results import cldf_is_best
 
 def test_results_table_from_the_metrics_recorded_in_bundles(tiny_bundle, small_manifest, tmp_path, capsys):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
-    card = json.loads((bundle / "bundle.json").read_text())
+    card = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
     card.pop("metrics", None)  # other tests may have recorded some into the shared tiny bundle
     (bundle / "bundle.json").write_text(json.dumps(card))
     out = tmp_path / "results.md"
@@ -27,14 +27,14 @@ def test_results_table_from_the_metrics_recorded_in_bundles(tiny_bundle, small_m
     assert main(["-q", "evaluate", "--bundle", str(bundle), "--data", str(small_manifest), "--out",
                  str(tmp_path / "r.json"), "--device", "cpu", "--methods", "mg,cldf-untrained,cldf", "--record"]) == 0
     assert main(["-q", "results", "--bundle", str(bundle), "--bundle", str(bundle), "--out", str(out)]) == 0
-    text = out.read_text()
-    report = json.loads((tmp_path / "r.json").read_text())
+    text = out.read_text(encoding="utf-8")
+    report = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
     assert ", test: 1 cases, " in text and "tumour (" in text and "| MG |" in text and "| CLDF, untrained CDM |" in text
     assert f"{report['methods']['cldf']['dice']:.3f} ± {report['methods']['cldf']['dice_std']:.3f}" in text
     pointing = text.split("**Pointing game")[1]
     assert "| MG |" in pointing and "| CLDF |" not in pointing  # only maps have a maximum to point with
     assert f"{report['methods']['mg']['pointing']:.3f}" in pointing
-    data = json.loads(out.with_suffix(".json").read_text())
+    data = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert len(data["columns"]) == 2 and data["columns"][0]["cases"] == report["cases"]
 
 
@@ -50,7 +50,7 @@ def test_figure_has_six_panels_per_test_slice(tiny_bundle, small_manifest, tmp_p
     assert main(["-q", "figure", "--bundle", str(tiny_bundle), "--data", str(small_manifest), "--out", str(out),
                  "--device", "cpu"]) == 0
     rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    case = json.loads(small_manifest.read_text())["cases"][3]
+    case = json.loads(small_manifest.read_text(encoding="utf-8"))["cases"][3]
     h, w = sitk.GetArrayFromImage(sitk.ReadImage(case["mask"])).shape[1:]
     assert rgb.shape == (h, len(COLUMNS) * (w + GAP) - GAP, 3)  # the tiny bundle's test split has one case
     assert "slice" in capsys.readouterr().out

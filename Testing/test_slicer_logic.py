@@ -23,14 +23,19 @@ ORIGIN = (12.5, -30.0, 40.0)
 
 @pytest.fixture(scope="module")
 def oblique_files(tumour_case, tmp_path_factory):
-    """Slices 8..18 of a real patient, rewritten with an oblique right-handed direction and anisotropic spacing."""
+    """Slices 8..18 of a real patient, rewritten with an oblique right-handed direction and anisotropic spacing.
+
+    The direction stays closest to the patient's RAS (the brain bundle's orientation), so the slices are cut
+    as stored (`test_slicer_orientation.py` covers other orientations).
+    """
     folder = tmp_path_factory.mktemp("oblique")
     paths = {}
+    direction = tuple((np.reshape(oblique_direction(), (3, 3)) @ np.diag([-1.0, -1.0, 1.0])).flatten())
     for channel in ("FLAIR", "T1"):
         image = sitk.ReadImage(str(tumour_case[channel]))[:, :, 8:19]
         image.SetSpacing(SPACING)
         image.SetOrigin(ORIGIN)
-        image.SetDirection(oblique_direction())
+        image.SetDirection(direction)
         paths[channel] = folder / f"{channel}.nii.gz"
         sitk.WriteImage(image, str(paths[channel]))
     return paths
@@ -224,7 +229,7 @@ def test_outputs_are_named_coloured_placed_under_the_study_and_record_their_prov
     for node in inputs.values():
         sh.CreateItem(study, node)
     result = CLDFSegmentationLogic().process(inputs, brain_bundle, device="cpu", refine="none")
-    card = json.loads((brain_bundle / "bundle.json").read_text())
+    card = json.loads((brain_bundle / "bundle.json").read_text(encoding="utf-8"))
     assert result.camVolume.GetName() == "FLAIR CAM"
     assert result.meanGradientVolume.GetName() == "FLAIR mean gradient"
     segment = result.segmentation.GetSegmentation().GetSegment(result.segmentId)

@@ -39,13 +39,13 @@ def test_a_cancelled_training_keeps_its_steps_and_the_same_command_resumes_it(sm
     run.cancel()
     assert run.returncode == 130 and not (out / "bundle.json").exists()
     assert any("interrupted" in line for line in run.lines), run.lines[-5:]
-    saved = json.loads((out / ".checkpoints" / "cdm.json").read_text())["step"]
-    assert seen <= saved < 400  # the steps done before Cancel are kept, not the last 5-minute checkpoint only
+    saved = json.loads((tmp_path / "bundle.checkpoints" / "cdm.json").read_text(encoding="utf-8"))["step"]
+    assert seen <= saved < 400  # the steps done before Cancel are kept, not the last periodic checkpoint only
     again = TrainingRun(args, sys.executable, child_env())
     again.start()
     wait(again, lambda r: False)
     assert again.returncode == 0, again.error()
-    card = json.loads((out / "bundle.json").read_text())
+    card = json.loads((out / "bundle.json").read_text(encoding="utf-8"))
     assert card["name"] == "from-slicer" and card["channels"] == ["FLAIR", "T1"]
     assert any(line.startswith("bundle written to") for line in again.lines)
 

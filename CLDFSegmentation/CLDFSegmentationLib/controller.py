@@ -125,6 +125,7 @@ class CLDFSegmentationController:
 
     def segment(self) -> None:
         """Check everything, then start the run on a worker thread; the panel's timer calls `tick`."""
+        job = None
         try:
             info = readBundleInfo(self.parameters.bundlePath)
             inputs = self.parameters.inputVolumes(info.channels)
@@ -132,11 +133,16 @@ class CLDFSegmentationController:
                 raise ValueError(f"select one volume for each channel: {', '.join(info.channels)}")
             if not self._dependenciesReady():
                 return
-            self._forgetLastRun()
-            self.job = self.logic.start(inputs, self.parameters.bundlePath, self.parameters.device)
+            job = self.logic.start(inputs, self.parameters.bundlePath, self.parameters.device)
+            self._forgetLastRun()  # only now: a refused start keeps the last run re-decidable
             self._runInput = inputs[info.channels[0]]
-            self.job.startInBackground()
+            job.startInBackground()
+            self.job = job
+            if job.warnings:
+                self.panel.showStatus("Warning: " + " ".join(job.warnings))
         except Exception as e:
+            if job is not None:
+                job.cancel()  # its nodes go
             self.job = None
             log.exception("CLDF segmentation could not start")
             self.panel.showError(f"Segmentation could not start: {e}")
@@ -173,7 +179,7 @@ class CLDFSegmentationController:
             cfg.presence_threshold, cfg.k, cfg.rule
         self.showDisplay()
         self.panel.showChart(job.result.chart)
-        self.panel.showStatus("Segmentation finished")
+        self.panel.showStatus("Segmentation finished" + "".join(f". Warning: {w}" for w in job.warnings))
 
     def cancel(self) -> None:
         """Stop the segmentation run; the scene keeps exactly the nodes it had before Segment."""

@@ -22,13 +22,17 @@ from .segmentations import addSegmentSlices, setSegmentMask
 
 @dataclass
 class CLDFSegmentationResult:
-    """The run's output nodes, on the input's exact geometry, and the per-slice presence probabilities."""
+    """The run's output nodes and the per-slice presence probabilities.
+
+    The maps lie on the grid the engine cut: the input's exact geometry, or the input reoriented to the
+    bundle's orientation (the same voxels, axes permuted and flipped) when it is stored in another.
+    """
 
     camVolume: object
     meanGradientVolume: object
     segmentation: object
     segmentId: str
-    sliceProbabilities: np.ndarray  # (Z,) probability that each axial slice holds the target
+    sliceProbabilities: np.ndarray  # (Z,) probability that each slice (the bundle's cut) holds the target
     table: object = None  # per-slice numbers (`chart`)
     chart: object = None  # the plot of them
     seedsVolume: object = None  # label map: 1 foreground seeds, 2 background seeds (an optional layer)
@@ -49,9 +53,10 @@ class CLDFSegmentationJob:
     replaced by this run's (nodes the user made are never touched).
     """
 
-    def __init__(self, engineJob, inputNode, result: CLDFSegmentationResult):
+    def __init__(self, engineJob, inputNode, result: CLDFSegmentationResult, grid=None):
         self._engine = engineJob
         self._input = inputNode
+        self._grid = inputNode if grid is None else grid  # the geometry of the engine's arrays
         self.result: CLDFSegmentationResult | None = result
         self.cancelled = False
         self.finished = False
@@ -67,6 +72,11 @@ class CLDFSegmentationJob:
     def progress(self) -> tuple[int, int]:
         """(slices done, slices in all)."""
         return self._engine.progress
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the engine found unusual about the inputs (e.g. intensities unlike the bundle's training scans)."""
+        return list(self._engine.warnings)
 
     @property
     def running(self) -> bool:
@@ -184,13 +194,13 @@ class CLDFSegmentationJob:
         writeSlices(result.meanGradientVolume, engine.mean_gradient, start, stop)
         if result.seedsVolume is not None:
             writeSlices(result.seedsVolume, engine.seeds, start, stop)
-        addSegmentSlices(result.segmentation, result.segmentId, engine.mask, self._input, start, stop)
+        addSegmentSlices(result.segmentation, result.segmentId, engine.mask, self._grid, start, stop)
         result.sliceProbabilities[start:stop] = engine.presence[start:stop]
         self._updateChart(start, stop)
 
     def _updateChart(self, start: int = 0, stop: int | None = None) -> None:
         if self.result.table is not None:
-            spacing = self._input.GetSpacing()
+            spacing = self._grid.GetSpacing()
             updateSliceChart(self.result.table, self._engine.result.presence, self.presenceThreshold,
                              self._engine.result.mask, spacing[0] * spacing[1], start, stop)
 
@@ -212,13 +222,13 @@ class CLDFSegmentationJob:
         mask = self._redecider.mask(cluster, postprocess)
         self._engine.result.mask = mask
         self._presenceThreshold = cluster.presence_threshold
-        setSegmentMask(self.result.segmentation, self.result.segmentId, mask, self._input)
+        setSegmentMask(self.result.segmentation, self.result.segmentId, mask, self._grid)
         self._updateChart()
         return mask
 
     def _finish(self) -> None:
         # the engine's whole-volume rule may have changed any slice: the segment gets the final mask once more
-        setSegmentMask(self.result.segmentation, self.result.segmentId, self._engine.result.mask, self._input)
+        setSegmentMask(self.result.segmentation, self.result.segmentId, self._engine.result.mask, self._grid)
         self._updateChart()
         self.finished = True
         removeNodes(earlierOutputs(self._input, exclude=self.result.nodes))

@@ -1,4 +1,4 @@
-"""MRML volume nodes <-> SimpleITK images, output nodes on an input's geometry, bookkeeping attributes.
+"""MRML volume nodes <-> SimpleITK images, output nodes on a given grid, bookkeeping attributes.
 
 Slicer stores geometry in RAS; SimpleITK (and the `cldf` engine) in LPS. The
 conversion lives here and nowhere else.
@@ -21,13 +21,28 @@ _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def checkVolumeNode(node, channel: str) -> None:
-    """Refuse what is not a scalar volume with image data, naming the channel."""
+    """Refuse what is not a scalar volume with image data, or is moved by a transform not applied to its voxels."""
     if node is None:
         raise ValueError(f"no volume selected for channel '{channel}'")
     if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
         raise ValueError(f"channel '{channel}': '{node.GetName()}' is a {node.GetClassName()}, not a scalar volume")
     if node.GetImageData() is None:
         raise ValueError(f"channel '{channel}': volume '{node.GetName()}' holds no image data")
+    transform = node.GetParentTransformNode()
+    if transform is not None and not _isIdentity(transform):
+        raise ValueError(
+            f"channel '{channel}': volume '{node.GetName()}' is under the transform '{transform.GetName()}', which is "
+            "not applied to its voxels; harden it first (Data module: right-click the volume > Harden transform) "
+            "so that it is segmented where it is shown")
+
+
+def _isIdentity(transform) -> bool:
+    """True for a linear transform (to the world, parents included) that moves nothing."""
+    if not transform.IsTransformToWorldLinear():
+        return False
+    matrix = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(matrix)
+    return np.allclose(slicer.util.arrayFromVTKMatrix(matrix), np.eye(4), atol=1e-6)
 
 
 def imageFromVolume(node) -> sitk.Image:
@@ -45,11 +60,28 @@ def imageFromVolume(node) -> sitk.Image:
     return image
 
 
-def addVolumeLike(reference, name: str, className: str = "vtkMRMLScalarVolumeNode", dtype=np.float32):
-    """A new volume node of zeros on exactly the reference's grid, under the same transform."""
+def gridNode(image: sitk.Image):
+    """A volume node, not in the scene and without voxels, on the image's grid (its size and geometry, in RAS):
+    the inverse of `imageFromVolume`'s geometry."""
+    node = slicer.vtkMRMLScalarVolumeNode()
+    node.SetName("grid")
+    data = vtk.vtkImageData()
+    data.SetDimensions(image.GetSize())
+    node.SetAndObserveImageData(data)
+    node.SetSpacing(image.GetSpacing())
+    node.SetOrigin(tuple(_RAS_TO_LPS @ np.array(image.GetOrigin())))
+    node.SetIJKToRASDirections(_RAS_TO_LPS @ np.array(image.GetDirection()).reshape(3, 3))
+    return node
+
+
+def addVolumeLike(reference, name: str, className: str = "vtkMRMLScalarVolumeNode", dtype=np.float32,
+                  grid=None):
+    """A new volume node of zeros on exactly the grid of ``grid`` (default: the reference's), under the
+    reference's transform."""
+    grid = reference if grid is None else grid
     node = slicer.mrmlScene.AddNewNodeByClass(className, slicer.mrmlScene.GenerateUniqueName(name))
-    node.CopyOrientation(reference)
-    dims = reference.GetImageData().GetDimensions()
+    node.CopyOrientation(grid)
+    dims = grid.GetImageData().GetDimensions()
     slicer.util.updateVolumeFromArray(node, np.zeros(dims[::-1], dtype))
     node.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
     return node

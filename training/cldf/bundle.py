@@ -2,7 +2,9 @@
 
 ``bundle.json`` holds the format version, the task, the channel names in input
 order, every setting (`CLDFConfig`), the training card, metrics, versions and
-the sha256 of every weight file. Loading verifies every hash. Weights are
+the sha256 of every weight file. Loading verifies every hash and the seal: a
+sha256 over the settings, the task, the channels and the weight hashes, so an
+edited setting or swapped weight files are refused as tampering. Weights are
 safetensors only: no pickle, so loading a bundle never runs code.
 """
 
@@ -25,7 +27,8 @@ from .config import CLDFConfig
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
+SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
 OPTIONAL_FILES = ("ame_cam",)  # required only when bundle.json lists them
 
@@ -57,9 +60,8 @@ class Bundle:
 
     @property
     def id(self) -> str:
-        """Name and a short hash of the weights: identifies exactly what produced a result."""
-        digest = hashlib.sha256("".join(sorted(self.card.get("files", {}).values())).encode()).hexdigest()[:12]
-        return f"{self.card.get('name', 'bundle')}@{digest}"
+        """Name and a short hash of weights and settings (the seal): identifies exactly what produced a result."""
+        return f"{self.card.get('name', 'bundle')}@{self.card.get('seal', seal(self.card))[:12]}"
 
     def untrained_cdm(self) -> torch.nn.Module:
         """The same CDM architecture, randomly initialised from the recorded seed (the Table 2 baseline)."""
@@ -71,6 +73,31 @@ def untrained_cdm(config: CLDFConfig, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return build_cdm(config.diffusion, len(config.data.channels))
+
+
+def seal(doc: dict[str, Any]) -> str:
+    """sha256 of what defines a bundle's behaviour: settings, task, channels, weight hashes."""
+    sealed = {k: doc.get(k) for k in SEALED}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_card(path: Path, doc: dict[str, Any]) -> None:
+    """``bundle.json`` with a fresh seal, written atomically."""
+    doc = {**doc, "format_version": FORMAT_VERSION}
+    doc["seal"] = seal(doc)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a weight file atomically, readable as the user's umask allows (safetensors alone makes it 0600)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
+    os.replace(tmp, path)
 
 
 def sha256(path: Path) -> str:
@@ -108,9 +135,7 @@ def save_bundle(
     files = {}
     for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if n in networks):
         path = out / f"{name}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_file({k: _stored(name, v) for k, v in networks[name].items()}, str(tmp))
-        os.replace(tmp, path)
+        write_safetensors({k: _stored(name, v) for k, v in networks[name].items()}, path)
         files[path.name] = sha256(path)
     doc = {
         "format_version": FORMAT_VERSION,
@@ -120,9 +145,7 @@ def save_bundle(
         "files": files,
         "versions": {"cldf": _version(), "torch": torch.__version__, "python": platform.python_version()},
     }
-    tmp = out / "bundle.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out / "bundle.json")
+    write_card(out / "bundle.json", doc)
     return out
 
 
@@ -131,20 +154,18 @@ def replace_decoders(bundle_dir: str | Path, decoders: dict[str, dict[int, Pixel
     root = Path(bundle_dir)
     card = read_card(root)
     path = root / "decoders.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in decoders_state(decoders).items()}, str(tmp))
-    os.replace(tmp, path)
+    write_safetensors({k: v.detach().cpu().contiguous() for k, v in decoders_state(decoders).items()}, path)
     update_card(root, files={**card["files"], path.name: sha256(path)}, **entries)
 
 
 def update_card(bundle_dir: str | Path, **entries: Any) -> None:
-    """Add or replace top-level card entries (metrics, selection) without touching the weights."""
+    """Add or replace top-level card entries (metrics, selection, settings) without touching the weights; resealed."""
     path = Path(bundle_dir) / "bundle.json"
+    if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+        raise BundleError(f"{path} is read-only: copy the bundle to a folder you can write to first")
     doc = json.loads(path.read_text())
     doc.update(entries)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_card(path, doc)
 
 
 def read_card(bundle_dir: str | Path) -> dict[str, Any]:
@@ -157,15 +178,25 @@ def read_card(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{root} is not a CLDF bundle: it has no bundle.json")
     try:
         card = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path} is corrupted (not valid JSON: {e}); rebuild or re-download the bundle") from e
+    if not isinstance(card, dict):
+        raise BundleError(f"{path} is corrupted (not a JSON object); rebuild or re-download the bundle")
     version = card.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(
             f"{path} has format version {version!r}; this cldf reads version {FORMAT_VERSION}. "
             "Update CLDFSegmentation or rebuild the bundle with this version"
         )
-    files = card.get("files", {})
+    files = card.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{path} is corrupted ('files' must map each weight file to its sha256)")
+    if card.get("seal") != seal(card):
+        raise BundleError(
+            f"{path} was edited after the bundle was made: its settings, task, channels or weight hashes no longer "
+            "match its seal. Refusing to use it; restore the original bundle.json (segment-time choices are options "
+            "of `cldf segment` and the Slicer module, not edits of the card)"
+        )
     for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if f"{n}.safetensors" in files):
         fname = f"{name}.safetensors"
         if fname not in files:
@@ -194,21 +225,31 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     cdm = build_cdm(config.diffusion, n_in)
     noisy = SliceClassifier(config.noisy_classifier, n_in)
     cam = SliceClassifier(config.cam_classifier, n_in)
-    for net, name in ((cdm, "cdm"), (noisy, "noisy_classifier"), (cam, "cam_classifier")):
-        try:
-            net.load_state_dict(load_file(str(root / f"{name}.safetensors")))
-        except RuntimeError as e:
-            raise BundleError(f"{name}.safetensors does not fit the architecture in bundle.json: {e}") from e
-        net.eval().requires_grad_(False)
+    nets = {"cdm": cdm, "noisy_classifier": noisy, "cam_classifier": cam}
     ame = None
     if "ame_cam.safetensors" in card["files"]:
-        ame = AmeCam(config.ame_cam, n_in)
-        try:
-            ame.load_state_dict(load_file(str(root / "ame_cam.safetensors")))
-        except RuntimeError as e:
-            raise BundleError(f"ame_cam.safetensors does not fit the architecture in bundle.json: {e}") from e
-        ame.eval().requires_grad_(False)
-    return Bundle(root, config, card, cdm, noisy, cam, _load_decoders(root / "decoders.safetensors", config), ame)
+        nets["ame_cam"] = ame = AmeCam(config.ame_cam, n_in)
+    for name, net in nets.items():
+        net.load_state_dict(_read_weights(root / f"{name}.safetensors", net))
+        net.eval().requires_grad_(False)
+    try:
+        decoders = _load_decoders(root / "decoders.safetensors", config)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise BundleError(f"decoders.safetensors does not fit the decoders in bundle.json: {e}") from None
+    return Bundle(root, config, card, cdm, noisy, cam, decoders, ame)
+
+
+def _read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A weight file's tensors, checked against the network's names and shapes (float16 files come back float32)."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated or malformed files
+        raise BundleError(f"{path} is not a readable weight file ({e}); rebuild or re-download the bundle") from None
+    expected = net.state_dict()
+    if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+        raise BundleError(f"{path.name} does not fit the architecture in bundle.json (other names or shapes); "
+                          "rebuild or re-download the bundle")
+    return {k: v.to(expected[k].dtype) for k, v in state.items()}
 
 
 def _load_decoders(path: Path, config: CLDFConfig) -> dict[str, dict[int, PixelDecoder]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -40,8 +41,11 @@ Training sees the volumes and one label per slice only: the slice labels come
 from a CSV per case, or are derived from masks (--target picks the mask values;
 a slice is positive when the target covers more than 1% of it).
 
-Interrupted? Run the same command again: it resumes from the checkpoints in
-OUT/.checkpoints (the diffusion model is checkpointed every few minutes).
+Interrupted (Ctrl-C, SIGTERM, a crash)? Run the same command again: it resumes
+from the checkpoints in OUT.checkpoints, beside OUT (saved at least every minute),
+and refuses when the data or settings differ from the interrupted run's. Once the
+bundle is complete the checkpoints are removed (--keep-checkpoints keeps them).
+A finished bundle is never rewritten: train a new one into another --out.
 """
 
 
@@ -95,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask values that form the target, e.g. '1' or '2,3' (default: any non-zero); "
                         "used only to derive slice labels")
     t.add_argument("--channels", required=True, help="channel names in input order, e.g. FLAIR,T1")
-    t.add_argument("--out", required=True, type=Path, help="bundle directory to create (or resume)")
+    t.add_argument("--out", required=True, type=Path,
+                   help="bundle folder to create (not an existing bundle); checkpoints go to OUT.checkpoints")
     t.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
                    help="cpu: 64x64, fits a 2-core machine (default); paper: the paper's 256x256 scale, for a GPU")
     t.add_argument("--device", choices=DEVICES, default="auto", help="auto uses CUDA when present")
@@ -110,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not weigh LiteMedSAM refinement on the validation patients (it stays off)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="change one setting of the preset, e.g. --set diffusion.steps=8000 (repeatable)")
+    t.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep OUT.checkpoints once the bundle is complete (removed by default)")
 
     s = sub.add_parser("segment", help="segment one volume with a bundle",
                        description="Write cam, mean_gradient, seeds (1 foreground, 2 background) and mask (0/1) "
@@ -142,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--methods", default="", metavar="NAMES",
                    help="comma-separated methods to score (default: every method the bundle has decoders for)")
+    e.add_argument("--overwrite", action="store_true", help="replace the report if --out already exists")
     e.add_argument("--record", action="store_true",
                    help="also write the overall numbers into the bundle's bundle.json (section 'metrics')")
 
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args, argv) -> int:
     from .config import preset
-    from .training.train import TrainRequest, train
+    from .training.checkpoint import sigterm_as_interrupt
+    from .training.train import TrainRequest, checkpoint_dir, train
 
     cfg = preset(args.preset)
     cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
@@ -240,19 +249,33 @@ def cmd_train(args, argv) -> int:
     color = tuple(int(v) for v in args.color.split(","))
     if len(color) != 3 or not all(0 <= v <= 255 for v in color):
         raise ValueError(f"--color takes R,G,B in 0..255, not '{args.color}'")
-    out = train(TrainRequest(
+    every = os.environ.get("CLDF_CHECKPOINT_EVERY_S", "60")
+    try:
+        every_s = float(every)
+    except ValueError:
+        raise ValueError(f"CLDF_CHECKPOINT_EVERY_S takes seconds between checkpoints, not '{every}'") from None
+    req = TrainRequest(
         manifest=args.data, out=args.out, config=cfg, target_labels=args.target, device=args.device, seed=args.seed,
         decoder_seeds=tuple(int(v) for v in args.decoder_seeds.split(",")), name=args.name or args.out.name,
         target_name=args.target_name, target_color=color, command="cldf " + shlex.join(argv), progress=not args.quiet,
-        select=not args.no_select, select_refine=not args.no_refine_selection,
-    ))
+        checkpoint_every_s=every_s, select=not args.no_select, select_refine=not args.no_refine_selection,
+        keep_checkpoints=args.keep_checkpoints,
+    )
+    try:
+        with sigterm_as_interrupt():
+            out = train(req)
+    except KeyboardInterrupt:
+        ckdir = checkpoint_dir(args.out)
+        saved = f"the progress so far is saved in {ckdir}" if ckdir.is_dir() else "nothing was saved yet"
+        print(f"cldf train: interrupted; {saved}. Run the same command again to resume from there.", file=sys.stderr)
+        return 130
     print(f"bundle written to {out}")
     return 0
 
 
 def cmd_segment(args, argv) -> int:
     from .bundle import load_bundle
-    from .outputs import check_out_dir, write_result
+    from .outputs import output_paths, staging_folder, write_result
     from .segment import EXTRA_MAPS, Segmenter
 
     inputs = _inputs(args.inputs)
@@ -260,12 +283,15 @@ def cmd_segment(args, argv) -> int:
     bad = [m for m in extra if m not in EXTRA_MAPS]
     if bad:
         raise ValueError(f"--maps takes a comma-separated list of {', '.join(EXTRA_MAPS)}, not {', '.join(bad)}")
-    check_out_dir(args.out, args.format, args.overwrite, extra)
-    bundle = load_bundle(args.bundle)
-    refine = None if args.refine == "bundle" else args.refine
-    job = Segmenter(bundle, args.device, args.batch_size, maps=extra, refine=refine).start(inputs, args.decoder_seed)
-    result = job.run(progress=not args.quiet)
-    paths = write_result(result, args.out, args.format, args.overwrite)
+    output_paths(args.out, args.format)  # a bad --format is refused before any work
+    with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
+        bundle = load_bundle(args.bundle)
+        refine = None if args.refine == "bundle" else args.refine
+        job = Segmenter(bundle, args.device, args.batch_size, maps=extra, refine=refine).start(inputs, args.decoder_seed)
+        result = job.run(progress=not args.quiet)
+        provenance = {"bundle": bundle.id, "inputs": {k: str(v) for k, v in inputs.items()},
+                      "command": "cldf " + shlex.join(argv)}
+        paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
     n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
     print(f"{job.total} slices, {n_pos} judged to contain the target, {int(result.mask.sum())} mask voxels")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
@@ -273,11 +299,16 @@ def cmd_segment(args, argv) -> int:
 
 
 def cmd_evaluate(args, argv) -> int:
-    from .bundle import load_bundle
+    from .bundle import BundleError, load_bundle
     from .data import load_manifest
     from .evaluation.evaluate import available_methods, case_ids_for_split, evaluate, markdown_table, write_report
 
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")
     bundle = load_bundle(args.bundle)
+    if args.record and not os.access(args.bundle / "bundle.json", os.W_OK):
+        raise BundleError(f"{args.bundle / 'bundle.json'} is read-only: --record writes the metrics into it; "
+                          "copy the bundle to a folder you can write to, or leave out --record")
     manifest = load_manifest(args.data)
     labels = args.target if args.target is not None else bundle.card.get("task", {}).get("mask_labels")
     cases = case_ids_for_split(bundle, manifest, args.split)

@@ -27,6 +27,10 @@ class DataConfig:
         body_threshold: normalised intensity above which (in any channel) a
             pixel counts as body; air carries no information.
         split_fractions: train / validation / test fractions of patients.
+        orientation: the orientation code (e.g. "RAS") every volume is reoriented to
+            before slicing, so that slices are cut along the same anatomical axis
+            however a scan is stored; set from the first training case; "" keeps
+            the stored voxel order.
     """
 
     channels: list[str] = field(default_factory=lambda: ["FLAIR", "T1"])
@@ -35,6 +39,7 @@ class DataConfig:
     positive_fraction: float = 0.01
     body_threshold: float = -0.8
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
+    orientation: str = ""
 
 
 @dataclass
@@ -297,13 +302,30 @@ class CLDFConfig:
         kwargs = {}
         for f in dataclasses.fields(cls):
             sub = d.get(f.name, {})
+            if not isinstance(sub, dict):
+                raise ValueError(f"section '{f.name}' of the config must be a mapping, not {type(sub).__name__}")
             sub_cls = type(getattr(cls(), f.name))
             names = {g.name: g for g in dataclasses.fields(sub_cls)}
             unknown = set(sub) - set(names)
             if unknown:
                 raise ValueError(f"unknown setting(s) {sorted(unknown)} in section '{f.name}' of the config")
+            for k, v in sub.items():
+                _check_type(f"{f.name}.{k}", v, names[k])
             kwargs[f.name] = sub_cls(**{k: _restore(v, names[k]) for k, v in sub.items()})
         return cls(**kwargs)
+
+
+def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:
+    """A setting keeps the kind its annotation gives: a number stays a number, a list a list, a switch a switch."""
+    words = set(str(f.type).replace("|", " ").replace("[", " ").replace(",", " ").split())
+    kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,), "tuple": (list, tuple),
+             "list": (list, tuple), "None": (type(None),)}
+    allowed = tuple(t for w in words & set(kinds) for t in kinds[w])
+    if not allowed or "Any" in words:
+        return
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, allowed) or (is_bool and "bool" not in words):
+        raise ValueError(f"setting {name} must be {str(f.type)}, not {value!r}")
 
 
 def _restore(value: Any, f: dataclasses.Field) -> Any:

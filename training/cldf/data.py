@@ -7,9 +7,14 @@ receives `SliceSet`s (images + slice labels) and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import locale
+import os
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +62,16 @@ def load_manifest(path: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(raw.get("cases"), list) or not raw["cases"]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("cases"), list) or not raw["cases"]:
         raise InputError(f"{path} has no 'cases' list; see the README for the manifest format")
     root = path.parent
-    cases = []
+    cases, seen = [], set()
     for i, c in enumerate(raw["cases"]):
-        if "id" not in c or not isinstance(c.get("channels"), dict):
+        if not isinstance(c, dict) or "id" not in c or not isinstance(c.get("channels"), dict):
             raise InputError(f"case #{i} in {path} needs an 'id' and a 'channels' mapping")
+        if str(c["id"]) in seen:
+            raise InputError(f"case id '{c['id']}' appears twice in {path}; give every case its own id")
+        seen.add(str(c["id"]))
         cases.append(
             Case(
                 id=str(c["id"]),
@@ -77,27 +85,102 @@ def load_manifest(path: str | Path) -> Manifest:
 
 
 # --------------------------------------------------------------------------- volumes
-def read_channels(paths: dict[str, str | Path], channels: list[str]) -> tuple[np.ndarray, sitk.Image]:
+MIN_IN_PLANE = 16  # pixels per side: below this a "slice" holds no anatomy to segment
+LABEL_LIKE_VALUES = 8  # an integer image with at most this many distinct values is a label map, not a scan
+IMAGE_FORMATS = ".nii.gz, .nii, .nrrd, .mha, or a folder holding one DICOM series"
+
+
+def read_channels(paths: dict[str, str | Path], channels: list[str],
+                  orientation: str = "") -> tuple[np.ndarray, sitk.Image]:
     """Read one volume per channel and stack them in the bundle's order.
 
     Args:
-        paths: channel name -> image file.
+        paths: channel name -> image file (or DICOM series folder).
         channels: the channel names the bundle expects, in order.
+        orientation: reorient every channel to this orientation code (e.g. ``"RAS"``) first; ``""`` keeps
+            the stored voxel order.
 
     Returns:
         ``(C, Z, Y, X)`` float32 array and the first channel's image (the reference grid).
     """
+    images = read_images(paths, channels)
+    return stack_channels({n: reorient(im, orientation) for n, im in images.items()}, channels)
+
+
+def read_images(paths: dict[str, str | Path], channels: list[str]) -> dict[str, sitk.Image]:
+    """Read and check every channel's file; any problem is an `InputError` that names the file."""
     check_channel_names(list(paths), channels)
-    images = {}
-    for name in channels:
-        p = Path(paths[name])
-        if not p.is_file():
-            raise FileNotFoundError(f"channel '{name}': file not found: {p}")
-        try:
-            images[name] = sitk.ReadImage(str(p))
-        except RuntimeError as e:
-            raise InputError(f"channel '{name}': cannot read {p} as an image ({e})") from e
-    return stack_channels(images, channels)
+    return {name: read_image(Path(paths[name]), name) for name in channels}
+
+
+def read_image(path: Path, name: str) -> sitk.Image:
+    """One channel from a file or a DICOM series folder, refusing what cannot be read completely."""
+    if path.is_dir():
+        return _read_dicom_series(path, name)
+    if not path.exists():
+        raise FileNotFoundError(f"channel '{name}': file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"channel '{name}': {path} cannot be read (permission denied); check its permissions")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(f"channel '{name}': {path} is not an image this tool can read, or it is corrupted; "
+                         f"give {IMAGE_FORMATS}") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(path, name)
+    return image
+
+
+@contextlib.contextmanager
+def _locale_kept() -> Iterator[None]:
+    """GDCM may switch the process's locale to "C" (then Python reads text files as ASCII): put it back."""
+    kept = locale.setlocale(locale.LC_CTYPE)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, kept)
+
+
+def _read_dicom_series(folder: Path, name: str) -> sitk.Image:
+    with _locale_kept():
+        return _read_series(folder, name)
+
+
+def _read_series(folder: Path, name: str) -> sitk.Image:
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"channel '{name}': {folder} is a folder without a DICOM series; give {IMAGE_FORMATS}")
+    if len(series) > 1:
+        raise InputError(f"channel '{name}': {folder} holds {len(series)} DICOM series ({', '.join(series)}); "
+                         "put the series to segment in a folder of its own")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        return reader.Execute()
+    except RuntimeError:
+        raise InputError(f"channel '{name}': the DICOM series in {folder} cannot be read as one volume "
+                         "(missing or inconsistent slices?)") from None
+
+
+def _check_nifti_data(path: Path, name: str) -> None:
+    """NIfTI data read in full, as stored: SimpleITK pads a truncated file and reads NaN and Inf as 0."""
+    import nibabel
+
+    try:
+        with nibabel.openers.ImageOpener(str(path)) as f:
+            header = nibabel.Nifti1Header.from_fileobj(f, check=False)  # as written: loading "fixes" a 0 spacing
+        spacing = header["pixdim"][1 : 1 + min(int(header["dim"][0]), 3)]
+        if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+            raise InputError(f"channel '{name}': {path} declares an invalid voxel spacing {tuple(spacing.tolist())}; "
+                             "every spacing must be positive: fix the image header")
+        data = np.asanyarray(nibabel.load(str(path)).dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise InputError(f"channel '{name}': {path} is truncated or corrupted ({str(e).splitlines()[0]}); copy or export it again") from None
+    if data.dtype.kind in "fc":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise InputError(f"channel '{name}': {path} holds {bad} NaN or infinite voxels; "
+                             "replace them (e.g. by the background value) first")
 
 
 def stack_channels(images: dict[str, sitk.Image], channels: list[str]) -> tuple[np.ndarray, sitk.Image]:
@@ -112,9 +195,11 @@ def stack_channels(images: dict[str, sitk.Image], channels: list[str]) -> tuple[
         check_volume(images[name], name)
         if name != channels[0]:
             check_same_grid(ref, images[name], channels[0], name)
-    arrays = [sitk.GetArrayFromImage(images[n]).astype(np.float32) for n in channels]
-    for name, a in zip(channels, arrays):
+    arrays = []
+    for name in channels:
+        a = sitk.GetArrayViewFromImage(images[name])
         check_values(a, name)
+        arrays.append(a.astype(np.float32))
     return np.stack(arrays), ref
 
 
@@ -132,6 +217,7 @@ def check_channel_names(given: list[str], channels: list[str]) -> None:
 
 
 def check_volume(image: sitk.Image, name: str) -> None:
+    """A 3D scalar volume with a usable voxel grid."""
     if image.GetDimension() != 3:
         raise InputError(f"channel '{name}' is {image.GetDimension()}D; a 3D volume (a stack of axial slices) is needed")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -139,13 +225,22 @@ def check_volume(image: sitk.Image, name: str) -> None:
             f"channel '{name}' has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
             "give one scalar volume per channel"
         )
-    if 0 in image.GetSize():
-        raise InputError(f"channel '{name}' is empty (size {image.GetSize()})")
-    if image.GetSize()[2] == 1:
-        raise InputError(
-            f"channel '{name}' is a single 2D slice (size {image.GetSize()}); "
-            "a 3D volume (a stack of axial slices) is needed"
-        )
+    size = image.GetSize()
+    if 0 in size:
+        raise InputError(f"channel '{name}' is empty (size {size})")
+    if sorted(size)[1] < MIN_IN_PLANE:
+        raise InputError(f"channel '{name}' is too small to segment (size {size}); "
+                         f"slices need at least {MIN_IN_PLANE} x {MIN_IN_PLANE} voxels")
+    if sorted(size)[0] == 1:
+        raise InputError(f"channel '{name}' is a single 2D slice (size {size}); "
+                         "a 3D volume (a stack of axial slices) is needed")
+    spacing = np.asarray(image.GetSpacing())
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise InputError(f"channel '{name}' has an invalid voxel spacing {tuple(spacing)}; "
+                         "every spacing must be positive: fix the image header")
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    if not np.isfinite(direction).all() or abs(abs(np.linalg.det(direction)) - 1) > 1e-3:
+        raise InputError(f"channel '{name}' has an invalid direction matrix (not a rotation); fix the image header")
 
 
 def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str) -> None:
@@ -167,18 +262,62 @@ def check_same_grid(a: sitk.Image, b: sitk.Image, name_a: str, name_b: str) -> N
 
 
 def check_values(a: np.ndarray, name: str) -> None:
-    if not np.isfinite(a).all():
-        raise InputError(f"channel '{name}' contains {int((~np.isfinite(a)).sum())} NaN or infinite voxels; fix or mask them first")
-    if a.max() <= a.min():
-        what = "empty: every voxel is 0" if a.flat[0] == 0 else f"constant: every voxel is {a.flat[0]:g}"
+    """Finite, representable, not constant, and not a label map (checked on the stored values)."""
+    if a.dtype.kind == "f":
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            raise InputError(f"channel '{name}' contains {bad} NaN or infinite voxels; "
+                             "replace them (e.g. by the background value) first")
+    lo, hi = a.min(), a.max()
+    if max(abs(float(lo)), abs(float(hi))) > float(np.finfo(np.float32).max):
+        raise InputError(f"channel '{name}' holds values up to {max(abs(float(lo)), abs(float(hi))):.3g}, beyond what "
+                         "float32 holds; rescale the image to its real intensity range first")
+    if hi <= lo:
+        what = "empty: every voxel is 0" if lo == 0 else f"constant: every voxel is {float(lo):g}"
         raise InputError(f"channel '{name}' is {what}; it holds no image")
+    if len(np.unique(a[::3, ::3, ::3])) <= LABEL_LIKE_VALUES and len(np.unique(a)) <= LABEL_LIKE_VALUES:
+        raise InputError(f"channel '{name}' looks like a label map or mask (only the values "
+                         f"{', '.join(f'{v:g}' for v in np.unique(a))}), not a scan; give the scan itself")
 
 
-def normalise(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """Map each channel's robust range to [-1, 1] (per volume), clipping outside it."""
+# --------------------------------------------------------------------------- orientation
+def stored_orientation(case: "Case", channel: str) -> str:
+    """The orientation code of a case's channel as stored (read from the header only, for files)."""
+    path = Path(case.channels[channel])
+    if path.is_dir() or not path.is_file():
+        return orientation_of(read_image(path, channel))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return orientation_of(read_image(path, channel))  # read_image says what is wrong with it
+    return orientation_of(reader)
+
+
+def orientation_of(image: sitk.Image) -> str:
+    """The image's orientation code (e.g. ``"RAS"``: its voxel axes point closest to these directions)."""
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+
+
+def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
+    """The same voxels with their axes permuted and flipped to ``orientation`` (no resampling); ``""``: as is."""
+    if not orientation or orientation_of(image) == orientation:
+        return image
+    return sitk.DICOMOrient(image, orientation)
+
+
+def robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    """``(C, 2)``: each channel's intensities at the two percentiles, as stored (e.g. Hounsfield units for CT)."""
+    return np.stack([np.percentile(volume[c], percentiles) for c in range(volume.shape[0])])
+
+
+def normalise(volume: np.ndarray, percentiles: tuple[float, float], ranges: np.ndarray | None = None) -> np.ndarray:
+    """Map each channel's robust range (``ranges``, else computed) to [-1, 1] (per volume), clipping outside it."""
     out = np.empty_like(volume, dtype=np.float32)
+    ranges = robust_range(volume, percentiles) if ranges is None else ranges
     for c in range(volume.shape[0]):
-        lo, hi = np.percentile(volume[c], percentiles)
+        lo, hi = ranges[c]
         if hi <= lo:
             lo, hi = float(volume[c].min()), float(volume[c].max())
         out[c] = np.clip((volume[c] - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
@@ -222,9 +361,9 @@ def _square_padding(y: int, x: int) -> tuple[int, int, int, int]:
 
 
 # --------------------------------------------------------------------------- weak labels
-def target_mask(mask_path: Path, target_labels: list[int] | None) -> np.ndarray:
-    """Binary ``(Z, Y, X)`` target from a label volume (values in ``target_labels``, or > 0)."""
-    m = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path)))
+def target_mask(mask_path: Path, target_labels: list[int] | None, orientation: str = "") -> np.ndarray:
+    """Binary ``(Z, Y, X)`` target from a label volume (values in ``target_labels``, or > 0), reoriented."""
+    m = sitk.GetArrayFromImage(reorient(read_image(Path(mask_path), "mask"), orientation))
     return np.isin(m, target_labels) if target_labels else m > 0
 
 
@@ -251,10 +390,43 @@ def _labels_from_csv(path: Path) -> np.ndarray:
         rows = list(csv.DictReader(f))
     if not rows or not {"slice", "label"} <= set(rows[0]):
         raise InputError(f"{path} needs a header 'slice,label' and one row per slice")
-    labels = np.full(max(int(r["slice"]) for r in rows) + 1, AMBIGUOUS, dtype=np.int64)
-    for r in rows:
-        labels[int(r["slice"])] = int(r["label"])
+    try:
+        pairs = [(int(r["slice"]), int(r["label"])) for r in rows]
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: every row needs an integer slice index and a label 1, 0 or -1") from None
+    bad = [f"row {i + 2}" for i, (z, y) in enumerate(pairs) if z < 0 or y not in (1, 0, AMBIGUOUS)]
+    if bad:
+        raise InputError(f"{path}: slice indices start at 0 and labels are 1 (present), 0 (absent) or -1 "
+                         f"(unsure); see {', '.join(bad[:5])}")
+    labels = np.full(max(z for z, _ in pairs) + 1, AMBIGUOUS, dtype=np.int64)
+    for z, y in pairs:
+        labels[z] = y
     return labels
+
+
+def labels_in_orientation(labels: np.ndarray, stored: sitk.Image, orientation: str) -> np.ndarray:
+    """Slice labels of a volume as stored, in the order of its slices once reoriented to ``orientation``."""
+    order = slice_order(stored, orientation)
+    if order is None:
+        raise InputError(f"slice labels were made on slices along another axis than the one the bundle's orientation "
+                         f"{orientation} cuts (the volume is stored as {orientation_of(stored)}); "
+                         "label the slices of the volume resampled to that orientation")
+    return labels[order]
+
+
+def slice_order(stored: sitk.Image, orientation: str) -> np.ndarray | None:
+    """For each slice of ``stored`` reoriented to ``orientation``, the index of the stored slice it is.
+
+    None when reorienting moves the slice axis in-plane (then slices do not correspond one to one).
+    """
+    depth = stored.GetSize()[2]
+    if not orientation or orientation_of(stored) == orientation:
+        return np.arange(depth)
+    index = np.broadcast_to(np.arange(depth, dtype=np.int32)[:, None, None], sitk.GetArrayViewFromImage(stored).shape)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(index))
+    image.CopyInformation(stored)
+    moved = sitk.GetArrayFromImage(reorient(image, orientation))
+    return moved[:, 0, 0] if (moved == moved[:, :1, :1]).all() else None
 
 
 # --------------------------------------------------------------------------- splits
@@ -287,6 +459,7 @@ class SliceSet:
     labels: torch.Tensor  # (N,) 0 / 1
     case_index: torch.Tensor  # (N,) index into case_ids
     case_ids: list[str]
+    ranges: np.ndarray | None = None  # (cases, C, 2): each case's `robust_range`, for the bundle's data card
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -300,18 +473,22 @@ def load_slice_set(
     percentiles: tuple[float, float],
     target_labels: list[int] | None,
     positive_fraction: float,
+    orientation: str = "",
 ) -> SliceSet:
-    """Images of the given cases with their weak slice labels; ambiguous slices dropped."""
-    images, labels, index = [], [], []
+    """Images of the given cases (reoriented to ``orientation``) with their weak slice labels; ambiguous slices dropped."""
+    images, labels, index, ranges = [], [], [], []
     for i, cid in enumerate(case_ids):
         case = manifest.case(cid)
         # a manifest may hold more channels than the bundle uses (e.g. T1ce); missing ones are refused
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in channels}, channels)
+        stored = read_images({k: v for k, v in case.channels.items() if k in channels}, channels)
+        volume, _ = stack_channels({n: reorient(im, orientation) for n, im in stored.items()}, channels)
         y = weak_slice_labels(case, target_labels, positive_fraction)
         if len(y) != volume.shape[1]:
             raise InputError(f"case '{cid}': {len(y)} slice labels for {volume.shape[1]} slices")
+        y = labels_in_orientation(y, stored[channels[0]], orientation)
         keep = y != AMBIGUOUS
-        images.append(to_slices(normalise(volume, percentiles), resolution)[torch.from_numpy(keep)])
+        ranges.append(robust_range(volume, percentiles))
+        images.append(to_slices(normalise(volume, percentiles, ranges[-1]), resolution)[torch.from_numpy(keep)])
         labels.append(torch.from_numpy(y[keep]))
         index.append(torch.full((int(keep.sum()),), i, dtype=torch.long))
-    return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(index), list(case_ids))
+    return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(index), list(case_ids), np.stack(ranges))

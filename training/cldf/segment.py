@@ -23,7 +23,10 @@ from .bundle import Bundle
 from .config import ClusterConfig, PostprocessConfig
 from .defaults import BATCH_SIZE, DEVICES
 from .cluster import choose_clusters, kmeans
-from .data import from_slices, normalise, read_channels, stack_channels, to_slices
+from .data import (from_slices, normalise, orientation_of, read_images, robust_range, slice_order,
+                   stack_channels, to_slices)
+from .data import reorient as _reorient
+from .plausibility import intensity_warnings
 from .features import DiffusionFeatures, EncoderFeatures
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
 from .postprocess import SliceEvidence, keep_main_components, keep_slices, mask_similarity
@@ -354,17 +357,28 @@ class Segmenter:
     def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0, keep_cache: bool = False) -> "SegmentationJob":
         """Validate and read the inputs (refusing bad ones before any work), return a stepwise job.
 
+        Slices are cut along the bundle's axes (`start_images` with ``reorient``); `VolumeResult.on_input_grid`
+        maps the outputs back onto the input's own grid.
         ``keep_cache``: also keep every slice's pixel embeddings (`SliceCache`), so the masks can be
         re-decided for another gate threshold or clustering in a fraction of a second (`Redecider`).
         """
-        volume, reference = read_channels(inputs, self.bundle.channels)
-        return SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+        return self.start_images(read_images(inputs, self.bundle.channels), decoder_seed, keep_cache, reorient=True)
 
-    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0,
-                     keep_cache: bool = False) -> "SegmentationJob":
-        """As `start`, for images already in memory (the Slicer module's volume nodes)."""
-        volume, reference = stack_channels(images, self.bundle.channels)
-        return SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0, keep_cache: bool = False,
+                     reorient: bool = False) -> "SegmentationJob":
+        """As `start`, for images already in memory (the Slicer module's volume nodes).
+
+        ``reorient``: cut the slices along the bundle's axes (``data.orientation``): the job's arrays and
+        ``result.reference`` are then on the reoriented grid and ``result.input_reference`` is the input's.
+        Without it, slices are cut along the images' third voxel axis.
+        """
+        orientation = self.cfg.data.orientation if reorient else ""
+        volume, reference = stack_channels({n: _reorient(im, orientation) for n, im in images.items()},
+                                           self.bundle.channels)
+        job = SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+        if reorient:
+            job.result.input_reference = images[self.bundle.channels[0]]
+        return job
 
 
 @dataclass
@@ -392,6 +406,35 @@ class VolumeResult:
     extra: dict[str, np.ndarray] = field(default_factory=dict)
     coarse_mask: np.ndarray | None = None  # with refinement: the mask before it (resized from the bundle's grid)
     cache: SliceCache | None = None  # with ``keep_cache``: for re-deciding the masks (`Redecider`)
+    input_reference: sitk.Image | None = None  # the input as stored, when it was reoriented to the bundle's orientation
+    mask_voxels: np.ndarray | None = None  # (Z,) per slice of `presence` (set by `on_input_grid`)
+
+    def on_input_grid(self) -> "VolumeResult":
+        """The outputs in the input's own voxel order (they are computed in the bundle's orientation).
+
+        Per-slice values (presence, similarity) follow the input's slices when its slice axis is the
+        bundle's; otherwise they stay in the bundle's slice order.
+        """
+        src = self.input_reference
+        areas = self.mask.reshape(len(self.mask), -1).sum(axis=1)
+        if src is None or orientation_of(src) == orientation_of(self.reference):
+            return replace(self, input_reference=None, mask_voxels=areas)
+        code = orientation_of(src)
+
+        def back(a: np.ndarray | None) -> np.ndarray | None:
+            if a is None:
+                return None
+            image = sitk.GetImageFromArray(a)
+            image.CopyInformation(self.reference)
+            return sitk.GetArrayFromImage(_reorient(image, code))
+
+        order = slice_order(self.reference, code)
+        per_slice = (lambda v: v) if order is None else (lambda v: None if v is None else v[order])
+        return replace(self, reference=src, input_reference=None, cam=back(self.cam),
+                       mean_gradient=back(self.mean_gradient), seeds=back(self.seeds), mask=back(self.mask),
+                       presence=per_slice(self.presence), similarity=per_slice(self.similarity),
+                       mask_voxels=per_slice(areas),
+                       extra={k: back(v) for k, v in self.extra.items()}, coarse_mask=back(self.coarse_mask), cache=None)
 
 
 class SegmentationJob:
@@ -404,7 +447,12 @@ class SegmentationJob:
         self.segmenter = segmenter
         self.decoder_seed = decoder_seed
         cfg = segmenter.cfg.data
-        normalised = normalise(volume, cfg.percentiles)
+        ranges = robust_range(volume, cfg.percentiles)
+        normalised = normalise(volume, cfg.percentiles, ranges)
+        card = segmenter.bundle.card.get("training", {}).get("data_card", {}).get("intensity")
+        self.warnings = intensity_warnings(ranges, card, segmenter.bundle.channels)  # also shown by the Slicer module
+        for warning in self.warnings:
+            log.warning("warning: %s", warning)
         self.slices = to_slices(normalised, cfg.resolution)
         r = segmenter.cam_resolution
         self.cam_slices = to_slices(normalised, r) if r else None  # the CAM source's own slices

@@ -199,7 +199,7 @@ def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: P
         image = resample_depth(image, depth) if depth else image
         files[name] = str(tmp / f"{name}.nii.gz")
         sitk.WriteImage(image, files[name])
-    volume, _ = read_channels(files, bundle.channels)
+    volume, _ = read_channels(files, bundle.channels, bundle.config.data.orientation)
     d = bundle.config.data
     return case_id, to_slices(normalise(volume, d.percentiles), d.resolution), files
 
@@ -368,7 +368,7 @@ def write_speed_report(report: dict, path: Path) -> None:
         "",
     ]
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(text))
+    tmp.write_text("\n".join(text), encoding="utf-8")
     os.replace(tmp, path)
     data = {k: v for k, v in report.items() if k not in ("table", "notes")}
     tmp = path.with_suffix(".json.tmp")

@@ -77,8 +77,8 @@ def run_demo(out: Path, bundle: Path | None = None, data: Path | None = None, pr
     inputs = {c: case.channels[c] for c in b.channels if c in case.channels}
     truth = target_mask(case.mask, b.card.get("task", {}).get("mask_labels"))
     print(f"bundle {b.id}, case {case.id} from {manifest}: {', '.join(f'{k}={v}' for k, v in inputs.items())}")
-    result = Segmenter(b, "auto", refine=refine).start(inputs).run(progress)
-    paths = write_result(result, out, overwrite=True)  # the demo folder is the demo's own
+    result = Segmenter(b, "auto", refine=refine).start(inputs).run(progress).on_input_grid()
+    paths = write_result(result, out, overwrite=True, also_ours=("montage.png",))  # the demo folder is the demo's own
     print(f"{int((result.mask > 0).sum())} mask voxels on {int((result.mask.sum(axis=(1, 2)) > 0).sum())} slices")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
     print(dice_report(result.mask > 0, truth))

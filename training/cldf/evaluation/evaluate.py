@@ -170,10 +170,12 @@ def _refiner(bundle: Bundle, device: str, batch_size: int):
 def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds,
                 refiner=None):
     case = manifest.case(cid)
-    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
+    orientation = bundle.config.data.orientation
+    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels,
+                                orientation)
     if case.mask is None:
         raise InputError(f"case '{cid}' has no mask: evaluation needs ground truth")
-    gt = target_mask(case.mask, target_labels)
+    gt = target_mask(case.mask, target_labels, orientation)
     cfg = bundle.config
     normalised = normalise(volume, tuple(cfg.data.percentiles))
     slices = to_slices(normalised, cfg.data.resolution)

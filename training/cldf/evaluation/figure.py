@@ -36,8 +36,9 @@ def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows
     out, where = [], []
     for cid in case_ids_for_split(bundle, manifest, split)[:rows]:
         case = manifest.case(cid)
-        volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
-        gt = target_mask(case.mask, labels)
+        volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels,
+                                    cfg.orientation)
+        gt = target_mask(case.mask, labels, cfg.orientation)
         z = int(gt.reshape(len(gt), -1).sum(axis=1).argmax())
         normalised = normalise(volume, tuple(cfg.percentiles))
         x = to_slices(normalised, cfg.resolution)[z : z + 1].to(seg.device)

@@ -136,5 +136,5 @@ def write_results(results: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in ((path, markdown(results)), (path.with_suffix(".json"), json.dumps(results, indent=1) + "\n")):
         tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)

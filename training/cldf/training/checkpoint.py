@@ -6,11 +6,15 @@ import json
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..bundle import write_safetensors
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
@@ -22,8 +26,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = path.with_suffix(".safetensors")
-    save_file(tensors, str(weights.with_suffix(".tmp")))
-    os.replace(weights.with_suffix(".tmp"), weights)
+    write_safetensors(tensors, weights)
     doc = {**meta, "param_groups": opt["param_groups"]}
     path.with_suffix(".json.tmp").write_text(json.dumps(doc))
     os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
@@ -47,18 +50,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 class StopAtStepBoundary:
-    """While active, SIGINT (Ctrl-C, or Cancel in Slicer) only sets `requested`; the loop saves and stops.
+    """While active, SIGINT (Ctrl-C, or Cancel in Slicer) and SIGTERM only set `requested`; the loop saves and stops.
 
-    A second SIGINT interrupts at once. Outside the main thread (where signals cannot be caught) it does nothing.
+    A second signal interrupts at once. Outside the main thread (where signals cannot be caught) it does nothing.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopAtStepBoundary":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -67,5 +72,22 @@ class StopAtStepBoundary:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt: a terminated run stops as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

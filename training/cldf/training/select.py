@@ -12,7 +12,10 @@ Validation masks are read for scoring only: decoders still see seeds only.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,8 +93,9 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
     images, ids, truths, shapes, negatives = [], [], [], [], []
     for cid in case_ids:
         case = manifest.case(cid)
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
-        gt = target_mask(case.mask, target_labels)
+        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
+                                  cfg.orientation)
+        gt = target_mask(case.mask, target_labels, cfg.orientation)
         positive = np.nonzero(gt.mean(axis=(1, 2)) > cfg.positive_fraction)[0]
         slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
         images.append(slices[positive])
@@ -116,8 +120,14 @@ def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, 
 
 
 def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val_ids: list[str], target_labels,
-                    decoder_seeds: tuple[int, ...], device: str, progress: bool = True) -> tuple[CLDFConfig, list[dict], list[dict]]:
-    """Score the grid on the validation split; returns the best config, every row (best first) and the gate table."""
+                    decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
+                    partial: Path | None = None) -> tuple[CLDFConfig, list[dict], list[dict]]:
+    """Score the grid on the validation split; returns the best config, every row (best first) and the gate table.
+
+    ``partial``: a JSON file keeping the rows of each finished grid point, so an interrupted selection
+    resumes after the last one (the maps and features of the slices are computed again).
+    """
+    done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
     seg = Segmenter(bundle, device, 8)
     sources = cam_sources(bundle)
     pos = (train_set.labels == 1).nonzero()[:, 0]
@@ -130,6 +140,11 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
         threshold, gates = choose_gate(val.presences[method], negative_presence[method])
         if (cam_threshold, (lr, momentum)) == (DECODER_GRID["seeds.cam_threshold"][0], DECODER_GRID["decoder.lr_momentum"][0]):
             gate_rows += [{"cam_method": method, **g} for g in gates]
+        point = json.dumps([method, cam_threshold, lr, momentum])
+        if point in done:
+            rows += done[point]
+            continue
+        first = len(rows)
         gate = val.presences[method] >= threshold
         seed_cfg = SeedConfig(**{**bundle.config.seeds.__dict__, "cam_threshold": cam_threshold})
         noise_seed = bundle.config.maps.noise_seed
@@ -149,6 +164,11 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
                         **dict(zip(CLUSTER_GRID, key))}
             rows.append({"settings": settings, "val_dice": float(np.mean(per_seed)),
                          "val_dice_seed_std": float(np.std(per_seed))})
+        if partial is not None:
+            done[point] = rows[first:]
+            tmp = partial.with_name(partial.name + ".tmp")
+            tmp.write_text(json.dumps(done))
+            os.replace(tmp, partial)
     rows.sort(key=lambda r: -r["val_dice"])  # stable: among equals the paper-first order stays
     return apply_settings(bundle.config, rows[0]["settings"]), rows, gate_rows
 
@@ -230,8 +250,9 @@ class _ValVolume:
 def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, seeds: tuple[int, ...]) -> _ValVolume:
     cfg = seg.cfg.data
     case = manifest.case(cid)
-    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels))
-    truth = target_mask(case.mask, target_labels)
+    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
+                                cfg.orientation)
+    truth = target_mask(case.mask, target_labels, cfg.orientation)
     normalised = normalise(volume, tuple(cfg.percentiles))
     slices = to_slices(normalised, cfg.resolution)
     masks = {s: np.zeros(truth.shape, bool) for s in seeds}

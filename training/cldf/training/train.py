@@ -1,7 +1,8 @@
 """`cldf train`: every stage of CLDF from volumes and slice labels to a model bundle.
 
-Stages, each checkpointed under ``<out>/.checkpoints`` so an interrupted run
-resumes where it stopped (the long network stages every few minutes too):
+Stages, each checkpointed in ``<out>.checkpoints`` beside the bundle folder so an
+interrupted run resumes where it stopped (the network stages at least every minute
+too); the folder records what defines the run, and a re-run that differs is refused:
 
 1. CDM: class-conditional DDPM on the training slices (epsilon prediction).
 2. Noisy classifier: p(y | x_t, t) for the mean-gradient map.
@@ -12,15 +13,20 @@ resumes where it stopped (the long network stages every few minutes too):
    features at the seeds, supervised contrastive training, one decoder per seed,
    for each variant in `segment.VARIANTS`: CLDF, CLDF on a randomly initialised
    CDM, and the ablations with seeds from the CAM or the mean gradient alone.
-5. The bundle: weights, settings, split, command, device, wall-clock.
+5. The bundle: weights, settings, split, command, device, wall-clock; written into
+   ``<out>.partial`` and moved to ``<out>`` once complete. A finished bundle is never
+   rewritten, and its checkpoints are removed unless asked to keep them.
 
 Only slice labels reach this module (`data.SliceSet`); masks never do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,15 +41,19 @@ from tqdm.auto import tqdm
 from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from ..config import CLDFConfig, ClassifierConfig
-from ..data import SliceSet, load_manifest, load_slice_set, split_cases
+from ..data import SliceSet, load_manifest, load_slice_set, split_cases, stored_orientation
 from ..defaults import TARGET_COLOR, TARGET_NAME
 from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
 from ..models import NoiseSchedule, SliceClassifier, build_cdm
+from ..plausibility import intensity_card
 from ..segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
 from .select import apply_settings, select_postprocess, select_settings
 
 log = logging.getLogger(__name__)
+
+MIN_VAL_PATIENTS = 2  # settings selection needs this many validation patients ...
+NOISY_VAL_PATIENTS = 5  # ... and is noisy with fewer than this many
 
 
 @dataclass
@@ -59,9 +69,11 @@ class TrainRequest:
     target_name: str = TARGET_NAME
     target_color: tuple[int, int, int] = TARGET_COLOR
     command: str = ""
-    checkpoint_every_s: float = 300.0
+    checkpoint_every_s: float = 60.0
     select: bool = True
     select_refine: bool = True  # weigh LiteMedSAM refinement on the validation volumes (minutes on a CPU)
+    min_val_patients: int = MIN_VAL_PATIENTS  # settings selection is skipped (with a warning) below this
+    keep_checkpoints: bool = False
     progress: bool = True
     extra_card: dict = field(default_factory=dict)
 
@@ -69,22 +81,27 @@ class TrainRequest:
 def train(req: TrainRequest) -> Path:
     """Run (or resume) every stage and write the bundle into ``req.out``."""
     cfg = req.config
+    out = Path(os.path.abspath(req.out))
+    ckdir = checkpoint_dir(out)
+    _check_out(out, ckdir)
     device = resolve_device(req.device)
-    torch.manual_seed(req.seed)
-    ckdir = req.out / ".checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(req.manifest)
     splits = split_cases(manifest, cfg.data.split_fractions, req.seed)
     if not splits["train"]:
         raise ValueError(f"{req.manifest}: no case falls in the training split")
-    _record_split(ckdir, splits)
+    if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
+        cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
+    fingerprint = run_fingerprint(req)
+    _check_run(ckdir, fingerprint, splits)
+    torch.manual_seed(req.seed)
     log.info("loading %d training cases", len(splits["train"]))
     train_set = load_slice_set(
         manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-        req.target_labels, cfg.data.positive_fraction,
+        req.target_labels, cfg.data.positive_fraction, cfg.data.orientation,
     )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
+    _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
     n_in = len(cfg.data.channels)
     schedule = NoiseSchedule(cfg.diffusion)
     seconds: dict[str, float] = {}
@@ -109,14 +126,18 @@ def train(req: TrainRequest) -> Path:
     bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame)
     bundle.decoders = {v: {} for v in bundle_variants(bundle)}
     selection = None
-    if req.select and splits["val"]:
+    note = _selection_note(len(splits["val"]), req.min_val_patients) if req.select else None
+    if note:
+        log.warning(note)
+    selected = req.select and len(splits["val"]) >= req.min_val_patients
+    if selected:
         bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
         selection = json.loads((ckdir / "selection.json").read_text())
     seconds["selection"] = selection.get("seconds", 0.0) if selection else 0.0
     t0 = time.time()
     decoders, decoder_card = _train_decoders(bundle, train_set, device, req, ckdir, cam_images)
     seconds["decoders"] = time.time() - t0
-    if selection is not None:
+    if selected:
         bundle.decoders = decoders
         bundle.config = cfg = _select_postprocess(bundle, manifest, splits["val"], req, ckdir)
         selection["postprocess"] = json.loads((ckdir / "postprocess.json").read_text())
@@ -137,7 +158,7 @@ def train(req: TrainRequest) -> Path:
             "decoders": decoder_card,
             **({"ame_cam": ame_card} if ame_card else {}),
         },
-        "selection": selection,
+        "selection": selection if not note else {**(selection or {}), ("warning" if selected else "skipped"): note},
         **req.extra_card,
     }
     networks = {
@@ -147,7 +168,138 @@ def train(req: TrainRequest) -> Path:
         "decoders": decoders_state(decoders),
         **({"ame_cam": ame.state_dict()} if ame is not None else {}),
     }
-    return save_bundle(req.out, cfg, networks, card)
+    partial = _beside(out, "partial")
+    if partial.exists():  # left by a run stopped while writing its bundle
+        shutil.rmtree(partial)
+    save_bundle(partial, cfg, networks, card)
+    _install(partial, out, ckdir, req.keep_checkpoints)
+    return Path(req.out)
+
+
+# --------------------------------------------------------------------------- the output and checkpoint folders
+def _beside(out: Path, suffix: str) -> Path:
+    """``<out>.<suffix>``: a folder beside the bundle folder, named after it."""
+    return out.parent / f"{out.name}.{suffix}"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    """A run's checkpoint folder: ``<out>.checkpoints`` beside the bundle folder, or ``<out>/.checkpoints``
+    where an older version started the run (and the new folder does not exist)."""
+    out = Path(os.path.abspath(out))
+    new, old = _beside(out, "checkpoints"), out / ".checkpoints"
+    return old if old.is_dir() and not new.exists() else new
+
+
+def _check_out(out: Path, ckdir: Path) -> None:
+    """Refuse an ``out`` that training must not write into, before anything is written."""
+    base = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if base != out and not base.is_dir():
+        raise ValueError(f"--out {out} lies below {base}, which is a file: choose a folder for the bundle")
+    if base == out and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: choose a folder for the bundle")
+    for where in (out.parent if out.parent.exists() else base, ckdir if ckdir.exists() else None):
+        if where is not None and not os.access(where, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write into {where}: choose an --out where you can create folders")
+    legacy = ckdir.parent == out  # a run an older version started, its checkpoints inside the bundle folder
+    if (out / "bundle.json").is_file() and not (legacy and _newer_than(ckdir, out / "bundle.json")):
+        raise ValueError(f"{out} already holds a finished bundle (bundle.json), and `cldf train` never rewrites one: "
+                         "choose another --out (`cldf tune` and `cldf ablate` change a bundle on purpose)")
+    if out.is_dir() and not legacy and any(out.iterdir()):
+        raise ValueError(f"--out {out} is a folder with other files in it, neither a bundle nor a training run: "
+                         "choose a new or empty folder")
+
+
+def _newer_than(ckdir: Path, path: Path) -> bool:
+    """Whether a checkpoint was saved after ``path`` (an older bundle the run retrains, not the run's own)."""
+    return any(p.stat().st_mtime > path.stat().st_mtime for p in ckdir.iterdir())
+
+
+def run_fingerprint(req: TrainRequest) -> dict:
+    """What defines a run (recorded in its checkpoint folder): a re-run resumes only when all of it matches."""
+    return json.loads(json.dumps({
+        "manifest_sha256": hashlib.sha256(Path(req.manifest).read_bytes()).hexdigest(),
+        "channels": list(req.config.data.channels),
+        "target_labels": req.target_labels,
+        "seed": req.seed,
+        "decoder_seeds": list(req.decoder_seeds),
+        "select": req.select,
+        "select_refine": req.select_refine,
+        "config": req.config.to_dict(),
+    }))
+
+
+def run_differences(recorded: dict, current: dict) -> list[str]:
+    """``"NAME: checkpoints A, this command B"`` for each item of two `run_fingerprint` records that differs."""
+    def flat(fp: dict) -> dict:
+        items = {k: v for k, v in fp.items() if k != "config"}
+        for section, values in fp.get("config", {}).items():
+            items |= {f"setting {section}.{k}": v for k, v in values.items() if f"{section}.{k}" != "data.channels"}
+        return items
+
+    def show(d: dict, k: str) -> str:
+        return json.dumps(d[k]) if k in d else "(not recorded)"
+
+    a, b = flat(recorded), flat(current)
+    names = {"manifest_sha256": "manifest content (sha256)", "target_labels": "target labels",
+             "decoder_seeds": "decoder seeds", "select": "settings selection", "select_refine": "refinement selection"}
+    return [f"{names.get(k, k)}: checkpoints {show(a, k)}, this command {show(b, k)}"
+            for k in {**b, **a} if k not in a or k not in b or a[k] != b[k]]
+
+
+def _check_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> None:
+    """Refuse to resume checkpoints of a different run (other data, settings, seeds)."""
+    run, split = ckdir / "run.json", ckdir / "split.json"
+    diffs = run_differences(json.loads(run.read_text()), fingerprint) if run.is_file() else []
+    if not diffs and split.is_file() and json.loads(split.read_text()) != splits:
+        diffs = ["patient split: differs (other data or seed?)"]
+    if diffs:
+        raise ValueError(f"{ckdir} holds the checkpoints of a different training run:\n  " + "\n  ".join(diffs)
+                         + f"\nResume it with the same command as before, or train this one into a new --out "
+                         f"(or delete {ckdir} to start over).")
+
+
+def _record_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> None:
+    """Create the checkpoint folder and record the run in it (a run an older version started: from now on)."""
+    ckdir.mkdir(parents=True, exist_ok=True)
+    for name, doc in (("run.json", fingerprint), ("split.json", splits)):
+        if not (ckdir / name).is_file():
+            _write_json(ckdir / name, doc)
+
+
+def _write_json(path: Path, doc) -> None:
+    """Write JSON atomically: a run stopped meanwhile leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def _install(partial: Path, out: Path, ckdir: Path, keep: bool) -> None:
+    """Move the complete bundle to ``out`` (replacing an empty folder, or the older bundle an older version's
+    run retrains) and the checkpoints out of it: kept beside it with ``keep``, else removed."""
+    if keep and ckdir.parent == out:
+        ckdir = Path(shutil.move(ckdir, _beside(out, "checkpoints")))
+    if out.exists():
+        aside = _beside(out, "replaced")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(out, aside)
+        os.replace(partial, out)
+        shutil.rmtree(aside)
+    else:
+        os.replace(partial, out)
+    if not keep and ckdir.exists():
+        shutil.rmtree(ckdir)
+
+
+def _selection_note(n_val: int, needed: int) -> str | None:
+    """The warning about too few validation patients for the settings selection, if any."""
+    if n_val < needed:
+        return (f"settings selection skipped: the validation split has {n_val} patient(s) and needs at least "
+                f"{needed} ({NOISY_VAL_PATIENTS} or more recommended); the bundle keeps the preset's settings")
+    if n_val < NOISY_VAL_PATIENTS:
+        return (f"settings chosen on {n_val} validation patients only: with fewer than {NOISY_VAL_PATIENTS} "
+                "the choice is noisy")
+    return None
 
 
 # --------------------------------------------------------------------------- network stages
@@ -225,10 +377,12 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tenso
     model.to(device)
     if meta["step"] >= steps:
         return float(meta["seconds"])
+    if meta["step"]:
+        log.info("%s: continuing from the checkpoint at step %d of %d", name, meta["step"], steps)
     model.train()
     bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not req.progress)
     t_start, t_saved, running = time.time(), time.time(), []
-    with StopAtStepBoundary() as stop:  # Ctrl-C (or Cancel in Slicer) ends the step in progress, saves, stops
+    with StopAtStepBoundary() as stop:  # Ctrl-C, SIGTERM (or Cancel in Slicer) end the step in progress, save, stop
         for step in range(meta["step"], steps):
             loss = loss_fn(step)
             opt.zero_grad(set_to_none=True)
@@ -334,8 +488,13 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
     cfg = bundle.config
     tag = json.dumps([cfg.seeds.__dict__, cfg.features.__dict__, cfg.decoder.__dict__], sort_keys=True, default=str)
     done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
-    return fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done,
-                        lambda state: save_file(state, str(path), metadata={"settings": tag}), req.progress, cam_images)
+
+    def save(state: dict[str, torch.Tensor]) -> None:
+        save_file(state, str(path.with_suffix(".tmp")), metadata={"settings": tag})
+        os.replace(path.with_suffix(".tmp"), path)
+
+    return fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done, save, req.progress,
+                        cam_images)
 
 
 def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
@@ -355,7 +514,7 @@ def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", co
     if not train_ids:
         raise ValueError(f"{bundle_dir}/bundle.json records no training split; retrain the bundle with `cldf train`")
     data = load_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction)
+                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction, cfg.data.orientation)
     dev = resolve_device(device)
     t0 = time.time()
     seeds = tuple(sorted(bundle.decoders["cdm"]))
@@ -380,11 +539,12 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
         return apply_settings(bundle.config, rows[0]["settings"])
     t0 = time.time()
     config, rows, gate_rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels,
-                                              req.decoder_seeds, req.device, req.progress)
+                                              req.decoder_seeds, req.device, req.progress,
+                                              partial=ckdir / "selection.partial.json")
     doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
            "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
            "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}
-    path.write_text(json.dumps(doc, indent=1))
+    _write_json(path, doc)
     return config
 
 
@@ -392,8 +552,8 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     """The post-processing rule chosen on whole validation volumes (cached in the checkpoint folder)."""
     path = ckdir / "postprocess.json"
     if not path.is_file():
-        path.write_text(json.dumps(postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
-                                                         req.device, req.progress, req.select_refine), indent=1))
+        _write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
+                                                req.device, req.progress, req.select_refine))
     return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
 
 
@@ -430,16 +590,6 @@ def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: s
 
 
 # --------------------------------------------------------------------------- card
-def _record_split(ckdir: Path, splits: dict[str, list[str]]) -> None:
-    path = ckdir / "split.json"
-    if path.is_file() and json.loads(path.read_text()) != splits:
-        raise ValueError(
-            f"{path} records a different patient split than this run would use (other data or seed?); "
-            "resume with the same --data and --seed, or start over in a new --out folder"
-        )
-    path.write_text(json.dumps(splits, indent=1))
-
-
 def _data_card(data: SliceSet, cfg: CLDFConfig) -> dict:
     return {
         "training_slices": len(data),
@@ -449,6 +599,7 @@ def _data_card(data: SliceSet, cfg: CLDFConfig) -> dict:
             f"positive when the target covers more than {cfg.data.positive_fraction:.1%} of the slice, "
             "negative when absent; slices in between are dropped from training"
         ),
+        **({"intensity": intensity_card(data.ranges, list(cfg.data.channels))} if data.ranges is not None else {}),
     }
 
 

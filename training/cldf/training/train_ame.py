@@ -1,7 +1,8 @@
 """AME-CAM stages of `cldf train`: the multi-exit classifier, then its attention aggregator.
 
 Both are resumable exactly like the other network stages (`train._fit`: checkpoints
-under ``<out>/.checkpoints``, per-step seeded randomness):
+in the run's checkpoint folder at least every ``checkpoint_every_s`` and at the end of
+each chunk, per-step seeded randomness):
 
 a. ``ame_classifier``: ``sum_k w_k BCE(logit_k, y)`` on balanced batches with the
    CAM classifier's augmentation. Every ``eval_every`` steps the last exit's AUC on
@@ -59,7 +60,7 @@ def train_ame_stage(cfg: CLDFConfig, manifest: Manifest, splits: dict[str, list[
 
     def slice_set(ids: list[str]) -> SliceSet:
         return load_slice_set(manifest, ids, cfg.data.channels, r, tuple(cfg.data.percentiles), req.target_labels,
-                              cfg.data.positive_fraction)
+                              cfg.data.positive_fraction, cfg.data.orientation)
 
     data = train_set if r == cfg.data.resolution else slice_set(train_set.case_ids)
     if not torch.equal(data.labels, train_set.labels):
