@@ -198,6 +198,11 @@ def test_a_scan_in_other_units_gets_a_warning(tiny_bundle, case_paths, tmp_path,
     assert "unlike" not in caplog.text
 
 
+def test_one_scan_given_for_both_channels_gets_a_warning(tiny_bundle, case_paths, tmp_path, caplog):
+    assert _segment(tiny_bundle, {"FLAIR": case_paths["FLAIR"], "T1": case_paths["FLAIR"]}, tmp_path / "o") == 0
+    assert "channels 'FLAIR' and 'T1' hold the same image" in caplog.text
+
+
 # --------------------------------------------------------------------------- orientation
 def _oriented(case_paths, tmp_path, code: str, direction=None) -> dict:
     out = {}

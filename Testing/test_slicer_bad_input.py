@@ -235,3 +235,25 @@ def test_a_write_reported_as_successful_is_checked_before_it_replaces_anything(s
     with pytest.raises(OSError, match="nothing was written there"):
         export(segmented, path.with_name("new.nrrd"))
     assert os.listdir(path.parent) == [path.name]
+
+
+# ------------------------------------------------------------------ plausibility: a warning, shown by the module
+def test_a_scan_in_other_units_starts_with_a_warning_the_panel_shows(mrml_scene, slab_files, brain_bundle, tmp_path):
+    hounsfield = {}
+    for channel in ("FLAIR", "T1"):
+        image = sitk.ReadImage(str(slab_files[channel]))
+        scaled = sitk.GetImageFromArray(sitk.GetArrayFromImage(image).astype(np.float32) * 12 - 1024)
+        scaled.CopyInformation(image)
+        sitk.WriteImage(scaled, str(tmp_path / f"{channel}.nrrd"))
+        hounsfield[channel] = loadVolume(tmp_path / f"{channel}.nrrd", channel)
+    job = CLDFSegmentationLogic().start(hounsfield, brain_bundle, device="cpu", refine="none")
+    try:
+        assert len(job.warnings) == 2 and all("unlike those of the bundle's training scans" in w for w in job.warnings)
+    finally:
+        job.cancel()
+    plain = {channel: loadVolume(slab_files[channel], channel) for channel in ("FLAIR", "T1")}
+    job = CLDFSegmentationLogic().start(plain, brain_bundle, device="cpu", refine="none")
+    try:
+        assert job.warnings == []
+    finally:
+        job.cancel()

@@ -207,3 +207,69 @@ def test_a_killed_run_loses_at_most_the_checkpoint_interval(small_manifest, tmp_
     saved = json.loads(meta.read_text(encoding="utf-8"))["step"]
     assert 0 < saved < STEPS
     resume_and_finish(args, saved, out)
+
+
+def test_the_post_processing_selection_resumes_after_the_last_finished_volume(tiny_bundle, small_manifest, tmp_path,
+                                                                              monkeypatch):
+    from cldf.bundle import load_bundle
+    from cldf.data import load_manifest
+    from cldf.segment import Segmenter
+    from cldf.training import select
+
+    bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
+    ids = [c.id for c in manifest.cases if c.split in ("val", "test")]
+    run = (bundle, manifest, ids, [1], (0,), "cpu", False)
+    real_volume, done = select._val_volume, []
+
+    def stopped_after_one(seg, m, cid, *a, **k):
+        if done:
+            raise KeyboardInterrupt
+        done.append(cid)
+        return real_volume(seg, m, cid, *a, **k)
+
+    monkeypatch.setattr(select, "_val_volume", stopped_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        select.select_postprocess(*run, cache=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"{ids[0]}.safetensors"]
+    monkeypatch.setattr(select, "_val_volume", real_volume)
+    batches, real_maps = [], Segmenter.slice_maps
+    monkeypatch.setattr(Segmenter, "slice_maps", lambda self, *a, **k: batches.append(1) or real_maps(self, *a, **k))
+    resumed = select.select_postprocess(*run, cache=tmp_path / "cache")
+    after_resume = len(batches)
+    fresh = select.select_postprocess(*run)
+    assert resumed == fresh  # the same choice and table as a run never interrupted
+    assert 0 < after_resume < len(batches) - after_resume  # only the unfinished volume went through the networks
+
+
+def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_bundle, small_manifest, tmp_path,
+                                                                           monkeypatch):
+    from cldf.bundle import load_bundle
+    from cldf.data import load_manifest, load_slice_set
+    from cldf.decoder import PixelDecoder
+    from cldf.training import select
+
+    bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
+    cfg = bundle.config.data
+    train_ids = [c.id for c in manifest.cases if c.split == "train"]
+    val_ids = [c.id for c in manifest.cases if c.split == "val"]
+    data = load_slice_set(manifest, train_ids, cfg.channels, cfg.resolution, tuple(cfg.percentiles), [1],
+                          cfg.positive_fraction, cfg.orientation)
+    run = (bundle, data, manifest, val_ids, [1], (0,), "cpu", False)
+    real_fit, fits = PixelDecoder.fit, []
+
+    def counted(self, *a, **k):
+        fits.append(1)
+        if len(fits) == 2 and stop:
+            raise KeyboardInterrupt
+        return real_fit(self, *a, **k)
+
+    monkeypatch.setattr(PixelDecoder, "fit", counted)
+    stop, partial = True, tmp_path / "selection.partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        select.select_settings(*run, partial=partial)
+    assert len(json.loads(partial.read_text(encoding="utf-8"))) == 1  # one grid point finished and kept
+    stop, fits[:] = False, []
+    resumed = select.select_settings(*run, partial=partial)
+    n_resumed, fits[:] = len(fits), []
+    fresh = select.select_settings(*run)
+    assert resumed[1] == fresh[1] and n_resumed == len(fits) - 1

@@ -224,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, BundleError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"cldf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk, a permission, a path: the system's words, without a traceback
+        print(f"cldf {args.command}: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cldf {args.command}: interrupted; nothing half-written was kept. "
               "`cldf train` resumes from its checkpoints when run again.", file=sys.stderr)

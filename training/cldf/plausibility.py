@@ -3,6 +3,7 @@
 A bundle's data card records, per channel, the range of its training cases' robust intensity ranges
 (`data.robust_range`, as stored: Hounsfield units for CT, scanner units for MR). An input far outside
 them (a CT given to an MR bundle, an MR to a CT bundle) gets a warning: its masks may be meaningless.
+So do two channels holding the same image (one scan given for both channels of an MR bundle).
 Label maps are refused earlier (`data.check_values`).
 """
 
@@ -40,4 +41,17 @@ def intensity_warnings(ranges: np.ndarray, card: dict | None, channels: list[str
                 f"channel '{name}': its intensities ({lo:.4g} to {hi:.4g}) are unlike those of the bundle's training "
                 f"scans ({ref['low'][0]:.4g} to {ref['low'][1] + ref['width'][1]:.4g}); is it the right kind of scan "
                 "(modality, units, channel order)? Its maps and mask may be meaningless")
+    return warnings
+
+
+def same_image_warnings(volume: np.ndarray, channels: list[str]) -> list[str]:
+    """Warnings for pairs of channels of ``(C, Z, Y, X)`` that hold the same image (correlation above 0.99)."""
+    flat = volume.reshape(len(channels), -1)[:, ::7].astype(np.float64)
+    warnings = []
+    for i in range(len(channels)):
+        for j in range(i + 1, len(channels)):
+            a, b = flat[i] - flat[i].mean(), flat[j] - flat[j].mean()
+            if float(a @ b) > 0.99 * float(np.sqrt((a @ a) * (b @ b))):
+                warnings.append(f"channels '{channels[i]}' and '{channels[j]}' hold the same image; the bundle expects "
+                                "two different scans, so its maps and mask may be meaningless")
     return warnings

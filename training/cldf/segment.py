@@ -26,7 +26,7 @@ from .cluster import choose_clusters, kmeans
 from .data import (from_slices, normalise, orientation_of, read_images, robust_range, slice_order,
                    stack_channels, to_slices)
 from .data import reorient as _reorient
-from .plausibility import intensity_warnings
+from .plausibility import intensity_warnings, same_image_warnings
 from .features import DiffusionFeatures, EncoderFeatures
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
 from .postprocess import SliceEvidence, keep_main_components, keep_slices, mask_similarity
@@ -450,7 +450,8 @@ class SegmentationJob:
         ranges = robust_range(volume, cfg.percentiles)
         normalised = normalise(volume, cfg.percentiles, ranges)
         card = segmenter.bundle.card.get("training", {}).get("data_card", {}).get("intensity")
-        self.warnings = intensity_warnings(ranges, card, segmenter.bundle.channels)  # also shown by the Slicer module
+        self.warnings = (intensity_warnings(ranges, card, segmenter.bundle.channels)  # also shown by the Slicer module
+                         + same_image_warnings(volume, segmenter.bundle.channels))
         for warning in self.warnings:
             log.warning("warning: %s", warning)
         self.slices = to_slices(normalised, cfg.resolution)

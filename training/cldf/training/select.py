@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..bundle import Bundle
@@ -247,13 +248,22 @@ class _ValVolume:
     spacing: tuple[float, float]  # (row, column) mm
 
 
-def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, seeds: tuple[int, ...]) -> _ValVolume:
+def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, seeds: tuple[int, ...],
+                cache: Path | None = None) -> _ValVolume:
+    """One validation volume through the networks (or from ``cache``, where an interrupted run left it)."""
     cfg = seg.cfg.data
     case = manifest.case(cid)
     volume, ref = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
                                 cfg.orientation)
     truth = target_mask(case.mask, target_labels, cfg.orientation)
     normalised = normalise(volume, tuple(cfg.percentiles))
+    channel = seg.cfg.refine.channel or cfg.channels[0]
+    image, spacing = normalised[list(cfg.channels).index(channel)], (ref.GetSpacing()[1], ref.GetSpacing()[0])
+    stored = cache / f"{cid}.safetensors" if cache is not None else None
+    if stored is not None and stored.is_file():  # the networks' part, saved when this volume was done before
+        t = load_file(str(stored))
+        return _ValVolume(truth, {s: t[f"mask.{s}"].numpy().astype(bool) for s in seeds},
+                          {s: SliceEvidence(*(t[f"{f}.{s}"] for f in EVIDENCE)) for s in seeds}, image, spacing)
     slices = to_slices(normalised, cfg.resolution)
     masks = {s: np.zeros(truth.shape, bool) for s in seeds}
     parts: dict[int, list[SliceEvidence]] = {s: [] for s in seeds}
@@ -265,11 +275,21 @@ def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, see
         for s in seeds:
             masks[s][start:stop] = from_slices(batch_masks[s], truth.shape[1:], mode="mask")
             parts[s].append(evidence[s])
-    joined = {s: SliceEvidence(*(torch.cat([getattr(e, f) for e in parts[s]]) for f in ("similarity", "foreground_seeds", "presence")))
-              for s in seeds}
-    channel = seg.cfg.refine.channel or cfg.channels[0]
-    return _ValVolume(truth, masks, joined, normalised[list(cfg.channels).index(channel)],
-                      (ref.GetSpacing()[1], ref.GetSpacing()[0]))
+    joined = {s: SliceEvidence(*(torch.cat([getattr(e, f) for e in parts[s]]) for f in EVIDENCE)) for s in seeds}
+    if stored is not None:
+        _save({**{f"mask.{s}": torch.from_numpy(masks[s].astype(np.uint8)) for s in seeds},
+               **{f"{f}.{s}": getattr(joined[s], f).cpu() for s in seeds for f in EVIDENCE}}, stored)
+    return _ValVolume(truth, masks, joined, image, spacing)
+
+
+EVIDENCE = ("similarity", "foreground_seeds", "presence")
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _slice_rule(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
@@ -293,14 +313,16 @@ def _volume_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels,
                        decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
-                       refine: bool = False) -> tuple[dict, list[dict], list[dict]]:
+                       refine: bool = False, cache: Path | None = None) -> tuple[dict, list[dict], list[dict]]:
     """Score `POSTPROCESS_GRID` on whole validation volumes, then (with ``refine``) SAM refinement on or off.
 
     Returns the chosen settings (``postprocess.*`` and, with ``refine``, ``refine.method``), the
     post-processing rows and the refinement rows (best first). Ground truth is read here for scoring only.
+    ``cache``: a folder keeping each finished volume's masks (and refined masks), so an interrupted
+    selection resumes after the last finished volume.
     """
     seg = Segmenter(bundle, device, 8, refine="none")
-    volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds)
+    volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds, cache)
                for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False)]
     *slice_keys, fraction_key = POSTPROCESS_GRID
     rows = []
@@ -316,7 +338,9 @@ def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], t
     rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
     chosen = dict(rows[0]["settings"])
     rule = PostprocessConfig(**{k.split(".")[1]: v for k, v in chosen.items()})
-    refine_rows = select_refine(bundle, volumes, rule, decoder_seeds, device, progress) if refine else []
+    refine_rows = select_refine(bundle, volumes, rule, decoder_seeds, device, progress,
+                                [cache / f"{cid}.refined.safetensors" for cid in val_ids] if cache else None) \
+        if refine else []
     if refine_rows:
         chosen |= refine_rows[0]["settings"]
     return chosen, rows, refine_rows
@@ -330,7 +354,7 @@ def _scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
 
 
 def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessConfig, decoder_seeds: tuple[int, ...],
-                  device: str, progress: bool = True) -> list[dict]:
+                  device: str, progress: bool = True, cache: list[Path] | None = None) -> list[dict]:
     """Masks under the chosen rule without and with LiteMedSAM refinement, as `cldf segment` makes them; best first.
 
     Ties keep "none" (refinement costs seconds per slice).
@@ -339,9 +363,15 @@ def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessCo
 
     refiner = SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device))
     plain, sharp = [], []
-    for v in tqdm(volumes, desc="refinement", disable=not progress, leave=False):
+    for i, v in enumerate(tqdm(volumes, desc="refinement", disable=not progress, leave=False)):
         coarse = [_slice_rule(v, s, rule) for s in decoder_seeds]
-        refined = refiner.refine_many(v.image, coarse, v.spacing)
+        stored = cache[i] if cache is not None else None
+        if stored is not None and stored.is_file():
+            refined = [m.numpy().astype(bool) for _, m in sorted(load_file(str(stored)).items())]
+        else:
+            refined = refiner.refine_many(v.image, coarse, v.spacing)
+            if stored is not None:
+                _save({f"{j:03d}": torch.from_numpy(np.asarray(m, np.uint8)) for j, m in enumerate(refined)}, stored)
         plain += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in coarse]
         sharp += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in refined]
     rows = [{"settings": {"refine.method": "none"}, **_scores(plain)},

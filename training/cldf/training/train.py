@@ -553,16 +553,17 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     path = ckdir / "postprocess.json"
     if not path.is_file():
         _write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
-                                                req.device, req.progress, req.select_refine))
+                                                req.device, req.progress, req.select_refine,
+                                                cache=ckdir / "postprocess-volumes"))
     return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
 
 
 def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_labels, decoder_seeds, device: str,
-                          progress: bool = True, refine: bool = True) -> dict:
+                          progress: bool = True, refine: bool = True, cache: Path | None = None) -> dict:
     """`select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
     t0 = time.time()
     chosen, rows, refine_rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds),
-                                                   device, progress, refine)
+                                                   device, progress, refine, cache)
     return {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
             "metric": "per-case 3D Dice on the validation split (false positives on slices without target count), "
                       "mean over decoder seeds",
