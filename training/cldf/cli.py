@@ -122,8 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write cam, mean_gradient, seeds (1 foreground, 2 background) and mask (0/1) "
                                    "on the input's voxel grid, plus slices.csv (presence probability per slice).")
     s.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
-    s.add_argument("--input", dest="inputs", action="append", required=True, metavar="NAME=PATH",
+    s.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=PATH",
                    help="one per bundle channel, e.g. --input FLAIR=flair.nii.gz --input T1=t1.nii.gz")
+    s.add_argument("--data", type=Path, default=None,
+                   help="segment every case of a dataset manifest instead: one folder per case in --out and "
+                        "summary.csv; complete cases are skipped, so a killed run resumes")
+    s.add_argument("--part", default=None, metavar="K/N",
+                   help="with --data: segment every N-th case from the K-th (default: torchrun's RANK/WORLD_SIZE, "
+                        "else all); the parts together are one run")
     s.add_argument("--out", required=True, type=Path, help="output directory")
     s.add_argument("--device", choices=DEVICES, default="auto")
     s.add_argument("--format", choices=["nifti", "nrrd"], default="nifti", help=".nii.gz (default) or .nrrd")
@@ -282,6 +288,10 @@ def cmd_segment(args, argv) -> int:
     from .outputs import output_paths, staging_folder, write_result
     from .segment import EXTRA_MAPS, Segmenter
 
+    if bool(args.inputs) == (args.data is not None):
+        raise ValueError("give either --input NAME=PATH (one volume) or --data MANIFEST (a cohort)")
+    if args.data is not None:
+        return _segment_cohort(args, argv)
     inputs = _inputs(args.inputs)
     extra = tuple(m.strip() for m in args.maps.split(",") if m.strip())
     bad = [m for m in extra if m not in EXTRA_MAPS]
@@ -299,6 +309,34 @@ def cmd_segment(args, argv) -> int:
     n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
     print(f"{job.total} slices, {n_pos} judged to contain the target, {int(result.mask.sum())} mask voxels")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
+    return 0
+
+
+def _segment_cohort(args, argv) -> int:
+    from .bundle import load_bundle
+    from .cohort import Part, segment_cohort
+    from .data import load_manifest
+    from .outputs import output_paths
+    from .segment import Segmenter
+
+    if args.maps:
+        raise ValueError("--maps is for one volume (--input); a cohort run writes the standard outputs")
+    part = Part.parse(args.part)
+    output_paths(args.out, args.format)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out} is a file, not a folder; choose another --out")
+    manifest = load_manifest(args.data)
+    bundle = load_bundle(args.bundle)
+    refine = None if args.refine == "bundle" else args.refine
+    segmenter = Segmenter(bundle, args.device, args.batch_size, refine=refine)
+    done = segment_cohort(segmenter, manifest, args.out, args.format, args.overwrite, part, not args.quiet,
+                          "cldf " + shlex.join(argv))
+    print(f"part {part.index}/{part.count}: {len(done['written'])} case(s) written, {len(done['skipped'])} already "
+          f"complete, {len(done['failed'])} failed; summary in {args.out / 'summary.csv'}")
+    if done["failed"]:
+        print(f"cldf segment: error: case(s) {', '.join(done['failed'])} could not be segmented (see above); "
+              "fix them and run the same command again", file=sys.stderr)
+        return 2
     return 0
 
 
