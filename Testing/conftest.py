@@ -16,6 +16,14 @@ from cldf.training.train import TrainRequest, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def slice_cache(tmp_path_factory) -> Path:
+    """Training's slice cache in a folder of the test session (not the user's cache)."""
+    folder = tmp_path_factory.mktemp("slice-cache")
+    os.environ["CLDF_CACHE"] = str(folder)
+    return folder
+
+
 def data_root() -> Path:
     return Path(os.environ.get("CLDF_DATA", REPO.parent / "shared" / "data"))
 

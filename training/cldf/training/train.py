@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from ..config import CLDFConfig, ClassifierConfig
-from ..data import SliceSet, load_manifest, load_slice_set, split_cases, stored_orientation
+from ..data import SliceSet, load_manifest, split_cases, stored_orientation
 from ..defaults import TARGET_COLOR, TARGET_NAME
 from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
@@ -49,6 +49,7 @@ from ..models import NoiseSchedule, SliceClassifier, build_cdm
 from ..plausibility import intensity_card
 from ..segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
 from .select import apply_settings, select_postprocess, select_settings
+from .slicecache import cached_slice_set
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,9 @@ def train(req: TrainRequest) -> Path:
     _check_run(ckdir, fingerprint, splits)
     torch.manual_seed(req.seed)
     log.info("loading %d training cases", len(splits["train"]))
-    train_set = load_slice_set(
+    train_set = cached_slice_set(
         manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-        req.target_labels, cfg.data.positive_fraction, cfg.data.orientation,
+        req.target_labels, cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress,
     )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
@@ -513,7 +514,7 @@ def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", co
     train_ids = card.get("training", {}).get("split", {}).get("train")
     if not train_ids:
         raise ValueError(f"{bundle_dir}/bundle.json records no training split; retrain the bundle with `cldf train`")
-    data = load_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
+    data = cached_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
                           card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction, cfg.data.orientation)
     dev = resolve_device(device)
     t0 = time.time()

@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 
 from ..ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
 from ..config import CLDFConfig
-from ..data import Manifest, SliceSet, load_slice_set
+from ..data import Manifest, SliceSet
+from .slicecache import cached_slice_set
 from ..segment import autocast
 from .train import TrainRequest, _augment, _fit, _step_generator
 
@@ -59,8 +60,8 @@ def train_ame_stage(cfg: CLDFConfig, manifest: Manifest, splits: dict[str, list[
     r = ame_resolution(cfg)
 
     def slice_set(ids: list[str]) -> SliceSet:
-        return load_slice_set(manifest, ids, cfg.data.channels, r, tuple(cfg.data.percentiles), req.target_labels,
-                              cfg.data.positive_fraction, cfg.data.orientation)
+        return cached_slice_set(manifest, ids, cfg.data.channels, r, tuple(cfg.data.percentiles), req.target_labels,
+                                cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress)
 
     data = train_set if r == cfg.data.resolution else slice_set(train_set.case_ids)
     if not torch.equal(data.labels, train_set.labels):

@@ -1,0 +1,141 @@
+"""The slice cache: a manifest's training slices on disk, memory-mapped, built once.
+
+Training reads slices from one ``images.npy`` (``(N, C, R, R)`` float32) opened as a memory map, with
+their slice labels and case index beside it, so memory does not grow with the cohort. A cache
+belongs to the cases and the settings that shape slices (channels, resolution, normalisation,
+orientation, label rule); it is reused while every input file is unchanged (same size and time, or
+else the same sha256) and rebuilt when one changed. It holds slice labels, never pixel masks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import Case, Manifest, SliceSet, load_slice_set
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    """``$CLDF_CACHE``, else ``$XDG_CACHE_HOME/cldf/slices`` (``~/.cache/cldf/slices``)."""
+    if os.environ.get("CLDF_CACHE"):
+        return Path(os.environ["CLDF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cldf" / "slices"
+
+
+def cached_slice_set(manifest: Manifest, case_ids: list[str], channels: list[str], resolution: int,
+                     percentiles: tuple[float, float], target_labels: list[int] | None, positive_fraction: float,
+                     orientation: str = "", root: Path | None = None, progress: bool = True) -> SliceSet:
+    """`data.load_slice_set`, from the cache when it holds these cases and settings, else built into it first."""
+    settings = {"version": CACHE_VERSION, "channels": list(channels), "resolution": resolution,
+                "percentiles": list(percentiles), "target_labels": target_labels,
+                "positive_fraction": positive_fraction, "orientation": orientation}
+    cases = [manifest.case(cid) for cid in case_ids]
+    files = {c.id: _input_files(c, channels) for c in cases}
+    key = hashlib.sha256(json.dumps({"settings": settings, "files": files}, sort_keys=True).encode()).hexdigest()
+    folder = (root or cache_root()) / key[:24]
+    index = folder / "index.json"
+    if index.is_file() and _unchanged(json.loads(index.read_text(encoding="utf-8")), folder):
+        log.info("slice cache %s: reused", folder)
+        return _open(folder)
+    if folder.exists():
+        log.info("slice cache %s: an input changed, rebuilding", folder)
+    _build(folder, manifest, cases, settings, files, progress)
+    return _open(folder)
+
+
+def _input_files(case: Case, channels: list[str]) -> list[str]:
+    paths = [case.channels[c] for c in channels] + [p for p in (case.mask, case.slice_labels) if p is not None]
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def _stamp(path: Path) -> dict:
+    """Size and modification time of a file, or of every file in a (DICOM) folder."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {"size": sum(p.stat().st_size for p in files), "mtime_ns": max(p.stat().st_mtime_ns for p in files)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()) if path.is_dir() else [path]:
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _unchanged(index: dict, folder: Path) -> bool:
+    """Every input as recorded: the same size and time, or else the same content (then the record is renewed)."""
+    renewed = False
+    for record in index["inputs"]:
+        path = Path(record["path"])
+        if not path.exists():
+            return False
+        stamp = _stamp(path)
+        if stamp == record["stamp"]:
+            continue
+        if _sha256(path) != record["sha256"]:
+            return False
+        record["stamp"], renewed = stamp, True
+    if renewed:
+        _write_json(folder / "index.json", index)
+    return True
+
+
+def _build(folder: Path, manifest: Manifest, cases: list[Case], settings: dict, files: dict, progress: bool) -> None:
+    """One case at a time into per-case files, then appended into ``images.npy``: memory holds one case."""
+    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    labels, index, ranges, counts = [], [], [], []
+    shape = None
+    for i, case in enumerate(tqdm(cases, desc="slice cache", unit="case", disable=not progress)):
+        one = load_slice_set(manifest, [case.id], settings["channels"], settings["resolution"],
+                             tuple(settings["percentiles"]), settings["target_labels"], settings["positive_fraction"],
+                             settings["orientation"])
+        np.save(work / f"case-{i}.npy", one.images.numpy())
+        labels.append(one.labels.numpy())
+        index.append(np.full(len(one.labels), i, np.int64))
+        ranges.append(one.ranges[0])
+        counts.append(len(one.labels))
+        shape = tuple(one.images.shape[1:])
+    with open(work / "images.npy", "wb") as f:  # plain appends: no page of the whole array is held
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                                                 "fortran_order": False, "shape": (sum(counts), *shape)})
+        for i in range(len(cases)):
+            part = work / f"case-{i}.npy"
+            f.write(np.ascontiguousarray(np.load(part), np.float32).tobytes())
+            part.unlink()
+    np.save(work / "labels.npy", np.concatenate(labels))
+    np.save(work / "case_index.npy", np.concatenate(index))
+    np.save(work / "ranges.npy", np.stack(ranges))
+    inputs = [{"path": p, "stamp": _stamp(Path(p)), "sha256": _sha256(Path(p))} for c in cases for p in files[c.id]]
+    _write_json(work / "index.json", {"settings": settings, "case_ids": [c.id for c in cases], "slices": counts,
+                                      "inputs": inputs})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(work, folder)
+
+
+def _open(folder: Path) -> SliceSet:
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    images = np.load(folder / "images.npy", mmap_mode="c")  # copy-on-write: torch gets a writable view, the file stays
+    return SliceSet(torch.from_numpy(images), torch.from_numpy(np.load(folder / "labels.npy")),
+                    torch.from_numpy(np.load(folder / "case_index.npy")), list(index["case_ids"]),
+                    np.load(folder / "ranges.npy"))
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
