@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep OUT.checkpoints once the bundle is complete (removed by default)")
 
     s = sub.add_parser("segment", help="segment one volume with a bundle",
-                       description="Write cam, mean_gradient, seeds (1 foreground, 2 background) and mask (0/1) "
-                                   "on the input's voxel grid, plus slices.csv (presence probability per slice).")
+                       description="Write cam and mean_gradient (8-bit, 0..255 for 0..1), seeds (1 foreground, "
+                                   "2 background) and mask (0/1) on the input's voxel grid, slices.csv (presence "
+                                   "probability per slice) and cldf-result.json, all at once into --out. With --data, "
+                                   "one such folder per case of a manifest and summary.csv.")
     s.add_argument("--bundle", required=True, type=Path, help="model bundle directory")
     s.add_argument("--input", dest="inputs", action="append", default=[], metavar="NAME=PATH",
                    help="one per bundle channel, e.g. --input FLAIR=flair.nii.gz --input T1=t1.nii.gz")
