@@ -5,7 +5,7 @@ flipped, the voxels unchanged), maps each mask back to the stored orientation an
 against the mask of the scan as stored:
 
     .venv/bin/python benchmarks/orientation.py --bundle CLDFSegmentation/Resources/Models/brain-mri-flair-t1 \
-        --data ../shared/data/lgg/manifest.json --cases 2
+        --data ../shared/data/lgg/manifest.json --cases 3
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     manifest = load_manifest(args.data)
     segmenter = Segmenter(bundle, "cpu")
-    print("| case | stored as | " + " | ".join(f"Dice, stored as {o}" for o in ORIENTATIONS) + " |")
-    print("|---|---|" + "---|" * len(ORIENTATIONS))
+    print("| case | stored as | mask voxels | " + " | ".join(f"Dice, stored as {o}" for o in ORIENTATIONS) + " |")
+    print("|---|---|---|" + "---|" * len(ORIENTATIONS))
     for cid in bundle.card["training"]["split"]["test"][: args.cases]:
         case = manifest.case(cid)
         inputs = {c: case.channels[c] for c in bundle.channels}
@@ -58,7 +58,7 @@ def main() -> None:
                 image.CopyInformation(result.reference)
                 back = sitk.GetArrayFromImage(sitk.DICOMOrient(image, stored)) > 0
                 row.append(dice(base, back))
-        print(f"| {cid} | {stored} | " + " | ".join(f"{d:.4f}" for d in row) + " |")
+        print(f"| {cid} | {stored} | {int(base.sum())} | " + " | ".join(f"{d:.4f}" for d in row) + " |")
     print(json.dumps({"bundle": bundle.id}))
 
 
