@@ -71,3 +71,18 @@ def test_labels_made_in_the_scene_are_the_labels_cldf_train_reads(volumes, tumou
 def test_an_unlabelled_volume_is_refused_with_what_to_do(volumes, tmp_path):
     with pytest.raises(ValueError, match="no slice of 'FLAIR' is labelled yet"):
         saveSliceLabels(volumes["FLAIR"], tmp_path / "labels.csv")
+
+
+def test_a_volume_under_an_unapplied_transform_is_refused_before_anything_is_written(volumes, tmp_path):
+    import slicer
+    import vtk
+
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(1, 3, 7.0)
+    transform.SetMatrixTransformToParent(matrix)
+    volumes["T1"].SetAndObserveTransformNodeID(transform.GetID())
+    markSlices(volumes["FLAIR"], 0, 3, 0)
+    with pytest.raises(ValueError, match="channel 'patient-1/T1'.*harden it first"):
+        writeManifest({"patient-1": volumes}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

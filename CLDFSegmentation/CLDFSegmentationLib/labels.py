@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import imageFromVolume
+from .nodes import checkVolumeNode, imageFromVolume
 
 LABELS_ATTRIBUTE = "CLDF.SliceLabels"
 CHANNELS_ATTRIBUTE = "CLDF.LabelChannels"  # {channel: node ID} of the inputs the labels were made with
@@ -81,10 +81,13 @@ def writeManifest(cases: dict[str, dict], folder: str | os.PathLike, name: str =
     folder = Path(folder)
     if not cases:
         raise ValueError("a manifest needs at least one case")
-    entries = []
-    for caseId, channels in cases.items():
+    for caseId, channels in cases.items():  # every volume checked before anything is written
         if not channels:
             raise ValueError(f"case '{caseId}' has no channel volumes")
+        for channel, volume in channels.items():
+            checkVolumeNode(volume, f"{caseId}/{channel}")
+    entries = []
+    for caseId, channels in cases.items():
         caseDir = folder / caseId
         caseDir.mkdir(parents=True, exist_ok=True)
         first = next(iter(channels.values()))
