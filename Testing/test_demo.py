@@ -126,7 +126,7 @@ def test_the_demo_refuses_without_the_sample_and_says_what_to_do(tmp_path, monke
     monkeypatch.setattr(demo, "SAMPLE_DIR", tmp_path / "SampleData" / TUMOUR_CASE)
     assert main(["demo", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "sample scan is missing" in err and "git checkout -- CLDFSegmentation/Resources/SampleData" in err
+    assert "sample scan is missing" in err and "git checkout -- Resources/SampleData" in err
     assert "--data MANIFEST" in err and not (tmp_path / "out").exists()
 
 

@@ -15,7 +15,7 @@ from cldf.outputs import map_to_uint8, write_volume
 from cldf.segment import Segmenter
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "CLDFSegmentation" / "Resources" / "SampleData" / "TCGA_CS_6669_20020102"
+SAMPLE = REPO / "Resources" / "SampleData" / "TCGA_CS_6669_20020102"
 BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
 
 

@@ -1,7 +1,8 @@
 """The module's sample scan in Slicer's Sample Data module: a real LGG test patient, FLAIR and T1.
 
-The files ship with the module (``Resources/SampleData/<case>/``, licence beside
-them) and are registered by local ``file://`` URI, so loading them needs no network.
+The files live in the repository's ``Resources/SampleData/<case>/`` (licence beside them), which the
+extension installs beside the module's own resources; they are registered by local ``file://`` URI, so
+loading them needs no network.
 `sampleDataSources` is plain Python; only `registerSampleData` needs Slicer.
 """
 
@@ -11,7 +12,11 @@ from pathlib import Path
 
 CATEGORY = "CLDF Segmentation"
 SAMPLE_CASE = "TCGA_CS_6669_20020102"
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData" / SAMPLE_CASE
+_HERE = Path(__file__).resolve()
+#: installed: beside the module's resources; in the source tree: the repository's Resources/
+SAMPLE_DIR = next((d for d in (_HERE.parents[1] / "Resources" / "SampleData" / SAMPLE_CASE,
+                               _HERE.parents[2] / "Resources" / "SampleData" / SAMPLE_CASE) if d.is_dir()),
+                  _HERE.parents[2] / "Resources" / "SampleData" / SAMPLE_CASE)
 #: channel -> (file in SAMPLE_DIR, its SHA256): the channels of the shipped brain bundle, in its order.
 SAMPLE_FILES = {
     "FLAIR": ("flair.nii.gz", "a4e3cd48734051ac274819d3c973198012884f52f7180b142c5a8e125387ec95"),

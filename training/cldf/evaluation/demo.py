@@ -1,7 +1,7 @@
 """`cldf demo`: segment the shipped sample scan with the shipped brain bundle and write a PNG montage.
 
 The sample is a real LGG patient of the bundle's test split (FLAIR, T1 and its
-manual mask) under ``CLDFSegmentation/Resources/SampleData``, so the demo runs
+manual mask) under ``Resources/SampleData``, so the demo runs
 on a fresh checkout; ``--data MANIFEST`` takes a case from another manifest. The
 montage shows the slices with the most ground-truth tumour, image | ground truth
 | CAM | mean gradient | CLDF mask, and the demo prints the mask's Dice against
@@ -23,7 +23,7 @@ from ..segment import Segmenter, VolumeResult
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
-SAMPLE_DIR = REPO / "CLDFSegmentation" / "Resources" / "SampleData" / "TCGA_CS_6669_20020102"
+SAMPLE_DIR = REPO / "Resources" / "SampleData" / "TCGA_CS_6669_20020102"
 MONTAGE_ROWS = 3
 GAP = 4  # pixels of mid-grey between panels
 COLUMNS = ("image", "ground truth", "CAM", "mean gradient", "CLDF mask")
@@ -46,7 +46,7 @@ def default_data(sample_dir: Path | None = None) -> Path:
     if not manifest.is_file():
         raise FileNotFoundError(
             f"the demo's sample scan is missing ({manifest} not found); restore it with "
-            "`git checkout -- CLDFSegmentation/Resources/SampleData`, or pass --data MANIFEST "
+            "`git checkout -- Resources/SampleData`, or pass --data MANIFEST "
             "(a dataset manifest whose cases have masks, e.g. ../shared/data/lgg/manifest.json)"
         )
     return manifest
