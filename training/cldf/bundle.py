@@ -94,10 +94,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a weight file atomically, readable as the user's umask allows (safetensors alone makes it 0600)."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp))
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)
-    os.replace(tmp, path)
+    return mask
 
 
 def sha256(path: Path) -> str:

@@ -287,7 +287,7 @@ def cmd_train(args, argv) -> int:
 
 def cmd_segment(args, argv) -> int:
     from .bundle import load_bundle
-    from .outputs import output_paths, staging_folder, write_result
+    from .outputs import staging_folder, write_result
     from .segment import EXTRA_MAPS, Segmenter
 
     if bool(args.inputs) == (args.data is not None):
@@ -299,7 +299,6 @@ def cmd_segment(args, argv) -> int:
     bad = [m for m in extra if m not in EXTRA_MAPS]
     if bad:
         raise ValueError(f"--maps takes a comma-separated list of {', '.join(EXTRA_MAPS)}, not {', '.join(bad)}")
-    output_paths(args.out, args.format)  # a bad --format is refused before any work
     with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
         bundle = load_bundle(args.bundle)
         refine = None if args.refine == "bundle" else args.refine
@@ -318,13 +317,11 @@ def _segment_cohort(args, argv) -> int:
     from .bundle import load_bundle
     from .cohort import Part, segment_cohort
     from .data import load_manifest
-    from .outputs import output_paths
     from .segment import Segmenter
 
     if args.maps:
         raise ValueError("--maps is for one volume (--input); a cohort run writes the standard outputs")
     part = Part.parse(args.part)
-    output_paths(args.out, args.format)
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"{args.out} is a file, not a folder; choose another --out")
     manifest = load_manifest(args.data)

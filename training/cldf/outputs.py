@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from .bundle import current_umask
 from .segment import VolumeResult
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
@@ -92,7 +93,7 @@ def staging_folder(out_dir: Path, overwrite: bool, also_ours: tuple[str, ...] = 
         staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out_dir.name}.partial-"))
     except OSError as e:
         raise OutputError(f"cannot write results into {out_dir}: {_reason(e, parent)}") from None
-    os.chmod(staging, 0o777 & ~_umask())
+    os.chmod(staging, 0o777 & ~current_umask())
     try:
         yield staging
     finally:
@@ -178,12 +179,6 @@ def _write_slices(result: VolumeResult, path: Path) -> None:
         areas = result.mask_voxels if result.mask_voxels is not None else result.mask.reshape(len(result.mask), -1).sum(1)
         for z, (p, sim, area) in enumerate(zip(result.presence, similarity, areas)):
             w.writerow([z, f"{p:.4f}", "" if np.isnan(sim) else f"{sim:.4f}", int(area)])
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _reason(error: BaseException, folder: Path) -> str:
