@@ -73,10 +73,15 @@ def test_every_preset_keeps_its_timesteps_inside_the_schedule():
 
 
 def test_classifier_augmentation_is_seeded_and_stays_in_range():
-    from cldf.training.train import _augment
+    from cldf.training.batches import StepDraws, augment
+
+    def draw(g):
+        return torch.arange(6)
 
     x = torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    a = _augment(x, torch.Generator().manual_seed(1))
-    b = _augment(x, torch.Generator().manual_seed(1))
+    a = augment(x, StepDraws(1, 0, draw))
+    b = augment(x, StepDraws(1, 0, draw))
     assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+    halves = [augment(x[3 * r : 3 * r + 3], StepDraws(1, 0, draw, rank=r, world=2)) for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), a)  # two processes draw what one does, each keeping its share

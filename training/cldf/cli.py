@@ -46,6 +46,12 @@ from the checkpoints in OUT.checkpoints, beside OUT (saved at least every minute
 and refuses when the data or settings differ from the interrupted run's. Once the
 bundle is complete the checkpoints are removed (--keep-checkpoints keeps them).
 A finished bundle is never rewritten: train a new one into another --out.
+
+On several GPUs (or CPU processes, or machines), launch it with torchrun:
+  torchrun --nproc_per_node=N -m cldf train ...
+Each process trains on its share of every batch (DistributedDataParallel; NCCL
+on GPUs, gloo on CPUs); process 0 writes the checkpoints and the bundle. A run
+may resume with another number of processes.
 """
 
 
@@ -56,6 +62,22 @@ def _labels(text: str | None) -> list[int] | None:
         return [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--target takes mask values like '1' or '2,3', not '{text}'") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of minutes, not '{text}'")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, not '{text}'")
+    return int(text)
 
 
 def _inputs(items: list[str]) -> dict[str, str]:
@@ -117,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change one setting of the preset, e.g. --set diffusion.steps=8000 (repeatable)")
     t.add_argument("--keep-checkpoints", action="store_true",
                    help="keep OUT.checkpoints once the bundle is complete (removed by default)")
+    t.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
+                   help="wall-clock for the whole run, split over the stages; a stage that reaches its share "
+                        "stops there and the bundle records it (default: no limit)")
+    t.add_argument("--workers", type=_count, default=None,
+                   help="DataLoader worker processes reading slices (default: 4 on CUDA, 0 on the CPU)")
+    t.add_argument("--select-patients", type=_count, default=None, metavar="N",
+                   help="choose settings on at most N validation patients, a seeded sample (default 24)")
 
     s = sub.add_parser("segment", help="segment one volume with a bundle",
                        description="Write cam and mean_gradient (8-bit, 0..255 for 0..1), seeds (1 foreground, "
@@ -218,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--paths", default=",".join(PATHS), metavar="NAMES",
                    help=f"comma-separated paths to run (default: all of {', '.join(PATHS)})")
     b.add_argument("--out", type=Path, default=None, help="also write the table here (Markdown, JSON beside it)")
+    b.add_argument("--train", action="store_true",
+                   help="benchmark training instead: slices per second of each stage (64 and 256 pixels, 1 and 2 "
+                        "processes), peak memory on a small and a large cohort, slice-cache build time (--data needed)")
+    b.add_argument("--channels", default="FLAIR,T1", help="with --train: channels of --data (default FLAIR,T1)")
+    b.add_argument("--target", default="1", help="with --train: mask values of the target (default 1)")
+    b.add_argument("--cohorts", default="20,400", metavar="SMALL,LARGE",
+                   help="with --train: cohort sizes of the memory comparison (default 20,400)")
     return p
 
 
@@ -271,7 +307,8 @@ def cmd_train(args, argv) -> int:
         decoder_seeds=tuple(int(v) for v in args.decoder_seeds.split(",")), name=args.name or args.out.name,
         target_name=args.target_name, target_color=color, command="cldf " + shlex.join(argv), progress=not args.quiet,
         checkpoint_every_s=every_s, select=not args.no_select, select_refine=not args.no_refine_selection,
-        keep_checkpoints=args.keep_checkpoints,
+        keep_checkpoints=args.keep_checkpoints, time_budget_min=args.time_budget, workers=args.workers,
+        **({"select_patients": args.select_patients} if args.select_patients else {}),
     )
     try:
         with sigterm_as_interrupt():
@@ -281,7 +318,8 @@ def cmd_train(args, argv) -> int:
         saved = f"the progress so far is saved in {ckdir}" if ckdir.is_dir() else "nothing was saved yet"
         print(f"cldf train: interrupted; {saved}. Run the same command again to resume from there.", file=sys.stderr)
         return 130
-    print(f"bundle written to {out}")
+    if req.ranks.main:
+        print(f"bundle written to {out}")
     return 0
 
 
@@ -421,6 +459,15 @@ def cmd_demo(args, argv) -> int:
 
 
 def cmd_bench(args, argv) -> int:
+    if args.train:
+        from .evaluation.trainbench import run_train_bench
+
+        if args.data is None:
+            raise ValueError("cldf bench --train needs --data: the manifest of the cases to train on")
+        small, large = (int(v) for v in args.cohorts.split(","))
+        report = run_train_bench(args.data, args.channels, args.target, args.out, (small, large))
+        print(f"peak memory, {large} cases over {small}: {report['memory_ratio']:.3f}")
+        return 0
     from .evaluation.bench import run_bench
 
     paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())

@@ -359,7 +359,9 @@ PAPER = CLDFConfig(
     ame_cam=AmeCamConfig(widths=(64, 128, 256, 512), stem_stride=4, steps=10000, eval_every=500,
                          aggregator_steps=2000),  # ResNet-18 widths and stem
     features=FeatureConfig(blocks=(0, 1, 2), max_batch=2),
-    decoder=DecoderConfig(pixels_per_class=0),  # every seed pixel, as in the paper
+    # Up to 1024 seed pixels per class and slice in each batch: with every seed pixel (~10^5 per batch at 256 x 256)
+    # the contrastive loss's N x N similarity matrix would not fit in any GPU's memory.
+    decoder=DecoderConfig(pixels_per_class=1024),
 )
 
 # What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the

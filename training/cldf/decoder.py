@@ -61,6 +61,17 @@ class _MLP(nn.Module):
         return self.tail(x @ w.T + b)
 
 
+def _mean_std(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and (unbiased) standard deviation over every pixel, one slice at a time."""
+    n, total, squares = 0, 0.0, 0.0
+    for f in features:
+        f = f.double()
+        n, total, squares = n + len(f), total + f.sum(dim=0), squares + (f * f).sum(dim=0)
+    mean = total / n
+    var = (squares - n * mean * mean) / max(n - 1, 1)
+    return mean.float(), var.clamp_min(0).sqrt().float()
+
+
 class PixelDecoder:
     """Seeds' diffusion features -> embeddings where foreground and background separate.
 
@@ -71,23 +82,23 @@ class PixelDecoder:
     def __init__(self, cfg: DecoderConfig):
         self.cfg = cfg
 
-    def fit(self, features: list[torch.Tensor], labels: list[torch.Tensor], progress: bool = True) -> "PixelDecoder":
+    def fit(self, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], progress: bool = True) -> "PixelDecoder":
         """Train on seed pixels.
 
         Args:
-            features: per slice ``(P_i, D)`` features at its seed pixels.
+            features: per slice ``(P_i, D)`` features at its seed pixels: a list, or any sequence that
+                reads them on indexing (`training.tensorstore.TensorStore`); one batch is held at a time.
             labels: per slice ``(P_i,)`` seed labels (1 foreground, 2 background).
         """
-        if not features:
+        if not len(features):
             raise ValueError("no seed pixels to train the pixel decoder on: no positive slice produced seeds")
         cfg = self.cfg
         g = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.mlp_ = _MLP(features[0].shape[1], cfg.hidden)
-        allf = torch.cat(features)
-        self.mlp_.in_mean.copy_(allf.mean(dim=0))
-        self.mlp_.in_std.copy_(allf.std(dim=0).clamp_min(1e-6))
-        fg = torch.cat([f[l == 1] for f, l in zip(features, labels)])
+        mean, std = _mean_std(features)
+        self.mlp_.in_mean.copy_(mean)
+        self.mlp_.in_std.copy_(std.clamp_min(1e-6))
         opt = torch.optim.SGD(self.mlp_.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         self.loss_history_: list[float] = []
         n = len(features)
@@ -110,7 +121,8 @@ class PixelDecoder:
         bar.close()
         self.mlp_.eval()
         with torch.no_grad():
-            self.foreground_prototype_ = F.normalize(F.normalize(self.mlp_(fg), dim=1).mean(dim=0), dim=0)
+            total = sum(F.normalize(self.mlp_(f[l == 1]), dim=1).sum(dim=0) for f, l in zip(features, labels))
+            self.foreground_prototype_ = F.normalize(total, dim=0)
         return self
 
     def _batch(self, feats: list[torch.Tensor], labs: list[torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,11 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def batch_for(resolution: int, base: int = BATCH_SIZE) -> int:
+    """Slices per step at a resolution: ``base`` at 64 x 64, fewer for larger slices (memory grows with the area)."""
+    return max(1, base * 64 * 64 // (resolution * resolution))
+
+
 def slice_presence(classifier: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int = 16) -> torch.Tensor:
     """Probability that each of ``(N, C, H, W)`` clean slices holds the target (the slice gate)."""
     if len(x) == 0:

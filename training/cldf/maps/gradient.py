@@ -19,6 +19,10 @@ def shift_offsets(n: int, period: int) -> list[tuple[int, int]]:
     return [((j // period) % period, j % period) for j in range(n)]
 
 
+# Noisy images per backward pass, in pixels: 64 at 64 x 64, 4 at 256 x 256 (memory grows with batch x area).
+PIXELS_PER_PASS = 2**18
+
+
 class MeanGradient:
     """``mean_t |d log p(y=1 | x_t, t) / d x_t|``, summed over channels, min-max per slice.
 
@@ -48,13 +52,18 @@ class MeanGradient:
         # timesteps go into the batch dimension: (T*B, C, H, W)
         xt = self.schedule.add_noise(x0.repeat(n_t, 1, 1, 1), noise.repeat_interleave(b, dim=0), t)
         xt = self._roll(xt, b, sign=1)
+        per_pass = max(1, PIXELS_PER_PASS // (x0.shape[-2] * x0.shape[-1]))
+        grad = torch.cat([self._gradient(xi, ti) for xi, ti in zip(xt.split(per_pass), t.split(per_pass))])
+        grad = self._roll(grad, b, sign=-1)
+        mg = grad.float().abs().sum(dim=1).view(n_t, b, *x0.shape[-2:]).mean(dim=0)
+        return normalise_per_slice(mg)
+
+    def _gradient(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             xt = xt.detach().requires_grad_(True)
             log_p = self.classifier(xt, t).float().log_softmax(dim=1)[:, 1]
             (grad,) = torch.autograd.grad(log_p.sum(), xt)
-        grad = self._roll(grad, b, sign=-1)
-        mg = grad.float().abs().sum(dim=1).view(n_t, b, *x0.shape[-2:]).mean(dim=0)
-        return normalise_per_slice(mg)
+        return grad
 
     def _roll(self, x: torch.Tensor, b: int, sign: int) -> torch.Tensor:
         """Roll each timestep's ``b`` images by its offset (``sign=-1`` undoes it)."""

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import tempfile
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +34,10 @@ from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
 from ..postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
 from ..seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
-from ..segment import Segmenter, autocast, resolve_device, seed_references
+from ..segment import Segmenter, autocast, batch_for, resolve_device, seed_references
+from .tensorstore import TensorStore
+
+log = logging.getLogger(__name__)
 
 # The paper's value first in every list: ties keep the paper's setting.
 DECODER_GRID = {
@@ -40,6 +47,7 @@ DECODER_GRID = {
 # Slice gate: chosen first, by balanced accuracy of present / absent on validation slices
 # (positive-slice Dice alone would always prefer no gate at all).
 GATE_THRESHOLDS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]
+SELECT_TRAIN_SLICES = 512  # positive training slices the selection's decoders train on, at most
 CLUSTER_GRID = {
     "cluster.k": [2, 3, 5],
     "cluster.within_body": [False, True],
@@ -63,15 +71,47 @@ class _Slices:
     presences: dict[str, torch.Tensor]
     mg: torch.Tensor
     body: torch.Tensor
-    features: list[list[torch.Tensor]]  # per slice, per block (1, C_i, h_i, w_i)
+    features: "_Features"  # per slice, per block (1, C_i, h_i, w_i), on disk
 
 
-def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int, desc: str, progress: bool,
-             sources: list[str]) -> _Slices:
-    """Every source's CAM and presence; the mean gradient and the features once."""
+@dataclass
+class _Rows:
+    """Some rows of a (possibly disk-backed) slice array, read a batch at a time."""
+
+    images: object  # torch.Tensor or `slicecache.DiskSlices`
+    rows: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        return self.images[self.rows[s]]
+
+
+class _Features:
+    """Per slice, the list of its feature blocks, kept in a `TensorStore`."""
+
+    def __init__(self, store: TensorStore, blocks: int):
+        self.store, self.blocks = store, blocks
+
+    def append(self, block: list[torch.Tensor]) -> None:
+        for f in block:
+            self.store.append(f)
+
+    def __len__(self) -> int:
+        return len(self.store) // self.blocks
+
+    def __getitem__(self, j: int) -> list[torch.Tensor]:
+        return [self.store[j * self.blocks + b] for b in range(self.blocks)]
+
+
+def _collect(seg: Segmenter, images, ids: torch.Tensor, batch: int, desc: str, progress: bool,
+             sources: list[str], store: TensorStore) -> _Slices:
+    """Every source's CAM and presence; the mean gradient and the features once (these into ``store``)."""
     cams: dict[str, list] = {m: [] for m in sources}
     presences: dict[str, list] = {m: [] for m in sources}
-    mgs, bodies, feats = [], [], []
+    mgs, bodies = [], []
+    feats = _Features(store, len(seg.features.block_channels))
     for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
         x = images[start : start + batch].to(seg.device)
         with autocast(seg.device):
@@ -81,17 +121,19 @@ def _collect(seg: Segmenter, images: torch.Tensor, ids: torch.Tensor, batch: int
                 presences[m].append(presence.float().cpu())
             mgs.append(seg.mg(x).float().cpu())
         bodies.append(body_mask(x, seg.cfg.data.body_threshold).cpu())
-        block = [f.cpu() for f in seg.features(x)]
-        feats += [[f[j : j + 1] for f in block] for j in range(len(x))]
+        block = seg.features(x)
+        for j in range(len(x)):
+            feats.append([f[j : j + 1] for f in block])
     return _Slices(ids, {m: torch.cat(v) for m, v in cams.items()}, {m: torch.cat(v) for m, v in presences.items()},
                    torch.cat(mgs), torch.cat(bodies), feats)
 
 
 def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool,
-                sources: list[str]):
+                sources: list[str], store: TensorStore):
     """Validation slices with target > positive_fraction, their maps, features and ground truth."""
     cfg = seg.cfg.data
-    images, ids, truths, shapes, negatives = [], [], [], [], []
+    images, ids, truths, shapes = [], [], [], []
+    negatives: dict[str, list[torch.Tensor]] = {m: [] for m in sources}  # their presence only
     for cid in case_ids:
         case = manifest.case(cid)
         volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
@@ -101,12 +143,12 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
         images.append(slices[positive])
         ids.append(torch.from_numpy(positive))
-        negatives.append(slices[gt.sum(axis=(1, 2)) == 0])
+        for m in sources:
+            negatives[m].append(seg.presence(slices[gt.sum(axis=(1, 2)) == 0], m))
         truths += [gt[z] for z in positive]
         shapes += [gt.shape[1:]] * len(positive)
-    data = _collect(seg, torch.cat(images), torch.cat(ids), 8, "validation maps", progress, sources)
-    negative = torch.cat(negatives)
-    return data, truths, shapes, {m: seg.presence(negative, m) for m in sources}
+    data = _collect(seg, torch.cat(images), torch.cat(ids), seg.batch_size, "validation maps", progress, sources, store)
+    return data, truths, shapes, {m: torch.cat(v) for m, v in negatives.items()}
 
 
 def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, list[dict]]:
@@ -122,26 +164,48 @@ def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, 
 
 def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val_ids: list[str], target_labels,
                     decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
-                    partial: Path | None = None) -> tuple[CLDFConfig, list[dict], list[dict]]:
+                    partial: Path | None = None, seconds: float = float("inf"),
+                    ) -> tuple[CLDFConfig, list[dict], list[dict]]:
     """Score the grid on the validation split; returns the best config, every row (best first) and the gate table.
 
     ``partial``: a JSON file keeping the rows of each finished grid point, so an interrupted selection
     resumes after the last one (the maps and features of the slices are computed again).
+    Decoders are trained on at most `SELECT_TRAIN_SLICES` positive training slices (a seeded sample).
+    ``seconds``: no further grid point is started once they are used (the first always runs).
+    The slices' features wait on disk (`TensorStore`), so memory does not grow with them.
     """
+    with tempfile.TemporaryDirectory(prefix="selection-", dir=partial.parent if partial is not None else None) as tmp, \
+            TensorStore(Path(tmp) / "train.bin") as train_store, TensorStore(Path(tmp) / "val.bin") as val_store:
+        return _select_settings(bundle, train_set, manifest, val_ids, target_labels, decoder_seeds, device, progress,
+                                partial, seconds, train_store, val_store)
+
+
+def _select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val_ids: list[str], target_labels,
+                     decoder_seeds: tuple[int, ...], device: str, progress: bool, partial: Path | None, seconds: float,
+                     train_store: TensorStore, val_store: TensorStore) -> tuple[CLDFConfig, list[dict], list[dict]]:
+    t0 = time.time()
     done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
-    seg = Segmenter(bundle, device, 8)
+    seg = Segmenter(bundle, device, batch_for(bundle.config.data.resolution))
     sources = cam_sources(bundle)
     pos = (train_set.labels == 1).nonzero()[:, 0]
-    train = _collect(seg, train_set.images[pos], pos, 8, "training maps", progress, sources)
-    val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress, sources)
+    if len(pos) > SELECT_TRAIN_SLICES:
+        pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))[:SELECT_TRAIN_SLICES]].sort().values
+    train = _collect(seg, _Rows(train_set.images, pos), pos, seg.batch_size, "training maps", progress, sources,
+                     train_store)
+    val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress, sources,
+                                                         val_store)
     size = tuple(train_set.images.shape[-2:])
     rows, gate_rows = [], []
     combos = list(itertools.product(sources, *DECODER_GRID.values()))
-    for method, cam_threshold, (lr, momentum) in tqdm(combos, desc="selection", disable=not progress):
+    for n_done, (method, cam_threshold, (lr, momentum)) in enumerate(tqdm(combos, desc="selection", disable=not progress)):
         threshold, gates = choose_gate(val.presences[method], negative_presence[method])
         if (cam_threshold, (lr, momentum)) == (DECODER_GRID["seeds.cam_threshold"][0], DECODER_GRID["decoder.lr_momentum"][0]):
             gate_rows += [{"cam_method": method, **g} for g in gates]
         point = json.dumps([method, cam_threshold, lr, momentum])
+        if rows and time.time() - t0 >= seconds:
+            log.info("selection: stopped after %d of %d grid points, its share of the time budget used",
+                     n_done, len(combos))
+            break
         if point in done:
             rows += done[point]
             continue
@@ -150,15 +214,16 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
         seed_cfg = SeedConfig(**{**bundle.config.seeds.__dict__, "cam_threshold": cam_threshold})
         noise_seed = bundle.config.maps.noise_seed
         train_seeds = fuse_seeds(train.cams[method], train.mg, train.body, seed_cfg, train.x_ids, noise_seed)
-        feats, labels = _seed_pixels(train, train_seeds, size)
         val_seeds = fuse_seeds(val.cams[method], val.mg, val.body, seed_cfg, val.x_ids, noise_seed)
         scores: dict[tuple, list[float]] = {}
-        for s in decoder_seeds:
-            dcfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
-            dcfg.lr, dcfg.momentum, dcfg.seed = lr, momentum, s
-            decoder = PixelDecoder(dcfg).fit(feats, labels, progress=False)
-            for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
-                scores.setdefault(key, []).append(dice)
+        with TensorStore(train_store.path.with_name("seeds.bin")) as store:
+            feats, labels = _seed_pixels(train, train_seeds, size, store)
+            for s in decoder_seeds:
+                dcfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
+                dcfg.lr, dcfg.momentum, dcfg.seed = lr, momentum, s
+                decoder = PixelDecoder(dcfg).fit(feats, labels, progress=False)
+                for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
+                    scores.setdefault(key, []).append(dice)
         for key, per_seed in scores.items():
             settings = {"maps.cam_method": method, "cluster.presence_threshold": threshold,
                         "seeds.cam_threshold": cam_threshold, "decoder.lr": lr, "decoder.momentum": momentum,
@@ -174,15 +239,16 @@ def select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, val
     return apply_settings(bundle.config, rows[0]["settings"]), rows, gate_rows
 
 
-def _seed_pixels(data: _Slices, seeds: torch.Tensor, size) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    feats, labels = [], []
+def _seed_pixels(data: _Slices, seeds: torch.Tensor, size, feats: TensorStore) -> tuple[TensorStore, list[torch.Tensor]]:
+    """Features (into ``feats``) and labels of the seed pixels of every slice that has foreground seeds."""
+    labels = []
     for j in range(len(seeds)):
         s = seeds[j].flatten()
         if not (s == FOREGROUND).any():
             continue
         pixels = s.nonzero()[:, 0]
         feats.append(gather_at_pixels(data.features[j], pixels, size))
-        labels.append(s[pixels].long())
+        labels.append(s[pixels].to(torch.uint8))
     return feats, labels
 
 
@@ -313,48 +379,71 @@ def _volume_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels,
                        decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
-                       refine: bool = False, cache: Path | None = None) -> tuple[dict, list[dict], list[dict]]:
+                       refine: bool = False, cache: Path | None = None, seconds: float = float("inf"),
+                       ) -> tuple[dict, list[dict], list[dict]]:
     """Score `POSTPROCESS_GRID` on whole validation volumes, then (with ``refine``) SAM refinement on or off.
 
     Returns the chosen settings (``postprocess.*`` and, with ``refine``, ``refine.method``), the
     post-processing rows and the refinement rows (best first). Ground truth is read here for scoring only.
     ``cache``: a folder keeping each finished volume's masks (and refined masks), so an interrupted
-    selection resumes after the last finished volume.
+    selection resumes after the last finished volume. ``seconds``: no further volume is started once
+    they are used (the first always runs), and refinement is then not weighed.
     """
-    seg = Segmenter(bundle, device, 8, refine="none")
-    volumes = [_val_volume(seg, manifest, cid, target_labels, decoder_seeds, cache)
-               for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False)]
+    t0 = time.time()
+    seg = Segmenter(bundle, device, batch_for(bundle.config.data.resolution), refine="none")
     *slice_keys, fraction_key = POSTPROCESS_GRID
-    rows = []
-    for values in tqdm(list(itertools.product(*(POSTPROCESS_GRID[k] for k in slice_keys))), desc="post-processing",
-                       disable=not progress, leave=False):
-        cfg = PostprocessConfig(**{k.split(".")[1]: v for k, v in zip(slice_keys, values)})
-        # the 3D components of each volume once per slice rule; every fraction then only picks among them
-        components = [(v.truth, component_sizes(_slice_rule(v, s, cfg))) for v in volumes for s in decoder_seeds]
-        for fraction in POSTPROCESS_GRID[fraction_key]:
-            preds = [(components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0, truth)
-                     for truth, (labels, sizes) in components]
-            rows.append({"settings": {**dict(zip(slice_keys, values)), fraction_key: fraction}, **_scores(preds)})
-    rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
-    chosen = dict(rows[0]["settings"])
-    rule = PostprocessConfig(**{k.split(".")[1]: v for k, v in chosen.items()})
-    refine_rows = select_refine(bundle, volumes, rule, decoder_seeds, device, progress,
-                                [cache / f"{cid}.refined.safetensors" for cid in val_ids] if cache else None) \
-        if refine else []
+    rules = list(itertools.product(*(POSTPROCESS_GRID[k] for k in slice_keys)))
+    dice_3d: dict[tuple, list[float]] = {}  # per (rule, fraction): one entry per volume and decoder seed
+    dice_slices: dict[tuple, list[float]] = {}
+    done: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="postprocess-") as tmp:
+        cache = cache or Path(tmp)  # volumes are visited one at a time, and again from here for the refinement
+        for cid in tqdm(val_ids, desc="validation volumes", disable=not progress, leave=False):
+            if done and time.time() - t0 >= seconds:
+                log.info("post-processing chosen on %d of %d validation volumes, the time budget's share used",
+                         len(done), len(val_ids))
+                break
+            volume = _val_volume(seg, manifest, cid, target_labels, decoder_seeds, cache)
+            _score_rules(volume, rules, slice_keys, POSTPROCESS_GRID[fraction_key], decoder_seeds, dice_3d, dice_slices)
+            done.append(cid)
+        rows = [{"settings": {**dict(zip(slice_keys, values)), fraction_key: fraction},
+                 **_scores({"3d": dice_3d[values, fraction], "slices": dice_slices[values, fraction]})}
+                for values in rules for fraction in POSTPROCESS_GRID[fraction_key]]
+        rows.sort(key=lambda r: -r["val_dice_3d"])  # stable: among equals "off" stays first
+        chosen = dict(rows[0]["settings"])
+        rule = PostprocessConfig(**{k.split(".")[1]: v for k, v in chosen.items()})
+        refine_rows = []
+        if refine and time.time() - t0 < seconds:
+            volumes = (_val_volume(seg, manifest, cid, target_labels, decoder_seeds, cache) for cid in done)
+            refine_rows = select_refine(bundle, volumes, rule, decoder_seeds, device, progress,
+                                        [cache / f"{cid}.refined.safetensors" for cid in done], len(done))
     if refine_rows:
         chosen |= refine_rows[0]["settings"]
     return chosen, rows, refine_rows
 
 
-def _scores(preds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Mean per-case 3D Dice and any-target slice Dice of (prediction, truth) volume pairs."""
-    slice_dice = [d for pred, truth in preds for d in _any_target_dice(pred, truth)]
-    return {"val_dice_3d": float(np.mean([_volume_dice(pred, truth) for pred, truth in preds])),
-            "val_any_target_slice_dice": float(np.mean(slice_dice)) if slice_dice else float("nan")}
+def _score_rules(volume: _ValVolume, rules: list[tuple], slice_keys: list[str], fractions: list[float],
+                 decoder_seeds: tuple[int, ...], dice_3d: dict, dice_slices: dict) -> None:
+    """Add one volume's per-case 3D Dice and any-target slice Dice under every rule (and decoder seed)."""
+    for values in rules:
+        cfg = PostprocessConfig(**{k.split(".")[1]: v for k, v in zip(slice_keys, values)})
+        for s in decoder_seeds:  # the 3D components once per slice rule; every fraction then only picks among them
+            labels, sizes = component_sizes(_slice_rule(volume, s, cfg))
+            for fraction in fractions:
+                pred = components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0
+                dice_3d.setdefault((values, fraction), []).append(_volume_dice(pred, volume.truth))
+                dice_slices.setdefault((values, fraction), []).extend(_any_target_dice(pred, volume.truth))
 
 
-def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessConfig, decoder_seeds: tuple[int, ...],
-                  device: str, progress: bool = True, cache: list[Path] | None = None) -> list[dict]:
+def _scores(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Mean per-case 3D Dice and any-target slice Dice of the collected per-volume and per-slice values."""
+    return {"val_dice_3d": float(np.mean(scores["3d"])),
+            "val_any_target_slice_dice": float(np.mean(scores["slices"])) if scores["slices"] else float("nan")}
+
+
+def select_refine(bundle: Bundle, volumes: Iterable[_ValVolume], rule: PostprocessConfig, decoder_seeds: tuple[int, ...],
+                  device: str, progress: bool = True, cache: list[Path] | None = None, total: int | None = None,
+                  ) -> list[dict]:
     """Masks under the chosen rule without and with LiteMedSAM refinement, as `cldf segment` makes them; best first.
 
     Ties keep "none" (refinement costs seconds per slice).
@@ -362,8 +451,9 @@ def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessCo
     from ..refine import SamRefiner  # loads timm: only when refinement is weighed
 
     refiner = SamRefiner(replace(bundle.config.refine, method="sam"), resolve_device(device))
-    plain, sharp = [], []
-    for i, v in enumerate(tqdm(volumes, desc="refinement", disable=not progress, leave=False)):
+    plain: dict[str, list[float]] = {"3d": [], "slices": []}
+    sharp: dict[str, list[float]] = {"3d": [], "slices": []}
+    for i, v in enumerate(tqdm(volumes, desc="refinement", total=total, disable=not progress, leave=False)):
         coarse = [_slice_rule(v, s, rule) for s in decoder_seeds]
         stored = cache[i] if cache is not None else None
         if stored is not None and stored.is_file():
@@ -372,8 +462,11 @@ def select_refine(bundle: Bundle, volumes: list[_ValVolume], rule: PostprocessCo
             refined = refiner.refine_many(v.image, coarse, v.spacing)
             if stored is not None:
                 _save({f"{j:03d}": torch.from_numpy(np.asarray(m, np.uint8)) for j, m in enumerate(refined)}, stored)
-        plain += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in coarse]
-        sharp += [(keep_main_components(m, rule.min_component_fraction), v.truth) for m in refined]
+        for masks, scores in ((coarse, plain), (refined, sharp)):
+            for m in masks:
+                pred = keep_main_components(m, rule.min_component_fraction)
+                scores["3d"].append(_volume_dice(pred, v.truth))
+                scores["slices"] += _any_target_dice(pred, v.truth)
     rows = [{"settings": {"refine.method": "none"}, **_scores(plain)},
             {"settings": {"refine.method": "sam"}, **_scores(sharp)}]
     return sorted(rows, key=lambda r: -r["val_dice_3d"])

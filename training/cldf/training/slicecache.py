@@ -1,7 +1,8 @@
 """The slice cache: a manifest's training slices on disk, memory-mapped, built once.
 
-Training reads slices from one ``images.npy`` (``(N, C, R, R)`` float32) opened as a memory map, with
-their slice labels and case index beside it, so memory does not grow with the cohort. A cache
+Training reads slices from one ``images.npy`` (``(N, C, R, R)`` float32), slice by slice as the
+batches need them (`DiskSlices`), with their slice labels and case index beside it, so memory does
+not grow with the cohort. A cache
 belongs to the cases and the settings that shape slices (channels, resolution, normalisation,
 orientation, label rule); it is reused while every input file is unchanged (same size and time, or
 else the same sha256) and rebuilt when one changed. It holds slice labels, never pixel masks.
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,10 +129,68 @@ def _build(folder: Path, manifest: Manifest, cases: list[Case], settings: dict, 
     os.replace(work, folder)
 
 
+class DiskSlices:
+    """The ``(N, C, R, R)`` float32 array of an ``.npy`` file, read (not mapped) on indexing.
+
+    Indexing with an int, a slice, or a list / tensor of rows returns a new tensor holding those
+    rows only; nothing else of the file stays in the process's memory however many slices are read.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version != (1, 0):
+                raise ValueError(f"{self.path}: unexpected .npy format {version}; delete the cache folder to rebuild it")
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()
+        if fortran or dtype != np.float32 or len(shape) != 4:
+            raise ValueError(f"{self.path} is not a (N, C, R, R) float32 array; delete the cache folder to rebuild it")
+        self.shape = torch.Size(shape)
+        self.row_bytes = int(np.prod(shape[1:])) * 4
+        self._fd, self._pid = None, None
+        self._file()  # opened now: a cache rebuilt later (a new file under the same name) does not change these slices
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:  # DataLoader workers open their own file
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def _file(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def _row(self, i: int) -> np.ndarray:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"slice {i} is outside the {len(self)} cached slices")
+        data = os.pread(self._file(), self.row_bytes, self.offset + (i % len(self)) * self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise OSError(f"{self.path} is shorter than its header says; delete the cache folder to rebuild it")
+        return np.frombuffer(data, np.float32).reshape(self.shape[1:])
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, (int, np.integer)) or (isinstance(idx, torch.Tensor) and idx.ndim == 0):
+            return torch.from_numpy(self._row(int(idx)).copy())
+        rows = range(len(self))[idx] if isinstance(idx, slice) else [int(i) for i in idx]
+        out = np.empty((len(rows), *self.shape[1:]), np.float32)
+        for j, i in enumerate(rows):
+            out[j] = self._row(i)
+        return torch.from_numpy(out)
+
+    def split(self, size: int) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self), size):
+            yield self[start : start + size]
+
+
 def _open(folder: Path) -> SliceSet:
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-    images = np.load(folder / "images.npy", mmap_mode="c")  # copy-on-write: torch gets a writable view, the file stays
-    return SliceSet(torch.from_numpy(images), torch.from_numpy(np.load(folder / "labels.npy")),
+    return SliceSet(DiskSlices(folder / "images.npy"), torch.from_numpy(np.load(folder / "labels.npy")),
                     torch.from_numpy(np.load(folder / "case_index.npy")), list(index["case_ids"]),
                     np.load(folder / "ranges.npy"))
 

@@ -26,7 +26,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +41,11 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
+from .batches import Draw, StepDraws, augment, flip, step_loader
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
+from . import distributed
+from .distributed import SINGLE, Ranks, any_rank, wrap
+from .tensorstore import TensorStore
 from ..config import CLDFConfig, ClassifierConfig
 from ..data import SliceSet, load_manifest, split_cases, stored_orientation
 from ..defaults import TARGET_COLOR, TARGET_NAME
@@ -47,12 +53,16 @@ from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
 from ..models import NoiseSchedule, SliceClassifier, build_cdm
 from ..plausibility import intensity_card
-from ..segment import VARIANTS, Segmenter, autocast, bundle_variants, resolve_device
+from ..segment import VARIANTS, Segmenter, autocast, batch_for, bundle_variants, resolve_device
 from .select import apply_settings, select_postprocess, select_settings
 from .slicecache import cached_slice_set
 
 log = logging.getLogger(__name__)
 
+# Each stage's share of ``--time-budget``, in proportion to what it takes on the paper's preset.
+BUDGET_SHARES = {"cdm": 0.45, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
+                 "ame_aggregator": 0.02, "selection": 0.1, "decoders": 0.12}
+SELECT_PATIENTS = 24  # selection's cost and memory stop growing with the cohort here
 MIN_VAL_PATIENTS = 2  # settings selection needs this many validation patients ...
 NOISY_VAL_PATIENTS = 5  # ... and is noisy with fewer than this many
 
@@ -77,15 +87,39 @@ class TrainRequest:
     keep_checkpoints: bool = False
     progress: bool = True
     extra_card: dict = field(default_factory=dict)
+    time_budget_min: float | None = None  # wall-clock for the whole run, split over the stages (`BUDGET_SHARES`)
+    budget_stops: dict[str, int] = field(default_factory=dict)  # filled in: steps of the stages stopped at their share
+    select_patients: int = SELECT_PATIENTS  # settings are chosen on at most this many validation patients
+    workers: int | None = None  # DataLoader worker processes (default: 4 on CUDA, none on the CPU)
+    ranks: Ranks = SINGLE  # set by `train` under torchrun
+
+    def stage_seconds(self, stage: str) -> float:
+        """The seconds a stage may run: its share of the time budget (unlimited without one)."""
+        if self.time_budget_min is None:
+            return float("inf")
+        return self.time_budget_min * 60.0 * BUDGET_SHARES[stage]
 
 
 def train(req: TrainRequest) -> Path:
-    """Run (or resume) every stage and write the bundle into ``req.out``."""
+    """Run (or resume) every stage and write the bundle into ``req.out``.
+
+    Under torchrun (`distributed`), every process trains the data-parallel stages and process 0
+    alone writes the cache, checkpoints and bundle and runs the rest.
+    """
     cfg = req.config
     out = Path(os.path.abspath(req.out))
     ckdir = checkpoint_dir(out)
     _check_out(out, ckdir)
-    device = resolve_device(req.device)
+    req.ranks, device = distributed.start(resolve_device(req.device))
+    try:
+        return _train(req, cfg, out, ckdir, device)
+    finally:
+        distributed.finish(req.ranks)
+
+
+def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: torch.device) -> Path:
+    ranks = req.ranks
+    _check_batches(cfg, ranks.world)
     manifest = load_manifest(req.manifest)
     splits = split_cases(manifest, cfg.data.split_fractions, req.seed)
     if not splits["train"]:
@@ -96,28 +130,30 @@ def train(req: TrainRequest) -> Path:
     _check_run(ckdir, fingerprint, splits)
     torch.manual_seed(req.seed)
     log.info("loading %d training cases", len(splits["train"]))
-    train_set = cached_slice_set(
-        manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-        req.target_labels, cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress,
-    )
+    with distributed.main_first(ranks):  # process 0 builds the slice cache, the others then read it
+        train_set = cached_slice_set(
+            manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
+            req.target_labels, cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress and ranks.main,
+        )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
-    _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
+    if ranks.main:
+        _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
     n_in = len(cfg.data.channels)
     schedule = NoiseSchedule(cfg.diffusion)
     seconds: dict[str, float] = {}
 
     cdm = build_cdm(cfg.diffusion, n_in).to(device)
-    seconds["cdm"] = _fit(
-        "cdm", cdm, _cdm_loss(cdm, train_set, schedule, cfg, req.seed, device),
-        cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req,
-    )
+    seconds["cdm"] = _fit("cdm", cdm, _cdm_stage(train_set, schedule, cfg, req.seed, device),
+                          cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req).seconds
     noisy, seconds["noisy_classifier"] = fit_classifier(
         "noisy_classifier", cfg.noisy_classifier, train_set, schedule, req.seed + 1, device, ckdir, req)
     cam, seconds["cam_classifier"] = fit_classifier(
         "cam_classifier", cfg.cam_classifier, train_set, schedule, req.seed + 2, device, ckdir, req)
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
+    if not ranks.main:  # the data-parallel stages are done; process 0 goes on alone
+        return Path(req.out)
     from .train_ame import train_ame_stage  # imports this module: deferred
 
     ame, ame_card, cam_images = train_ame_stage(cfg, manifest, splits, train_set, req, device, ckdir)
@@ -131,8 +167,9 @@ def train(req: TrainRequest) -> Path:
     if note:
         log.warning(note)
     selected = req.select and len(splits["val"]) >= req.min_val_patients
+    val_ids = selection_patients(splits["val"], req.select_patients, req.seed)
     if selected:
-        bundle.config = cfg = _select(bundle, train_set, manifest, splits["val"], req, ckdir)
+        bundle.config = cfg = _select(bundle, train_set, manifest, val_ids, req, ckdir)
         selection = json.loads((ckdir / "selection.json").read_text())
     seconds["selection"] = selection.get("seconds", 0.0) if selection else 0.0
     t0 = time.time()
@@ -140,7 +177,7 @@ def train(req: TrainRequest) -> Path:
     seconds["decoders"] = time.time() - t0
     if selected:
         bundle.decoders = decoders
-        bundle.config = cfg = _select_postprocess(bundle, manifest, splits["val"], req, ckdir)
+        bundle.config = cfg = _select_postprocess(bundle, manifest, val_ids, req, ckdir)
         selection["postprocess"] = json.loads((ckdir / "postprocess.json").read_text())
         seconds["selection"] += selection["postprocess"]["seconds"]
 
@@ -158,6 +195,9 @@ def train(req: TrainRequest) -> Path:
             "data_card": _data_card(train_set, cfg),
             "decoders": decoder_card,
             **({"ame_cam": ame_card} if ame_card else {}),
+            **({"time_budget": {"minutes": req.time_budget_min, "shares": BUDGET_SHARES,
+                                "stopped_at_share": req.budget_stops}} if req.time_budget_min is not None else {}),
+            **({"processes": ranks.world} if ranks.active else {}),
         },
         "selection": selection if not note else {**(selection or {}), ("warning" if selected else "skipped"): note},
         **req.extra_card,
@@ -225,6 +265,7 @@ def run_fingerprint(req: TrainRequest) -> dict:
         "decoder_seeds": list(req.decoder_seeds),
         "select": req.select,
         "select_refine": req.select_refine,
+        "select_patients": req.select_patients,
         "config": req.config.to_dict(),
     }))
 
@@ -250,7 +291,8 @@ def run_differences(recorded: dict, current: dict) -> list[str]:
 def _check_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> None:
     """Refuse to resume checkpoints of a different run (other data, settings, seeds)."""
     run, split = ckdir / "run.json", ckdir / "split.json"
-    diffs = run_differences(json.loads(run.read_text()), fingerprint) if run.is_file() else []
+    recorded = {"select_patients": SELECT_PATIENTS, **json.loads(run.read_text())} if run.is_file() else None
+    diffs = run_differences(recorded, fingerprint) if recorded else []  # (runs recorded before a setting existed: its default)
     if not diffs and split.is_file() and json.loads(split.read_text()) != splits:
         diffs = ["patient split: differs (other data or seed?)"]
     if diffs:
@@ -292,6 +334,15 @@ def _install(partial: Path, out: Path, ckdir: Path, keep: bool) -> None:
         shutil.rmtree(ckdir)
 
 
+def selection_patients(val_ids: list[str], limit: int, seed: int) -> list[str]:
+    """The validation patients settings are chosen on: all of them, or a seeded sample of ``limit``."""
+    if limit < 1:
+        raise ValueError(f"the number of selection patients must be at least 1, not {limit}")
+    if len(val_ids) <= limit:
+        return list(val_ids)
+    return sorted(random.Random(seed).sample(sorted(val_ids), limit))
+
+
 def _selection_note(n_val: int, needed: int) -> str | None:
     """The warning about too few validation patients for the settings selection, if any."""
     if n_val < needed:
@@ -304,88 +355,112 @@ def _selection_note(n_val: int, needed: int) -> str | None:
 
 
 # --------------------------------------------------------------------------- network stages
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    """Per-step randomness from (seed, step): a resumed run draws exactly what the uninterrupted one would."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+@dataclass
+class Stage:
+    """A network stage's batches and loss; ``loss(net, images, labels, draws)`` sees this process's share.
+
+    ``parallel=False``: the loss couples the slices of a batch, so one process trains on it whole.
+    """
+
+    data: SliceSet
+    draw: Draw
+    seed: int
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, StepDraws], torch.Tensor]
+    parallel: bool = True
 
 
-def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Random left-right flips (the only augmentation)."""
-    flip = torch.rand(len(x), generator=g) < 0.5
-    x = x.clone()
-    x[flip] = x[flip].flip(-1)
-    return x
+@dataclass
+class Fitted:
+    seconds: float
+    steps: int  # steps done: fewer than asked when the stage stopped at its share of ``--time-budget``
 
 
-def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Flips, per-channel intensity scale (0.8-1.2) and shift (+-0.1), shifts of up to 4 pixels."""
-    n, c = x.shape[:2]
-    x = _flip(x, g) * (0.8 + 0.4 * torch.rand(n, c, 1, 1, generator=g)) + (0.2 * torch.rand(n, c, 1, 1, generator=g) - 0.1)
-    shifts = torch.randint(-4, 5, (n, 2), generator=g)
-    return torch.stack([xi.roll(tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)]).clamp(-1.0, 1.0)
+def _cdm_stage(data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, seed: int, device) -> Stage:
+    def draw(g: torch.Generator) -> torch.Tensor:
+        return torch.randint(len(data), (cfg.diffusion.batch_size,), generator=g)
 
-
-def _cdm_loss(cdm, data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
-    def loss(step: int) -> torch.Tensor:
-        g = _step_generator(seed, step)
-        idx = torch.randint(len(data), (cfg.diffusion.batch_size,), generator=g)
-        x0 = _flip(data.images[idx], g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(schedule.num_train_timesteps, (len(idx),), generator=g)
+    def loss(net, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
+        x0 = flip(x, d)
+        noise = d.randn(*x0.shape[1:])
+        t = d.randint(0, schedule.num_train_timesteps)
         xt = schedule.add_noise(x0, noise, t)
         with autocast(device):
-            pred = cdm(xt.to(device), t.to(device), class_labels=data.labels[idx].to(device))
+            pred = net(xt.to(device), t.to(device), class_labels=y.to(device))
         return F.mse_loss(pred.float(), noise.to(device))
 
-    return loss
+    return Stage(data, draw, seed, loss)
 
 
 def fit_classifier(name: str, cfg: ClassifierConfig, data: SliceSet, schedule: NoiseSchedule, seed: int,
                    device: torch.device, ckdir: Path, req: TrainRequest) -> tuple[SliceClassifier, float]:
     """Train (or resume) one slice classifier on slice labels; returns it and its training seconds."""
     net = SliceClassifier(cfg, data.images.shape[1]).to(device)
-    seconds = _fit(name, net, _classifier_loss(net, data, schedule, cfg, seed, device), cfg.steps, cfg.lr, ckdir, device, req)
-    return net, seconds
+    fitted = _fit(name, net, _classifier_stage(data, schedule, cfg, seed, device), cfg.steps, cfg.lr, ckdir, device, req)
+    return net, fitted.seconds
 
 
-def _classifier_loss(net, data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Stage:
     if not 0 <= cfg.max_timestep < schedule.num_train_timesteps:
         raise ValueError(f"classifier max_timestep {cfg.max_timestep} is outside the schedule's "
                          f"0..{schedule.num_train_timesteps - 1}")
     pos = (data.labels == 1).nonzero()[:, 0]
     neg = (data.labels == 0).nonzero()[:, 0]
 
-    def loss(step: int) -> torch.Tensor:
-        g = _step_generator(seed, step)
+    def draw(g: torch.Generator) -> torch.Tensor:
         half = cfg.batch_size // 2
-        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
-                         neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
-        x0 = _augment(data.images[idx], g) if cfg.augment else _flip(data.images[idx], g)
-        t = torch.randint(cfg.max_timestep + 1, (len(idx),), generator=g)
-        xt = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t) if cfg.max_timestep > 0 else x0
+        return torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                          neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
+
+    def loss(net, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
+        x0 = augment(x, d) if cfg.augment else flip(x, d)
+        t = d.randint(0, cfg.max_timestep + 1)
+        xt = schedule.add_noise(x0, d.randn(*x0.shape[1:]), t) if cfg.max_timestep > 0 else x0
         with autocast(device):
             logits = net(xt.to(device), t.to(device))
-        return F.cross_entropy(logits.float(), data.labels[idx].to(device))
+        return F.cross_entropy(logits.float(), y.to(device))
 
-    return loss
+    return Stage(data, draw, seed, loss)
 
 
-def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], steps: int, lr: float,
-         ckdir: Path, device: torch.device, req: TrainRequest) -> float:
-    """AdamW for ``steps`` steps, resuming from and saving to ``ckdir/name``; returns total seconds."""
+def _check_batches(cfg: CLDFConfig, world: int) -> None:
+    """Each data-parallel stage's batch must split evenly over the processes (checked before anything runs)."""
+    if world == 1:
+        return
+    sizes = {"diffusion.batch_size": cfg.diffusion.batch_size,
+             "noisy_classifier.batch_size": cfg.noisy_classifier.batch_size,
+             "cam_classifier.batch_size": cfg.cam_classifier.batch_size}
+    uneven = [f"{k} = {v}" for k, v in sizes.items() if v % world]
+    if uneven:
+        raise ValueError(f"{', '.join(uneven)} cannot be split evenly over {world} processes: set a batch size "
+                         f"divisible by {world} (--set ...), or run another number of processes")
+
+
+def _fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
+         ckdir: Path, device: torch.device, req: TrainRequest) -> Fitted:
+    """AdamW for ``steps`` steps, resuming from and saving to ``ckdir/name`` (process 0 saves).
+
+    Stops early, at a step boundary, once the stage has used its share of ``req.time_budget_min``.
+    """
+    ranks = req.ranks if stage.parallel else SINGLE
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     meta = load_checkpoint(ckdir / name, model, opt) or {"step": 0, "seconds": 0.0, "loss": []}
     model.to(device)
-    if meta["step"] >= steps:
-        return float(meta["seconds"])
+    limit = req.stage_seconds(name)
+    if meta["step"] < steps and meta["seconds"] >= limit:
+        req.budget_stops[name] = meta["step"]
+    if meta["step"] >= steps or meta["seconds"] >= limit:
+        return Fitted(float(meta["seconds"]), meta["step"])
     if meta["step"]:
         log.info("%s: continuing from the checkpoint at step %d of %d", name, meta["step"], steps)
     model.train()
-    bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not req.progress)
+    net = wrap(model, ranks, device)
+    batches = step_loader(stage.data, stage.draw, stage.seed, meta["step"], steps, device, ranks.rank, ranks.world,
+                          req.workers)
+    bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not (req.progress and req.ranks.main))
     t_start, t_saved, running = time.time(), time.time(), []
     with StopAtStepBoundary() as stop:  # Ctrl-C, SIGTERM (or Cancel in Slicer) end the step in progress, save, stop
-        for step in range(meta["step"], steps):
-            loss = loss_fn(step)
+        for step, (x, y) in zip(range(meta["step"], steps), batches):
+            loss = stage.loss(net, x, y, StepDraws(stage.seed, step, stage.draw, ranks.rank, ranks.world))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -395,41 +470,62 @@ def _fit(name: str, model: torch.nn.Module, loss_fn: Callable[[int], torch.Tenso
                 meta["loss"].append([step + 1, sum(running) / len(running)])
                 bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
                 running = []
-            if stop.requested or time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
+            over = meta["seconds"] + time.time() - t_start >= limit
+            halt = any_rank(stop.requested or over, ranks, device)  # every process stops at the same step
+            if halt or time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
                 meta["step"] = step + 1
                 meta["seconds"] += time.time() - t_start
                 t_start = t_saved = time.time()
-                save_checkpoint(ckdir / name, model, opt, meta)
-            if stop.requested:
+                if ranks.main:
+                    save_checkpoint(ckdir / name, model, opt, meta)
+            if halt and not over:
                 raise KeyboardInterrupt
+            if halt:
+                req.budget_stops[name] = meta["step"]
+                log.info("%s: stopped at step %d of %d, its share of the time budget used", name, meta["step"], steps)
+                break
     bar.close()
-    return float(meta["seconds"])
+    distributed.barrier(ranks)  # the checkpoint is saved before any process reads it again
+    return Fitted(float(meta["seconds"]), meta["step"])
 
 
 # --------------------------------------------------------------------------- decoders
-def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], batch: int = 8,
-                  progress: bool = True, cam_images: torch.Tensor | None = None,
-                  ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], store_dir: Path,
+                  batch: int | None = None, progress: bool = True, cam_images=None, seconds: float = float("inf"),
+                  ) -> tuple[dict[str, TensorStore], dict[str, list[torch.Tensor]], int]:
     """Diffusion features at the seed pixels of every positive slice, for each decoder variant.
 
     The maps are computed once; each variant takes its seeds from them (`segment.VARIANTS`)
     and its features from its CDM. ``cam_images``: ``data``'s slices at the CAM source's own
-    resolution (`Segmenter.cam_resolution`), same order, when it has one.
+    resolution (`Segmenter.cam_resolution`), same order, when it has one. Features go to a
+    `TensorStore` per variant in ``store_dir`` (the caller closes them), so memory holds one batch.
+    With a time limit (``seconds``), the positive slices are visited in a seeded random order and
+    collection stops once it is used and every variant has seeds.
 
     Returns:
-        per variant a list of ``(P_i, D)`` features and a list of ``(P_i,)`` seed labels.
+        per variant the store of ``(P_i, D)`` features and a list of ``(P_i,)`` seed labels, and the
+        number of positive slices visited.
     """
+    batch = batch or batch_for(bundle.config.data.resolution)
     segs = {v: Segmenter(bundle, str(device), batch, variant=v) for v in variants}
     by_cdm: dict[str, Segmenter] = {}
     for v in variants:
         by_cdm.setdefault(VARIANTS[v].features, segs[v])
     first = segs[variants[0]]
     pos = (data.labels == 1).nonzero()[:, 0]
-    feats: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+    if seconds < float("inf"):
+        pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(bundle.config.decoder.seed))]
+    feats = {v: TensorStore(store_dir / f"seed-features.{v}.bin") for v in variants}
     labels: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
     size = (data.images.shape[-2], data.images.shape[-1])
+    t0, visited = time.time(), 0
     for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
+        if time.time() - t0 >= seconds and all(labels[v] for v in variants):  # every variant has seeds
+            log.info("decoders: seeds of %d of %d positive slices, the stage's share of the time budget used",
+                     start, len(pos))
+            break
         idx = pos[start : start + batch]
+        visited += len(idx)
         x = data.images[idx].to(device)
         maps = first.slice_maps(x, idx, gate=False, x_cam=None if cam_images is None else cam_images[idx].to(device),
                                 cam_sources=tuple(seg.cam_source for seg in segs.values()))
@@ -441,44 +537,51 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
                 if not (s == 1).any():
                     continue
                 pixels = s.nonzero()[:, 0]
-                labels[v].append(s[pixels].long())
+                labels[v].append(s[pixels].to(torch.uint8))
                 f = [b[j : j + 1] for b in block[VARIANTS[v].features]]
-                feats[v].append(gather_at_pixels(f, pixels.to(x.device), size).cpu())
-    return feats, labels
+                feats[v].append(gather_at_pixels(f, pixels.to(x.device), size))
+    return feats, labels, visited
 
 
 def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], decoder_seeds: tuple[int, ...],
-                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], progress: bool = True,
-                 cam_images: torch.Tensor | None = None):
+                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], store_dir: Path,
+                 progress: bool = True, cam_images=None, seconds: float = float("inf")):
     """One decoder per (variant, seed), reusing those already in ``done`` and calling ``save`` after each new one.
 
     Returns:
         the decoders by variant and seed, and a card of seed counts and final losses.
     """
     cfg = bundle.config
-    feats, labels = seed_features(bundle, data, device, variants, progress=progress, cam_images=cam_images)
-    empty = [v for v in variants if not labels[v]]
-    if empty:
-        raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
-                         "check the slice labels and maps")
-    decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
-    card = {"seed_slices": {v: len(labels[v]) for v in variants},
-            "foreground_seeds": {v: int(sum((l == 1).sum() for l in labels[v])) for v in variants},
-            "background_seeds": {v: int(sum((l == 2).sum() for l in labels[v])) for v in variants},
-            "final_loss": {}}
-    for v in variants:
-        for s in decoder_seeds:
-            prefix = f"{v}.{s}."
-            dcfg = CLDFConfig.from_dict(cfg.to_dict()).decoder
-            dcfg.seed = s
-            if any(k.startswith(prefix) for k in done):
-                d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items() if k.startswith(prefix)})
-            else:
-                d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress)
-                card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
-                done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
-                save(done)
-            decoders[v][s] = d
+    feats, labels, visited = seed_features(bundle, data, device, variants, store_dir, progress=progress,
+                                           cam_images=cam_images, seconds=seconds)
+    try:
+        empty = [v for v in variants if not labels[v]]
+        if empty:
+            raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
+                             "check the slice labels and maps")
+        decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
+        card = {"seed_slices": {v: len(labels[v]) for v in variants},
+                "foreground_seeds": {v: int(sum((l == 1).sum() for l in labels[v])) for v in variants},
+                "background_seeds": {v: int(sum((l == 2).sum() for l in labels[v])) for v in variants},
+                "final_loss": {},
+                **({"positive_slices_visited": visited} if visited < int((data.labels == 1).sum()) else {})}
+        for v in variants:
+            for s in decoder_seeds:
+                prefix = f"{v}.{s}."
+                dcfg = CLDFConfig.from_dict(cfg.to_dict()).decoder
+                dcfg.seed = s
+                if any(k.startswith(prefix) for k in done):
+                    d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items()
+                                                            if k.startswith(prefix)})
+                else:
+                    d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress)
+                    card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
+                    done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
+                    save(done)
+                decoders[v][s] = d
+    finally:
+        for store in feats.values():
+            store.close()
     return decoders, card
 
 
@@ -494,8 +597,11 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
         save_file(state, str(path.with_suffix(".tmp")), metadata={"settings": tag})
         os.replace(path.with_suffix(".tmp"), path)
 
-    return fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done, save, req.progress,
-                        cam_images)
+    decoders, card = fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done, save, ckdir,
+                                  req.progress, cam_images, req.stage_seconds("decoders"))
+    if "positive_slices_visited" in card:
+        req.budget_stops["decoders"] = card["positive_slices_visited"]
+    return decoders, card
 
 
 def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
@@ -520,7 +626,8 @@ def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", co
     t0 = time.time()
     seeds = tuple(sorted(bundle.decoders["cdm"]))
     bundle.decoders |= {v: {} for v in missing}  # filled below
-    new, new_card = fit_decoders(bundle, data, dev, missing, seeds, {}, lambda state: None, progress)
+    with tempfile.TemporaryDirectory(prefix="cldf-seeds-") as store:
+        new, new_card = fit_decoders(bundle, data, dev, missing, seeds, {}, lambda state: None, Path(store), progress)
     entry = {"variants": missing, "command": command, "device": _device_name(dev),
              "wall_clock_s": round(time.time() - t0, 1), **new_card}
     replace_decoders(bundle_dir, {**bundle.decoders, **new}, added_decoders=entry)
@@ -541,7 +648,8 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
     t0 = time.time()
     config, rows, gate_rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels,
                                               req.decoder_seeds, req.device, req.progress,
-                                              partial=ckdir / "selection.partial.json")
+                                              partial=ckdir / "selection.partial.json",
+                                              seconds=req.stage_seconds("selection"))
     doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
            "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
            "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}
@@ -553,18 +661,21 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     """The post-processing rule chosen on whole validation volumes (cached in the checkpoint folder)."""
     path = ckdir / "postprocess.json"
     if not path.is_file():
+        used = json.loads((ckdir / "selection.json").read_text())["seconds"]
         _write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
                                                 req.device, req.progress, req.select_refine,
-                                                cache=ckdir / "postprocess-volumes"))
+                                                cache=ckdir / "postprocess-volumes",
+                                                seconds=req.stage_seconds("selection") - used))
     return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
 
 
 def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_labels, decoder_seeds, device: str,
-                          progress: bool = True, refine: bool = True, cache: Path | None = None) -> dict:
+                          progress: bool = True, refine: bool = True, cache: Path | None = None,
+                          seconds: float = float("inf")) -> dict:
     """`select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
     t0 = time.time()
     chosen, rows, refine_rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds),
-                                                   device, progress, refine, cache)
+                                                   device, progress, refine, cache, seconds)
     return {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
             "metric": "per-case 3D Dice on the validation split (false positives on slices without target count), "
                       "mean over decoder seeds",

@@ -30,7 +30,8 @@ from ..config import CLDFConfig
 from ..data import Manifest, SliceSet
 from .slicecache import cached_slice_set
 from ..segment import autocast
-from .train import TrainRequest, _augment, _fit, _step_generator
+from .batches import StepDraws, augment
+from .train import Stage, TrainRequest, _fit
 
 
 def ame_enabled(cfg: CLDFConfig) -> bool:
@@ -64,9 +65,9 @@ def train_ame_stage(cfg: CLDFConfig, manifest: Manifest, splits: dict[str, list[
                                 cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress)
 
     data = train_set if r == cfg.data.resolution else slice_set(train_set.case_ids)
+    val_set = slice_set(splits["val"]) if splits.get("val") else None
     if not torch.equal(data.labels, train_set.labels):
         raise ValueError(f"slices cut at {r} x {r} do not line up with the training slices")
-    val_set = slice_set(splits["val"]) if splits.get("val") else None
     net, card = fit_ame_cam(cfg, data, val_set, req.seed + 3, device, ckdir, req)
     return net, card, None if data is train_set else data.images
 
@@ -96,16 +97,15 @@ def fit_ame_cam(cfg: CLDFConfig, train_set: SliceSet, val_set: SliceSet | None, 
     net.to(device)
     seconds, record = fit_multi_exit(net, train_set, val_set, cfg, seed, device, ckdir, req)
     net.classifier.eval().requires_grad_(False)
-    seconds_agg = _fit("ame_aggregator", net.aggregator,
-                       _aggregator_loss(net, train_set, cfg, seed + 1, device),
-                       acfg.aggregator_steps, acfg.aggregator_lr, ckdir, device, req)
+    seconds_agg = _fit("ame_aggregator", net.aggregator, _aggregator_stage(net, train_set, cfg, seed + 1, device),
+                       acfg.aggregator_steps, acfg.aggregator_lr, ckdir, device, req).seconds
     net.eval().requires_grad_(False)
     card = {
         "resolution": int(train_set.images.shape[-1]),
         "checkpoint": ("best AUC of the last exit on the validation patients' slice labels"
                        if record.get("best") else "last step (no validation patients)"),
         "auc_history": record.get("history", []),
-        "chosen_step": record["best"]["step"] if record.get("best") else acfg.steps,
+        "chosen_step": record["best"]["step"] if record.get("best") else record["steps_done"],
         "wall_clock_s": {"classifier": round(seconds, 1), "aggregator": round(seconds_agg, 1)},
     }
     return net, card
@@ -121,11 +121,14 @@ def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: C
     acfg = cfg.ame_cam
     best_path, record_path = ckdir / "ame_classifier.best.safetensors", ckdir / "ame_classifier.auc.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"history": [], "best": None}
-    loss = _classifier_loss(net, data, cfg, seed, device)
+    stage = _classifier_stage(net, data, cfg, seed, device)
     seconds = 0.0
     stops = sorted({*range(acfg.eval_every, acfg.steps, acfg.eval_every), acfg.steps})
     for stop in stops:
-        seconds = _fit("ame_classifier", net.classifier, loss, stop, acfg.lr, ckdir, device, req)
+        fitted = _fit("ame_classifier", net.classifier, stage, stop, acfg.lr, ckdir, device, req)
+        seconds = fitted.seconds
+        if fitted.steps < stop:  # its share of the time budget is used
+            break
         if val_set is None or stop in [s for s, _ in record["history"]]:
             continue
         auc = validation_auc(net, val_set, device)
@@ -140,7 +143,7 @@ def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: C
         os.replace(tmp, record_path)
     if record["best"] is not None:
         net.classifier.load_state_dict(load_file(str(best_path)))
-    return seconds, record
+    return seconds, {**record, "steps_done": fitted.steps}
 
 
 def validation_auc(net: AmeCam, val_set: SliceSet, device: torch.device, batch: int = 32) -> float | None:
@@ -167,7 +170,7 @@ def near_positive_weights(data: SliceSet, scale: float = 5.0) -> torch.Tensor:
     return weights
 
 
-def _classifier_loss(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+def _classifier_stage(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Stage:
     acfg = cfg.ame_cam
     if not 0 <= acfg.hard_negatives <= 1:
         raise ValueError(f"ame_cam.hard_negatives must be in [0, 1], not {acfg.hard_negatives}")
@@ -177,40 +180,42 @@ def _classifier_loss(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, de
         raise ValueError("the AME-CAM classifier needs both positive and negative training slices")
     near = near_positive_weights(data)[neg]
 
-    def loss(step: int) -> torch.Tensor:
-        g = _step_generator(seed, step)
+    def draw(g: torch.Generator) -> torch.Tensor:
         half = acfg.batch_size // 2
         n_neg = acfg.batch_size - half
         n_hard = round(acfg.hard_negatives * n_neg) if near.sum() > 0 else 0
-        idx = torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
-                         neg[torch.randint(len(neg), (n_neg - n_hard,), generator=g)]]
-                        + ([neg[torch.multinomial(near, n_hard, replacement=True, generator=g)]] if n_hard else []))
-        x = _augment(data.images[idx], g)
+        return torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
+                          neg[torch.randint(len(neg), (n_neg - n_hard,), generator=g)]]
+                         + ([neg[torch.multinomial(near, n_hard, replacement=True, generator=g)]] if n_hard else []))
+
+    def loss(classifier, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
         with autocast(device):
-            logits, _ = net.classifier(x.to(device))
-        return multi_exit_loss(logits.float(), data.labels[idx].to(device), acfg.exit_weights)
+            logits, _ = classifier(augment(x, d).to(device))
+        return multi_exit_loss(logits.float(), y.to(device), acfg.exit_weights)
 
-    return loss
+    return Stage(data, draw, seed, loss, parallel=False)  # its ResNet's shortcuts hold BatchNorm: batch-coupled
 
 
-def _aggregator_loss(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Callable[[int], torch.Tensor]:
+def _aggregator_stage(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, device) -> Stage:
+    """The aggregator's loss compares the slices of a batch: one process trains on each batch whole."""
     acfg = cfg.ame_cam
     pos = (data.labels == 1).nonzero()[:, 0]
     if len(pos) < 2:
         raise ValueError(f"the AME-CAM aggregator needs at least 2 positive training slices, not {len(pos)}")
 
-    def loss(step: int) -> torch.Tensor:
-        g = _step_generator(seed, step)
-        idx = pos[torch.randperm(len(pos), generator=g)[: acfg.aggregator_batch_size]]
-        x = _augment(data.images[idx], g).to(device)
+    def draw(g: torch.Generator) -> torch.Tensor:
+        return pos[torch.randperm(len(pos), generator=g)[: acfg.aggregator_batch_size]]
+
+    def loss(aggregator, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
+        x = augment(x, d).to(device)
         with torch.no_grad(), autocast(device):
             _, exit_maps = net.classifier(x)
         a = upsample([m.float() for m in exit_maps], tuple(x.shape[-2:]))
         with autocast(device):
-            fused, _ = net.aggregator(x, a)
+            fused, _ = aggregator(x, a)
         return region_contrastive_loss(x, fused.float(), acfg.rank_alpha)
 
-    return loss
+    return Stage(data, draw, seed, loss, parallel=False)
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -1,0 +1,64 @@
+"""`cldf train --time-budget`: each stage stops at its share and the bundle is complete and says so; the paper
+preset (256 x 256, the paper's networks) trains to the end on real scans that way and segments a real slice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from cldf.bundle import load_bundle
+from cldf.cli import main
+from cldf.training.train import BUDGET_SHARES
+
+BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
+                "decoders.safetensors"}
+
+
+def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(small_manifest, tmp_path):
+    out = tmp_path / "bundle"
+    args = ["-q", "train", "--data", str(small_manifest), "--out", str(out), "--target", "1", "--channels", "FLAIR,T1",
+            "--device", "cpu", "--decoder-seeds", "0", "--no-select", "--time-budget", "0.1",
+            "--set", "data.resolution=32", "--set", "diffusion.steps=1000000", "--set", "noisy_classifier.steps=1000000",
+            "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32"]
+    assert main(args) == 0
+    assert set(p.name for p in out.iterdir()) == BUNDLE_FILES
+    training = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["training"]
+    budget = training["time_budget"]
+    assert budget["minutes"] == 0.1 and budget["shares"] == BUDGET_SHARES
+    stopped = budget["stopped_at_share"]
+    assert set(stopped) == {"cdm", "noisy_classifier"}  # the classifier of 3 steps ended on its own
+    assert all(0 < stopped[name] < 1_000_000 for name in stopped)
+    for name in stopped:  # each stopped within a step of its share
+        assert training["wall_clock_s"][name] < 6.0 * BUDGET_SHARES[name] + 2.0
+    load_bundle(out)
+
+
+def test_the_paper_preset_trains_to_the_end_on_real_scans_and_segments(small_manifest, case_paths, tmp_path):
+    """The paper's networks at 256 x 256 within a one-minute budget (on a CPU: batches of 2, and the mean
+    gradient over 2 of its 20 timesteps, which costs 26 s per slice on one core)."""
+    out = tmp_path / "paper"
+    args = ["-q", "train", "--data", str(small_manifest), "--out", str(out), "--target", "1", "--channels", "FLAIR,T1",
+            "--device", "cpu", "--preset", "paper", "--time-budget", "1", "--no-select", "--decoder-seeds", "0",
+            "--set", "diffusion.batch_size=2", "--set", "noisy_classifier.batch_size=2",
+            "--set", "cam_classifier.batch_size=2", "--set", "maps.mg_timesteps=[100,200]"]  # 2 of its 20 MG steps
+    assert main(args) == 0
+    bundle = load_bundle(out)
+    assert bundle.config.data.resolution == 256 and bundle.config.diffusion.channels == (64, 128, 256, 256)
+    assert set(bundle.card["training"]["time_budget"]["stopped_at_share"]) >= {"cdm", "noisy_classifier"}
+
+    flair, t1 = (sitk.ReadImage(str(case_paths[c])) for c in ("FLAIR", "T1"))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
+    z = int(np.argmax(mask.sum(axis=(1, 2))))  # two real slices through the tumour
+    paths = {}
+    for name, image in (("FLAIR", flair), ("T1", t1)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(image[:, :, z : z + 2], str(paths[name]))
+    result = tmp_path / "result"
+    assert main(["-q", "segment", "--bundle", str(out), "--input", f"FLAIR={paths['FLAIR']}",
+                 "--input", f"T1={paths['T1']}", "--out", str(result), "--device", "cpu"]) == 0
+    seg = sitk.ReadImage(str(result / "mask.nii.gz"))
+    assert seg.GetSize() == (flair.GetSize()[0], flair.GetSize()[1], 2)
+    assert (result / "cldf-result.json").is_file()
