@@ -159,23 +159,28 @@ def memory(manifest: Path, cases: int, channels: str, target: str, work: Path, c
 
 
 def run_train_bench(manifest: Path, channels: str, target: str, out: Path | None, cohorts: tuple[int, int] = (20, 400),
-                    setups: list[Setup] | None = None, work: Path | None = None) -> dict:
-    """Every measurement above; writes ``out`` (Markdown) and JSON beside it."""
+                    setups: list[Setup] | None = None, work: Path | None = None,
+                    parts: tuple[str, ...] = ("throughput", "memory")) -> dict:
+    """The measurements of ``parts``; writes ``out`` (Markdown) and JSON beside it, keeping the other part's
+    results already there (so each part can run when the machine is otherwise idle)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     setups = setups if setups is not None else [
         Setup("cpu", 16, 1, 2.0), Setup("cpu", 16, 2, 2.0), Setup("paper", 4, 1, 3.0), Setup("paper", 4, 2, 3.0)]
+    previous = Path(out).with_suffix(".json") if out is not None else None
+    report = json.loads(previous.read_text(encoding="utf-8")) if previous is not None and previous.is_file() else {}
+    report |= {"machine": {"cpu": _cpu_name(), "cores": cores, "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+               "manifest": str(manifest)}
     with tempfile.TemporaryDirectory(prefix="cldf-train-bench-", dir=work) as tmp:
         tmp = Path(tmp)
-        small = cohort_manifest(manifest, cohorts[0], tmp / "throughput.json")
-        report = {
-            "machine": {"cpu": _cpu_name(), "cores": cores, "torch": torch.__version__,
-                        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-            "manifest": str(manifest), "throughput_cases": cohorts[0],
-            "throughput": [throughput(s, small, channels, target, tmp, cores) for s in setups],
-            "memory": [memory(manifest, n, channels, target, tmp, cores) for n in cohorts],
-        }
-    small_peak, large_peak = (m["peak_rss_mib"] for m in report["memory"])
-    report["memory_ratio"] = round(large_peak / small_peak, 3)
+        if "throughput" in parts:
+            small = cohort_manifest(manifest, cohorts[0], tmp / "throughput.json")
+            report["throughput_cases"] = cohorts[0]
+            report["throughput"] = [throughput(s, small, channels, target, tmp, cores) for s in setups]
+        if "memory" in parts:
+            report["memory"] = [memory(manifest, n, channels, target, tmp, cores) for n in cohorts]
+            small_peak, large_peak = (m["peak_rss_mib"] for m in report["memory"])
+            report["memory_ratio"] = round(large_peak / small_peak, 3)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -197,13 +202,13 @@ def markdown(report: dict) -> str:
              f"`cldf bench --train` on {report['manifest']}: {m['cpu']}, {m['cores']} cores"
              f"{', ' + m['gpu'] if m['gpu'] else ', no GPU'}, torch {m['torch']}. One run per row, each in its own "
              "process(es); the slice cache was built before the throughput runs.", "",
-             f"## Slices per second ({report['throughput_cases']}-case cohort)", "",
+             f"## Slices per second ({report.get('throughput_cases', '-')}-case cohort)", "",
              "Each run is stopped by `--time-budget`; a rate is steps x batch over the stage's recorded seconds "
              "(the decoders: positive slices visited over the stage's seconds, maps and features included).", ""]
-    stages = list(report["throughput"][0]["slices_per_s"]) if report["throughput"] else []
+    stages = list(report["throughput"][0]["slices_per_s"]) if report.get("throughput") else []
     lines += ["| preset | slice | batch | processes x threads | " + " | ".join(stages) + " | peak RSS MiB (largest process) |",
               "|---" * (5 + len(stages)) + "|"]
-    for r in report["throughput"]:
+    for r in report.get("throughput", []):
         lines.append(f"| {r['preset']} | {r['resolution']} | {r['batch']} | {r['processes']} x {r['threads_per_process']} | "
                      + " | ".join(f"{r['slices_per_s'][s]:.2f}" for s in stages) + f" | {r['peak_rss_mib']:.0f} |")
     lines += ["", "## Peak memory against cohort size", "",
@@ -211,9 +216,10 @@ def markdown(report: dict) -> str:
               "on both cohorts; the larger lists the manifest's cases again under new ids.", "",
               "| cases | training slices | positive slices | selection patients | peak RSS MiB | wall s | "
               "cache build s | cache reuse s |", "|---|---|---|---|---|---|---|---|"]
-    for r in report["memory"]:
+    for r in report.get("memory", []):
         lines.append(f"| {r['cases']} | {r['training_slices']} | {r['positive_slices']} | "
                      f"{r['validation_patients_for_selection']} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} | "
                      f"{r['cache']['build_s']} | {r['cache']['reuse_s']} |")
-    lines += ["", f"Peak memory of the larger cohort over the smaller: {report['memory_ratio']:.3f}.", ""]
+    if "memory_ratio" in report:
+        lines += ["", f"Peak memory of the larger cohort over the smaller: {report['memory_ratio']:.3f}.", ""]
     return "\n".join(lines)
