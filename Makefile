@@ -6,7 +6,7 @@ DATA    ?= $(or $(CLDF_DATA),../shared/data)
 MODELS  := CLDFSegmentation/Resources/Models
 BRAIN   := $(MODELS)/brain-mri-flair-t1
 
-.PHONY: demo test bundles bench evaluate results figure screenshots clean
+.PHONY: demo test bundles bench bench-train evaluate results figure screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -66,6 +66,10 @@ screenshots: $(STAMP)
 # A 155-slice brain volume (a real test patient resampled in z, as deep as a BraTS volume).
 bench: $(STAMP)
 	$(VENV)/bin/cldf bench --data $(DATA)/lgg/manifest.json --case TCGA_DU_6408_19860521 --depth 155 --out benchmarks/speed.md
+
+# Training throughput (64 and 256 pixels, 1 and 2 processes), peak memory on 20 and 400 cases, slice-cache time.
+bench-train: $(STAMP)
+	$(VENV)/bin/cldf bench --train --data $(DATA)/lgg/manifest.json --out benchmarks/train.md
 
 clean:
 	rm -rf demo-output .pytest_cache

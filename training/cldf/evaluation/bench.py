@@ -290,10 +290,14 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_name()})"
+
+
+def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.is_file() else []
-    return f"cpu ({names[0] if names else platform.processor() or platform.machine()})"
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def check_equal(bundle: Bundle, x: torch.Tensor, device: torch.device) -> float:

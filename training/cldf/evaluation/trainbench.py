@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch
 from ..config import preset
 from ..data import load_manifest, split_cases, stored_orientation
 from ..training.slicecache import cached_slice_set
+from .bench import cpu_name
 
 # Steps large enough that the time budget, not the step count, ends each throughput run.
 MANY = 1_000_000
@@ -168,7 +168,7 @@ def run_train_bench(manifest: Path, channels: str, target: str, out: Path | None
         Setup("cpu", 16, 1, 2.0), Setup("cpu", 16, 2, 2.0), Setup("paper", 4, 1, 3.0), Setup("paper", 4, 2, 3.0)]
     previous = Path(out).with_suffix(".json") if out is not None else None
     report = json.loads(previous.read_text(encoding="utf-8")) if previous is not None and previous.is_file() else {}
-    report |= {"machine": {"cpu": _cpu_name(), "cores": cores, "torch": torch.__version__,
+    report |= {"machine": {"cpu": cpu_name(), "cores": cores, "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                "manifest": str(manifest)}
     with tempfile.TemporaryDirectory(prefix="cldf-train-bench-", dir=work) as tmp:
@@ -187,13 +187,6 @@ def run_train_bench(manifest: Path, channels: str, target: str, out: Path | None
         out.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         out.write_text(markdown(report), encoding="utf-8")
     return report
-
-
-def _cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
-             if line.startswith("model name")] if info.is_file() else []
-    return names[0] if names else platform.processor() or platform.machine()
 
 
 def markdown(report: dict) -> str:

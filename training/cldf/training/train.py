@@ -17,6 +17,11 @@ too); the folder records what defines the run, and a re-run that differs is refu
    ``<out>.partial`` and moved to ``<out>`` once complete. A finished bundle is never
    rewritten, and its checkpoints are removed unless asked to keep them.
 
+Slices come from the slice cache (`slicecache`) through a DataLoader (`batches`), and features
+that grow with the cohort wait on disk (`tensorstore`), so memory does not grow with it. Under
+torchrun the network stages run data-parallel (`distributed`). ``--time-budget`` gives each stage
+a share of a wall-clock budget (`BUDGET_SHARES`).
+
 Only slice labels reach this module (`data.SliceSet`); masks never do.
 """
 
