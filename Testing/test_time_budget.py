@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from cldf.bundle import load_bundle
@@ -62,3 +63,18 @@ def test_the_paper_preset_trains_to_the_end_on_real_scans_and_segments(small_man
     seg = sitk.ReadImage(str(result / "mask.nii.gz"))
     assert seg.GetSize() == (flair.GetSize()[0], flair.GetSize()[1], 2)
     assert (result / "cldf-result.json").is_file()
+
+
+def test_the_paper_preset_on_a_cpu_warns_about_its_memory_before_any_work(small_manifest, tmp_path, monkeypatch,
+                                                                           caplog):
+    import cldf.training.train as train_module
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after the checks")
+
+    monkeypatch.setattr(train_module, "load_manifest", stop)
+    with caplog.at_level("WARNING"), pytest.raises(RuntimeError, match="stopped after the checks"):
+        main(["train", "--data", str(small_manifest), "--out", str(tmp_path / "b"), "--target", "1",
+              "--channels", "FLAIR,T1", "--device", "cpu", "--preset", "paper"])
+    assert "more than 23 GB at the paper's 16" in caplog.text and "diffusion.batch_size=2" in caplog.text
+    assert not (tmp_path / "b").exists()

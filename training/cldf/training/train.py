@@ -125,6 +125,11 @@ def train(req: TrainRequest) -> Path:
 def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: torch.device) -> Path:
     ranks = req.ranks
     _check_batches(cfg, ranks.world)
+    if device.type == "cpu" and cfg.data.resolution >= 256 and cfg.diffusion.batch_size > 4:
+        log.warning("training at %d x %d on a CPU: one step of the diffusion model with a batch of %d needs tens of "
+                    "GB of memory (more than 23 GB at the paper's 16); on a CPU lower it with --set "
+                    "diffusion.batch_size=2 (and the classifiers' batch_size), or train on a GPU",
+                    cfg.data.resolution, cfg.data.resolution, cfg.diffusion.batch_size)
     manifest = load_manifest(req.manifest)
     splits = split_cases(manifest, cfg.data.split_fractions, req.seed)
     if not splits["train"]:
