@@ -145,7 +145,7 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
         ids.append(torch.from_numpy(positive))
         for m in sources:
             negatives[m].append(seg.presence(slices[gt.sum(axis=(1, 2)) == 0], m))
-        truths += [gt[z] for z in positive]
+        truths += [gt[z].copy() for z in positive]  # copies: a view would keep the whole volume in memory
         shapes += [gt.shape[1:]] * len(positive)
     data = _collect(seg, torch.cat(images), torch.cat(ids), seg.batch_size, "validation maps", progress, sources, store)
     return data, truths, shapes, {m: torch.cat(v) for m, v in negatives.items()}

@@ -502,18 +502,19 @@ def _fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
 # --------------------------------------------------------------------------- decoders
 def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], store_dir: Path,
                   batch: int | None = None, progress: bool = True, cam_images=None, seconds: float = float("inf"),
-                  ) -> tuple[dict[str, TensorStore], dict[str, list[torch.Tensor]], int]:
+                  ) -> tuple[dict[str, TensorStore], dict[str, TensorStore], int]:
     """Diffusion features at the seed pixels of every positive slice, for each decoder variant.
 
     The maps are computed once; each variant takes its seeds from them (`segment.VARIANTS`)
     and its features from its CDM. ``cam_images``: ``data``'s slices at the CAM source's own
     resolution (`Segmenter.cam_resolution`), same order, when it has one. Features go to a
-    `TensorStore` per variant in ``store_dir`` (the caller closes them), so memory holds one batch.
+    `TensorStore` per variant in ``store_dir``, their labels too (the caller closes them), so memory
+    holds one batch.
     With a time limit (``seconds``), the positive slices are visited in a seeded random order and
     collection stops once it is used and every variant has seeds.
 
     Returns:
-        per variant the store of ``(P_i, D)`` features and a list of ``(P_i,)`` seed labels, and the
+        per variant the stores of ``(P_i, D)`` features and of ``(P_i,)`` seed labels, and the
         number of positive slices visited.
     """
     batch = batch or batch_for(bundle.config.data.resolution)
@@ -526,11 +527,11 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
     if seconds < float("inf"):
         pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(bundle.config.decoder.seed))]
     feats = {v: TensorStore(store_dir / f"seed-features.{v}.bin") for v in variants}
-    labels: dict[str, list[torch.Tensor]] = {v: [] for v in variants}
+    labels = {v: TensorStore(store_dir / f"seed-labels.{v}.bin") for v in variants}
     size = (data.images.shape[-2], data.images.shape[-1])
     t0, visited = time.time(), 0
     for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
-        if time.time() - t0 >= seconds and all(labels[v] for v in variants):  # every variant has seeds
+        if time.time() - t0 >= seconds and all(len(labels[v]) for v in variants):  # every variant has seeds
             log.info("decoders: seeds of %d of %d positive slices, the stage's share of the time budget used",
                      start, len(pos))
             break
@@ -547,7 +548,7 @@ def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants
                 if not (s == 1).any():
                     continue
                 pixels = s.nonzero()[:, 0]
-                labels[v].append(s[pixels].to(torch.uint8))
+                labels[v].append(s[pixels])
                 f = [b[j : j + 1] for b in block[VARIANTS[v].features]]
                 feats[v].append(gather_at_pixels(f, pixels.to(x.device), size))
     return feats, labels, visited
@@ -565,7 +566,7 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
     feats, labels, visited = seed_features(bundle, data, device, variants, store_dir, progress=progress,
                                            cam_images=cam_images, seconds=seconds)
     try:
-        empty = [v for v in variants if not labels[v]]
+        empty = [v for v in variants if not len(labels[v])]
         if empty:
             raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
                              "check the slice labels and maps")
@@ -590,7 +591,7 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
                     save(done)
                 decoders[v][s] = d
     finally:
-        for store in feats.values():
+        for store in [*feats.values(), *labels.values()]:
             store.close()
     return decoders, card
 
