@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import cldf.training.train_ame as train_ame
 from cldf.ame_cam import (AmeCam, AttentionAggregator, MultiExitClassifier, multi_exit_loss, region_contrastive_loss,
                           upsample)
-from cldf.bundle import BundleError, load_bundle, read_card
-from cldf.config import AmeCamConfig
+from cldf.bundle import BundleError, load_bundle, read_card, write_card
+from cldf.config import AmeCamConfig, CLDFConfig
 from cldf.data import load_manifest, load_slice_set
 from cldf.maps import AmeCamMap, build_cam
 from cldf.evaluation.evaluate import available_methods, evaluate
@@ -210,10 +210,23 @@ def test_a_tampered_ame_cam_file_is_refused(ame_bundle, tmp_path):
         load_bundle(copy)
 
 
-def test_a_bundle_without_the_ame_file_still_loads_and_refuses_ame_cam_clearly():
-    card = json.loads((BRAIN_BUNDLE / "bundle.json").read_text(encoding="utf-8"))
+@pytest.fixture
+def without_ame(tmp_path) -> Path:
+    """The shipped brain bundle as one made before AME-CAM: no AME-CAM file, default AME-CAM settings, resealed."""
+    copy = tmp_path / "brain"
+    shutil.copytree(BRAIN_BUNDLE, copy)
+    (copy / "ame_cam.safetensors").unlink()
+    card = json.loads((copy / "bundle.json").read_text(encoding="utf-8"))
+    del card["files"]["ame_cam.safetensors"]
+    card["config"]["ame_cam"] = CLDFConfig().to_dict()["ame_cam"]
+    write_card(copy / "bundle.json", card)
+    return copy
+
+
+def test_a_bundle_without_the_ame_file_still_loads_and_refuses_ame_cam_clearly(without_ame):
+    card = json.loads((without_ame / "bundle.json").read_text(encoding="utf-8"))
     assert "ame_cam.safetensors" not in card["files"]
-    b = load_bundle(BRAIN_BUNDLE)
+    b = load_bundle(without_ame)
     assert b.ame_cam is None and b.config.ame_cam == AmeCamConfig()
     b.config.maps.cam_method = "ame-cam"
     with pytest.raises(ValueError, match="no ame_cam.safetensors"):
@@ -301,7 +314,7 @@ def test_selection_weighs_each_cam_source_with_its_own_gate(ame_bundle, sets, sm
         assert {r["settings"]["cluster.presence_threshold"] for r in rows if r["settings"]["maps.cam_method"] == method} == {best}
 
 
-def test_evaluate_gives_the_ame_cam_rows(ame_bundle, small_manifest):
+def test_evaluate_gives_the_ame_cam_rows(ame_bundle, small_manifest, without_ame):
     b = load_bundle(ame_bundle)
     manifest = load_manifest(small_manifest)
     test_ids = [c.id for c in manifest.cases if c.split == "test"]
@@ -313,4 +326,4 @@ def test_evaluate_gives_the_ame_cam_rows(ame_bundle, small_manifest):
     assert report["methods"]["ame-cam"]["dice"] != report["methods"]["layercam"]["dice"]
     assert report["methods"]["ame-cam+cl"]["dice"] != report["methods"]["layercam+cl"]["dice"]
     with pytest.raises(ValueError, match="'ame-cam': it lacks AME-CAM networks"):
-        evaluate(load_bundle(BRAIN_BUNDLE), manifest, test_ids, [1], "cpu", methods=("ame-cam",), progress=False)
+        evaluate(load_bundle(without_ame), manifest, test_ids, [1], "cpu", methods=("ame-cam",), progress=False)
