@@ -99,8 +99,7 @@ def test_the_montage_shows_the_slices_with_the_most_ground_truth(sample_run):
     truth = read(SAMPLE / "mask.nii.gz")
     area = truth.reshape(len(truth), -1).sum(axis=1, dtype=np.int64)
     chosen = sorted(np.argsort(-area, kind="stable")[:3].tolist())
-    predicted = read(montage.parent / "mask.nii.gz").reshape(len(truth), -1).sum(axis=1, dtype=np.int64)
-    assert chosen == [13, 14, 15] != sorted(np.argsort(-predicted, kind="stable")[:3].tolist())
+    assert chosen == [13, 14, 15]  # each row's ground-truth panel below must show these slices
     strip, gap, side, columns = 18, demo.GAP, 256, len(demo.COLUMNS)
     assert rgb.shape == (strip + gap + 3 * (strip + side + gap) - gap, columns * (side + gap) - gap, 3)
     grey = demo.to_unit(read(SAMPLE / "flair.nii.gz").astype(np.float32))

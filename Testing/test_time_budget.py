@@ -23,17 +23,17 @@ def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(s
     args = ["-q", "train", "--data", str(small_manifest), "--out", str(out), "--target", "1", "--channels", "FLAIR,T1",
             "--device", "cpu", "--decoder-seeds", "0", "--no-select", "--time-budget", "0.1",
             "--set", "data.resolution=32", "--set", "diffusion.steps=1000000", "--set", "noisy_classifier.steps=1000000",
-            "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32"]
+            "--set", "cam_classifier.steps=1", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32"]
     assert main(args) == 0
     assert set(p.name for p in out.iterdir()) == BUNDLE_FILES
     training = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["training"]
     budget = training["time_budget"]
     assert budget["minutes"] == 0.1 and budget["shares"] == BUDGET_SHARES
     stopped = budget["stopped_at_share"]
-    assert set(stopped) == {"cdm", "noisy_classifier"}  # the classifier of 3 steps ended on its own
-    assert all(0 < stopped[name] < 1_000_000 for name in stopped)
-    for name in stopped:  # each stopped within a step of its share
-        assert training["wall_clock_s"][name] < 6.0 * BUDGET_SHARES[name] + 2.0
+    assert {"cdm", "noisy_classifier"} <= set(stopped) and "cam_classifier" not in stopped  # 1 step: done
+    for name in ("cdm", "noisy_classifier"):  # each stopped at a step boundary soon after its share
+        assert 0 < stopped[name] < 1_000_000
+        assert 6.0 * BUDGET_SHARES[name] <= training["wall_clock_s"][name] < 6.0 * BUDGET_SHARES[name] + 10.0
     load_bundle(out)
 
 

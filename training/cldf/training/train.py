@@ -480,7 +480,7 @@ def _fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
                 meta["loss"].append([step + 1, sum(running) / len(running)])
                 bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
                 running = []
-            over = meta["seconds"] + time.time() - t_start >= limit
+            over = step + 1 < steps and meta["seconds"] + time.time() - t_start >= limit  # (the last step ends it anyway)
             halt = any_rank(stop.requested or over, ranks, device)  # every process stops at the same step
             if halt or time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:
                 meta["step"] = step + 1
