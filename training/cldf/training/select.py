@@ -105,15 +105,15 @@ class _Features:
         return [self.store[j * self.blocks + b] for b in range(self.blocks)]
 
 
-def _collect(seg: Segmenter, images, ids: torch.Tensor, batch: int, desc: str, progress: bool,
-             sources: list[str], store: TensorStore) -> _Slices:
+def _collect(seg: Segmenter, images, ids: torch.Tensor, desc: str, progress: bool, sources: list[str],
+             store: TensorStore) -> _Slices:
     """Every source's CAM and presence; the mean gradient and the features once (these into ``store``)."""
     cams: dict[str, list] = {m: [] for m in sources}
     presences: dict[str, list] = {m: [] for m in sources}
     mgs, bodies = [], []
     feats = _Features(store, len(seg.features.block_channels))
-    for start in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
-        x = images[start : start + batch].to(seg.device)
+    for start in tqdm(range(0, len(images), seg.batch_size), desc=desc, disable=not progress, leave=False):
+        x = images[start : start + seg.batch_size].to(seg.device)
         with autocast(seg.device):
             for m in sources:
                 cam, presence = seg.cam_map(x, method=m)
@@ -147,7 +147,7 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
             negatives[m].append(seg.presence(slices[gt.sum(axis=(1, 2)) == 0], m))
         truths += [gt[z].copy() for z in positive]  # copies: a view would keep the whole volume in memory
         shapes += [gt.shape[1:]] * len(positive)
-    data = _collect(seg, torch.cat(images), torch.cat(ids), seg.batch_size, "validation maps", progress, sources, store)
+    data = _collect(seg, torch.cat(images), torch.cat(ids), "validation maps", progress, sources, store)
     return data, truths, shapes, {m: torch.cat(v) for m, v in negatives.items()}
 
 
@@ -190,8 +190,7 @@ def _select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, va
     pos = (train_set.labels == 1).nonzero()[:, 0]
     if len(pos) > SELECT_TRAIN_SLICES:
         pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))[:SELECT_TRAIN_SLICES]].sort().values
-    train = _collect(seg, _Rows(train_set.images, pos), pos, seg.batch_size, "training maps", progress, sources,
-                     train_store)
+    train = _collect(seg, _Rows(train_set.images, pos), pos, "training maps", progress, sources, train_store)
     val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress, sources,
                                                          val_store)
     size = tuple(train_set.images.shape[-2:])
