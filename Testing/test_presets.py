@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -85,3 +86,26 @@ def test_classifier_augmentation_is_seeded_and_stays_in_range():
     assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
     halves = [augment(x[3 * r : 3 * r + 3], StepDraws(1, 0, draw, rank=r, world=2)) for r in (0, 1)]
     assert torch.equal(torch.cat(halves), a)  # two processes draw what one does, each keeping its share
+
+
+@pytest.mark.parametrize("intensity", ["narrow", "wide"])
+def test_intensity_augmentation_moves_the_background_as_far_as_its_range(intensity):
+    """A scan from another site may have another background level: "wide" moves it by up to 0.5 + 0.4, "narrow" by 0.3."""
+    from cldf.training.batches import StepDraws, augment
+
+    x = torch.full((64, 1, 16, 16), -1.0)  # air
+    x[:, :, 6:10, 6:10] = 0.2  # tissue, never rolled into the corner
+    moved = torch.stack([augment(x, StepDraws(s, 0, lambda g: torch.arange(64)), intensity)[:, 0, 0, 0]
+                         for s in range(4)]).flatten()
+    reach = float((moved + 1).max())
+    assert (reach > 0.6) if intensity == "wide" else (0.0 < reach <= 0.3 + 1e-6)
+    assert float(moved.min()) >= -1.0
+
+
+def test_the_cpu_preset_augments_the_cam_classifier_widely_and_the_defaults_stay_narrow():
+    """Bundles trained before the setting existed load with what they were trained with."""
+    from cldf.config import ClassifierConfig
+
+    assert preset("cpu").cam_classifier.intensity == "wide"
+    assert ClassifierConfig().intensity == "narrow"
+    assert preset("paper").cam_classifier.augment is False  # the paper's own recipe

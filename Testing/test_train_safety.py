@@ -89,6 +89,13 @@ def test_a_finished_bundle_and_foreign_folders_are_refused_before_any_work(finis
         assert listing(out.parent) == before
 
 
+def test_an_unknown_intensity_augmentation_is_refused_before_any_work(small_manifest, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["-q", *train_args(small_manifest, out, "--no-select", "--set", "cam_classifier.intensity=strong")]) == 2
+    assert "unknown intensity augmentation 'strong'; choose one of ['narrow', 'wide']" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "bundle.checkpoints").exists()
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="permissions do not bind the superuser")
 def test_an_out_that_cannot_be_written_is_refused(small_manifest, tmp_path, capsys):
     locked = tmp_path / "locked"

@@ -96,9 +96,29 @@ def flip(x: torch.Tensor, d: StepDraws) -> torch.Tensor:
     return x
 
 
-def augment(x: torch.Tensor, d: StepDraws) -> torch.Tensor:
-    """Flips, per-channel intensity scale (0.8-1.2) and shift (+-0.1), shifts of up to 4 pixels."""
+# Half-ranges of the per-channel intensity augmentation: (log gamma, scale, shift) on slices in [-1, 1].
+# "wide" also covers scans from other sites: another background level, contrast or windowing.
+INTENSITY = {"narrow": (0.0, 0.2, 0.1), "wide": (0.4, 0.4, 0.5)}
+
+
+def check_intensity(name: str) -> None:
+    if name not in INTENSITY:
+        raise ValueError(f"unknown intensity augmentation '{name}'; choose one of {sorted(INTENSITY)}")
+
+
+def augment(x: torch.Tensor, d: StepDraws, intensity: str = "narrow") -> torch.Tensor:
+    """Flips, per-channel intensity changes (`INTENSITY`), shifts of up to 4 pixels.
+
+    ``"narrow"``: scale 0.8-1.2 and shift +-0.1; ``"wide"``: a gamma of 0.67-1.5 first, then scale
+    0.6-1.4 and shift +-0.5.
+    """
+    check_intensity(intensity)
+    log_gamma, scale, shift = INTENSITY[intensity]
     c = x.shape[1]
-    x = flip(x, d) * (0.8 + 0.4 * d.rand(c, 1, 1)) + (0.2 * d.rand(c, 1, 1) - 0.1)
+    x = flip(x, d)
+    if log_gamma:
+        gamma = torch.exp(2 * log_gamma * d.rand(c, 1, 1) - log_gamma)
+        x = ((x + 1) / 2).clamp(0, 1) ** gamma * 2 - 1
+    x = x * (1 - scale + 2 * scale * d.rand(c, 1, 1)) + (2 * shift * d.rand(c, 1, 1) - shift)
     shifts = d.randint(-4, 5, 2)
     return torch.stack([xi.roll(tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)]).clamp(-1.0, 1.0)

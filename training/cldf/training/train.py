@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
-from .batches import Draw, StepDraws, augment, flip, step_loader
+from .batches import Draw, StepDraws, augment, check_intensity, flip, step_loader
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from . import distributed
 from .distributed import SINGLE, Ranks, any_rank, wrap
@@ -125,6 +125,8 @@ def train(req: TrainRequest) -> Path:
 def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: torch.device) -> Path:
     ranks = req.ranks
     _check_batches(cfg, ranks.world)
+    for clf in (cfg.noisy_classifier, cfg.cam_classifier):
+        check_intensity(clf.intensity)
     if device.type == "cpu" and cfg.data.resolution >= 256 and cfg.diffusion.batch_size > 4:
         log.warning("training at %d x %d on a CPU: one step of the diffusion model with a batch of %d needs tens of "
                     "GB of memory (more than 23 GB at the paper's 16); on a CPU lower it with --set "
@@ -422,7 +424,7 @@ def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierCo
                           neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
 
     def loss(net, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
-        x0 = augment(x, d) if cfg.augment else flip(x, d)
+        x0 = augment(x, d, cfg.intensity) if cfg.augment else flip(x, d)
         t = d.randint(0, cfg.max_timestep + 1)
         xt = schedule.add_noise(x0, d.randn(*x0.shape[1:]), t) if cfg.max_timestep > 0 else x0
         with autocast(device):
