@@ -19,8 +19,9 @@ def shift_offsets(n: int, period: int) -> list[tuple[int, int]]:
     return [((j // period) % period, j % period) for j in range(n)]
 
 
-# Noisy images per backward pass, in pixels: 64 at 64 x 64, 4 at 256 x 256 (memory grows with batch x area).
-PIXELS_PER_PASS = 2**18
+# Noisy images per backward pass, in pixels: 16 at 64 x 64, 1 at 256 x 256. The maps do not depend on it;
+# the autograd activations (a large part of the peak memory of training and inference) grow with it.
+PIXELS_PER_PASS = 2**16
 
 
 class MeanGradient:
