@@ -194,25 +194,36 @@ def markdown(report: dict) -> str:
     lines = ["# Training throughput and memory", "",
              f"`cldf bench --train` on {report['manifest']}: {m['cpu']}, {m['cores']} cores"
              f"{', ' + m['gpu'] if m['gpu'] else ', no GPU'}, torch {m['torch']}. One run per row, each in its own "
-             "process(es); the slice cache was built before the throughput runs.", "",
-             f"## Slices per second ({report.get('throughput_cases', '-')}-case cohort)", "",
+             "process(es); the slice cache was built before the throughput runs.", ""]
+    return "\n".join(lines + _throughput_lines(report) + _memory_lines(report))
+
+
+def _throughput_lines(report: dict) -> list[str]:
+    if not report.get("throughput"):
+        return ["## Slices per second", "", "Not measured yet: `cldf bench --train --parts throughput` "
+                "(on an otherwise idle machine).", ""]
+    stages = list(report["throughput"][0]["slices_per_s"])
+    lines = [f"## Slices per second ({report['throughput_cases']}-case cohort)", "",
              "Each run is stopped by `--time-budget`; a rate is steps x batch over the stage's recorded seconds "
-             "(the decoders: positive slices visited over the stage's seconds, maps and features included).", ""]
-    stages = list(report["throughput"][0]["slices_per_s"]) if report.get("throughput") else []
-    lines += ["| preset | slice | batch | processes x threads | " + " | ".join(stages) + " | peak RSS MiB (largest process) |",
-              "|---" * (5 + len(stages)) + "|"]
-    for r in report.get("throughput", []):
+             "(the decoders: positive slices visited over the stage's seconds, maps and features included).", "",
+             "| preset | slice | batch | processes x threads | " + " | ".join(stages) + " | peak RSS MiB (largest process) |",
+             "|---" * (5 + len(stages)) + "|"]
+    for r in report["throughput"]:
         lines.append(f"| {r['preset']} | {r['resolution']} | {r['batch']} | {r['processes']} x {r['threads_per_process']} | "
                      + " | ".join(f"{r['slices_per_s'][s]:.2f}" for s in stages) + f" | {r['peak_rss_mib']:.0f} |")
-    lines += ["", "## Peak memory against cohort size", "",
-              "The whole `cldf train` (every stage, settings selection included), the same settings and steps "
-              "on both cohorts; the larger lists the manifest's cases again under new ids.", "",
-              "| cases | training slices | positive slices | selection patients | peak RSS MiB | wall s | "
-              "cache build s | cache reuse s |", "|---|---|---|---|---|---|---|---|"]
-    for r in report.get("memory", []):
+    return lines + [""]
+
+
+def _memory_lines(report: dict) -> list[str]:
+    if not report.get("memory"):
+        return ["## Peak memory against cohort size", "", "Not measured yet: `cldf bench --train --parts memory`.", ""]
+    lines = ["## Peak memory against cohort size", "",
+             "The whole `cldf train` (every stage, settings selection included), the same settings and steps "
+             "on both cohorts; the larger lists the manifest's cases again under new ids.", "",
+             "| cases | training slices | positive slices | selection patients | peak RSS MiB | wall s | "
+             "cache build s | cache reuse s |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["memory"]:
         lines.append(f"| {r['cases']} | {r['training_slices']} | {r['positive_slices']} | "
                      f"{r['validation_patients_for_selection']} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.0f} | "
                      f"{r['cache']['build_s']} | {r['cache']['reuse_s']} |")
-    if "memory_ratio" in report:
-        lines += ["", f"Peak memory of the larger cohort over the smaller: {report['memory_ratio']:.3f}.", ""]
-    return "\n".join(lines)
+    return lines + ["", f"Peak memory of the larger cohort over the smaller: {report['memory_ratio']:.3f}.", ""]
