@@ -100,7 +100,8 @@ class AmeCamConfig:
         top_fraction: an exit's logit is the mean of the highest this fraction of its map's pixels
             (1.0: the global average, as in the paper; smaller: multiple-instance pooling, which
             asks for local evidence that negative slices never show).
-        steps: optimisation steps of the multi-exit classifier (balanced batches, `train._augment`).
+        steps: optimisation steps of the multi-exit classifier (balanced batches, `batches.augment` with the
+            CAM classifier's intensity range).
         batch_size: slices per step of the classifier (half positive, half negative).
         hard_negatives: share of a batch's negatives drawn near the patient's positive slices (weight
             ``exp(-d / 5)`` at ``d`` slices from the nearest one) instead of uniformly (0: the paper). Their

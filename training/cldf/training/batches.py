@@ -110,9 +110,8 @@ def augment(x: torch.Tensor, d: StepDraws, intensity: str = "narrow") -> torch.T
     """Flips, per-channel intensity changes (`INTENSITY`), shifts of up to 4 pixels.
 
     ``"narrow"``: scale 0.8-1.2 and shift +-0.1; ``"wide"``: a gamma of 0.67-1.5 first, then scale
-    0.6-1.4 and shift +-0.5.
+    0.6-1.4 and shift +-0.5. The name is checked once, before training (`check_intensity`).
     """
-    check_intensity(intensity)
     log_gamma, scale, shift = INTENSITY[intensity]
     c = x.shape[1]
     x = flip(x, d)
