@@ -28,6 +28,10 @@ test: $(STAMP)
 AME := --set ame_cam.enabled=true --set ame_cam.top_fraction=0.05 --set ame_cam.hard_negatives=0.5
 # The abdominal bundles were trained with the narrow intensity augmentation (the CPU preset now uses the wide one).
 NARROW := --set cam_classifier.intensity=narrow
+# Kidney and spleen: the CAM classifier sees the patient's halves, never mirrored (see `cldf/sides.py`).
+KIDNEY_SIDES := --set cam_classifier.sides=both --set cam_classifier.left_labels=[3] \
+	--set cam_classifier.right_labels=[2] --set cam_classifier.flips=false
+SPLEEN_SIDES := --set cam_classifier.sides=left --set cam_classifier.flips=false
 NEW := build/models
 install_bundle = rm -rf $(MODELS)/$(1) && mv $(NEW)/$(1) $(MODELS)/$(1)
 bundles: $(STAMP)
@@ -35,10 +39,10 @@ bundles: $(STAMP)
 		--out $(NEW)/brain-mri-flair-t1 --name brain-mri-flair-t1 --target-name tumour --seed 0 $(AME)
 	$(call install_bundle,brain-mri-flair-t1)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 2,3 --channels CT \
-		--out $(NEW)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0 $(AME) $(NARROW)
+		--out $(NEW)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0 $(AME) $(NARROW) $(KIDNEY_SIDES)
 	$(call install_bundle,abdomen-ct-kidney)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 1 --channels CT \
-		--out $(NEW)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0 $(AME) $(NARROW)
+		--out $(NEW)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0 $(AME) $(NARROW) $(SPLEEN_SIDES)
 	$(call install_bundle,abdomen-ct-spleen)
 	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 6 --channels CT \
 		--out $(NEW)/abdomen-ct-liver --name abdomen-ct-liver --target-name liver --color 221,130,101 --seed 0 $(AME) $(NARROW)

@@ -109,3 +109,21 @@ def test_the_cpu_preset_augments_the_cam_classifier_widely_and_the_defaults_stay
     assert preset("cpu").cam_classifier.intensity == "wide"
     assert ClassifierConfig().intensity == "narrow"
     assert preset("paper").cam_classifier.augment is False  # the paper's own recipe
+
+
+def test_flips_off_keeps_each_slice_on_its_side_and_every_other_draw():
+    """Abdominal organs have sides (the spleen lies on the left): ``flips=False`` never mirrors a slice."""
+    from cldf.training.batches import StepDraws, augment, flip
+
+    x = torch.full((32, 1, 8, 32), -1.0)
+    x[..., :16] = 0.5  # a bright left half, far wider than the shifts of up to 4 pixels
+    d = lambda: StepDraws(3, 0, lambda g: torch.arange(32))  # noqa: E731
+    mirrored = flip(x, d())[:, 0, 0, 0] < 0
+    assert 0 < int(mirrored.sum()) < 32  # with flips on, some slices are mirrored
+    assert torch.equal(flip(x, d(), enabled=False), x)
+    kept = augment(x, d(), flips=False)
+    assert bool((kept[..., 4:12].amin((1, 2, 3)) > kept[..., 20:28].amax((1, 2, 3))).all())
+    # the coin is still drawn: intensities and shifts are those of the same step with flips on
+    on = augment(x, d())
+    differs = torch.tensor([not torch.equal(a, b) for a, b in zip(on, kept)])
+    assert torch.equal(differs, mirrored)

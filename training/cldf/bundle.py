@@ -26,6 +26,7 @@ from .ame_cam import AmeCam
 from .config import CLDFConfig
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
+from .sides import on_sides, sided
 
 FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
 SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
@@ -57,6 +58,15 @@ class Bundle:
     @property
     def schedule(self) -> NoiseSchedule:
         return NoiseSchedule(self.config.diffusion)
+
+    @property
+    def slice_classifier(self) -> torch.nn.Module:
+        """The CAM classifier as it judges whole slices: on their halves when ``cam_classifier.sides`` says so."""
+        return sided(self.cam_classifier, self.config.cam_classifier.sides, self.config.data.orientation)
+
+    def on_sides(self, cam):
+        """A CAM source of the CAM classifier, run on half slices when ``cam_classifier.sides`` says so."""
+        return on_sides(cam, self.config.cam_classifier.sides, self.config.data.orientation)
 
     @property
     def id(self) -> str:

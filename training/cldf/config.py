@@ -78,7 +78,11 @@ class ClassifierConfig:
     norm_num_groups: int = 32
     num_head_channels: int = 8
     max_timestep: int = 999  # noisy inputs at t uniform in 0..max_timestep (0: clean slices)
-    augment: bool = False  # random intensity changes and shifts of up to 4 pixels (flips always)
+    augment: bool = False  # random intensity changes and shifts of up to 4 pixels
+    flips: bool = True  # random left-right flips; off where the anatomy has sides (the spleen lies on the left)
+    sides: str = "whole"  # CAM classifier only: "whole" slices, or the patient's "left" / "right" / "both" halves (`sides`)
+    left_labels: tuple[int, ...] = ()  # with sides "both": the mask labels of the left organ (a kidney: 3) ...
+    right_labels: tuple[int, ...] = ()  # ... and of the right one (2); each half then gets its own side's slice label
     intensity: str = "narrow"  # with augment: "narrow" or "wide" intensity changes (`batches.INTENSITY`)
     steps: int = 1500
     batch_size: int = 32

@@ -383,6 +383,28 @@ def weak_slice_labels(case: Case, target_labels: list[int] | None, positive_frac
     return labels.astype(np.int64)
 
 
+def side_slice_labels(manifest: Manifest, case_ids: list[str], target_labels: list[int] | None,
+                      sides: tuple[list[int], list[int]], positive_fraction: float, orientation: str) -> torch.Tensor:
+    """``(N, 2)`` slice labels of a left and a right organ (e.g. the kidneys, mask labels 3 and 2), for the
+    slices `load_slice_set` keeps: image-level labels like `weak_slice_labels`, one per side.
+
+    Each side's label is 1, 0 or ``AMBIGUOUS`` by the same rule (its area fraction of the whole slice).
+    """
+    rows = []
+    for cid in case_ids:
+        case = manifest.case(cid)
+        if case.slice_labels is not None or case.mask is None:
+            raise InputError(f"case '{cid}': per-side slice labels (cam_classifier.left_labels / right_labels) "
+                             "are derived from a mask, and this case has slice labels only; leave them unset")
+        stored = read_image(case.mask, "mask")
+        keep = labels_in_orientation(weak_slice_labels(case, target_labels, positive_fraction), stored,
+                                     orientation) != AMBIGUOUS
+        per_side = [labels_in_orientation(weak_slice_labels(case, list(labels), positive_fraction), stored,
+                                          orientation)[keep] for labels in sides]
+        rows.append(np.stack(per_side, axis=1))
+    return torch.from_numpy(np.concatenate(rows))
+
+
 def _labels_from_csv(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"slice-label CSV not found: {path}")
@@ -460,6 +482,7 @@ class SliceSet:
     case_index: torch.Tensor  # (N,) index into case_ids
     case_ids: list[str]
     ranges: np.ndarray | None = None  # (cases, C, 2): each case's `robust_range`, for the bundle's data card
+    side_labels: torch.Tensor | None = None  # (N, 2): slice labels of the left and right organ (`side_slice_labels`)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -232,8 +232,9 @@ class Segmenter:
 
     def _build_cam(self, method: str):
         b, cfg = self.bundle, self.cfg
-        return build_cam(method, b.cam_classifier.to(self.device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
-                         b.ame_cam.to(self.device) if b.ame_cam is not None else None)
+        cam = build_cam(method, b.cam_classifier.to(self.device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
+                        b.ame_cam.to(self.device) if b.ame_cam is not None else None)
+        return cam if method == "ame-cam" else b.on_sides(cam)  # AME-CAM has its own classifier, on whole slices
 
     @property
     def cam_resolution(self) -> int | None:
@@ -273,7 +274,7 @@ class Segmenter:
     def presence(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """``(N,)`` probabilities that ``(N, C, R, R)`` clean slices hold the target, by a CAM source's classifier."""
         if (method or self.cfg.maps.cam_method) != "ame-cam":
-            return slice_presence(self.bundle.cam_classifier, x, self.device)
+            return slice_presence(self.bundle.slice_classifier, x, self.device)
         if len(x) == 0:
             return torch.zeros(0)
         return torch.cat([self.cam_map(b.to(self.device), None, "ame-cam")[1].float().cpu() for b in x.split(16)])

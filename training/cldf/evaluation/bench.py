@@ -107,7 +107,7 @@ def map_fn(path: str, bundle: Bundle, device: torch.device):
     """The baseline map a path computes, as a function of a batch of slices."""
     cfg = bundle.config
     if path == "layercam":
-        return LayerCAM(bundle.cam_classifier.to(device), cfg.maps.cam_layers)
+        return bundle.on_sides(LayerCAM(bundle.cam_classifier.to(device), cfg.maps.cam_layers))
     bundle.cdm.to(device)
     return CDMSaliency(bundle.cdm, bundle.noisy_classifier.to(device), bundle.schedule, cfg.saliency, cfg.maps.noise_seed)
 
@@ -135,7 +135,7 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
         return time.perf_counter() - start
     step, fn = (BATCH, embed_fast) if path.startswith("fast") else (1, embed_literal)
     if path == "fast":
-        x_all = x_all[slice_presence(bundle.cam_classifier.to(device), x_all, device, BATCH) >= bundle.config.cluster.presence_threshold]
+        x_all = x_all[slice_presence(bundle.slice_classifier.to(device), x_all, device, BATCH) >= bundle.config.cluster.presence_threshold]
     start = time.perf_counter()
     for i in tqdm(range(0, len(x_all), step), desc=desc, unit="batch" if step > 1 else "slice", leave=False,
                   disable=None):
@@ -269,7 +269,7 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     print(f"bundle {b.id}, case {case_id}{f' resampled to {depth} slices' if depth else ''}: "
           f"{len(x)} slices at {r}x{r}, device {dev}, {torch.get_num_threads()} threads")
 
-    n_pos = int((slice_presence(b.cam_classifier.to(dev), x, dev, BATCH) >= b.config.cluster.presence_threshold).sum())
+    n_pos = int((slice_presence(b.slice_classifier.to(dev), x, dev, BATCH) >= b.config.cluster.presence_threshold).sum())
     print(f"{n_pos} of {len(x)} slices judged positive: `fast` embeds those (as `cldf segment` does), "
           "`fast-all` and `literal` embed every slice; s/slice is over all slices")
     diff = check_equal(b, x[:BATCH], dev)

@@ -180,9 +180,9 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     normalised = normalise(volume, tuple(cfg.data.percentiles))
     slices = to_slices(normalised, cfg.data.resolution)
     seg = segs["cldf"]
-    cams = {"gradcam": GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer]),
-            "layercam": LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers),
-            "scorecam": ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer)}
+    cams = {"gradcam": bundle.on_sides(GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer])),
+            "layercam": bundle.on_sides(LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)),
+            "scorecam": bundle.on_sides(ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer))}
     hw = volume.shape[2:]
     maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
     decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS

@@ -88,9 +88,12 @@ class StepDraws:
         return torch.randint(low, high, (len(self.idx), *shape), generator=self.g)[self.part]
 
 
-def flip(x: torch.Tensor, d: StepDraws) -> torch.Tensor:
-    """Random left-right flips (the only augmentation of the diffusion model)."""
-    flips = d.rand() < 0.5
+def flip(x: torch.Tensor, d: StepDraws, enabled: bool = True) -> torch.Tensor:
+    """Random left-right flips (the only augmentation of the diffusion model).
+
+    The coin is drawn even when ``enabled`` is false, so turning flips off changes no other draw of the step.
+    """
+    flips = (d.rand() < 0.5) & enabled
     x = x.clone()
     x[flips] = x[flips].flip(-1)
     return x
@@ -106,15 +109,15 @@ def check_intensity(name: str) -> None:
         raise ValueError(f"unknown intensity augmentation '{name}'; choose one of {sorted(INTENSITY)}")
 
 
-def augment(x: torch.Tensor, d: StepDraws, intensity: str = "narrow") -> torch.Tensor:
-    """Flips, per-channel intensity changes (`INTENSITY`), shifts of up to 4 pixels.
+def augment(x: torch.Tensor, d: StepDraws, intensity: str = "narrow", flips: bool = True) -> torch.Tensor:
+    """Flips (unless ``flips`` is false), per-channel intensity changes (`INTENSITY`), shifts of up to 4 pixels.
 
     ``"narrow"``: scale 0.8-1.2 and shift +-0.1; ``"wide"``: a gamma of 0.67-1.5 first, then scale
     0.6-1.4 and shift +-0.5. The name is checked once, before training (`check_intensity`).
     """
     log_gamma, scale, shift = INTENSITY[intensity]
     c = x.shape[1]
-    x = flip(x, d)
+    x = flip(x, d, flips)
     if log_gamma:
         gamma = torch.exp(2 * log_gamma * d.rand(c, 1, 1) - log_gamma)
         x = ((x + 1) / 2).clamp(0, 1) ** gamma * 2 - 1

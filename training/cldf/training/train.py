@@ -27,6 +27,7 @@ Only slice labels reach this module (`data.SliceSet`); masks never do.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,13 +53,14 @@ from . import distributed
 from .distributed import SINGLE, Ranks, any_rank, wrap
 from .tensorstore import TensorStore
 from ..config import CLDFConfig, ClassifierConfig
-from ..data import SliceSet, load_manifest, split_cases, stored_orientation
+from ..data import AMBIGUOUS, SliceSet, load_manifest, side_slice_labels, split_cases, stored_orientation
 from ..defaults import TARGET_COLOR, TARGET_NAME
 from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
 from ..models import NoiseSchedule, SliceClassifier, build_cdm
 from ..plausibility import intensity_card
 from ..segment import VARIANTS, Segmenter, autocast, batch_for, bundle_variants, resolve_device
+from ..sides import check_sides, half_images, n_halves
 from .select import apply_settings, select_postprocess, select_settings
 from .slicecache import cached_slice_set
 
@@ -138,6 +140,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         raise ValueError(f"{req.manifest}: no case falls in the training split")
     if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
         cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
+    _check_sides(cfg, req.target_labels)
     fingerprint = run_fingerprint(req)
     _check_run(ckdir, fingerprint, splits)
     torch.manual_seed(req.seed)
@@ -149,6 +152,11 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
+    cc = cfg.cam_classifier
+    if cc.left_labels or cc.right_labels:
+        train_set.side_labels = side_slice_labels(manifest, splits["train"], req.target_labels,
+                                                  (list(cc.left_labels), list(cc.right_labels)),
+                                                  cfg.data.positive_fraction, cfg.data.orientation)
     if ranks.main:
         _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
     n_in = len(cfg.data.channels)
@@ -161,7 +169,8 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     noisy, seconds["noisy_classifier"] = fit_classifier(
         "noisy_classifier", cfg.noisy_classifier, train_set, schedule, req.seed + 1, device, ckdir, req)
     cam, seconds["cam_classifier"] = fit_classifier(
-        "cam_classifier", cfg.cam_classifier, train_set, schedule, req.seed + 2, device, ckdir, req)
+        "cam_classifier", cfg.cam_classifier, train_set, schedule, req.seed + 2, device, ckdir, req,
+        cfg.data.orientation)
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
     if not ranks.main:  # the data-parallel stages are done; process 0 goes on alone
@@ -404,14 +413,20 @@ def _cdm_stage(data: SliceSet, schedule: NoiseSchedule, cfg: CLDFConfig, seed: i
 
 
 def fit_classifier(name: str, cfg: ClassifierConfig, data: SliceSet, schedule: NoiseSchedule, seed: int,
-                   device: torch.device, ckdir: Path, req: TrainRequest) -> tuple[SliceClassifier, float]:
-    """Train (or resume) one slice classifier on slice labels; returns it and its training seconds."""
+                   device: torch.device, ckdir: Path, req: TrainRequest,
+                   orientation: str = "") -> tuple[SliceClassifier, float]:
+    """Train (or resume) one slice classifier on slice labels; returns it and its training seconds.
+
+    ``orientation``: the slices' orientation code, which ``cfg.sides`` other than "whole" need (`sides`).
+    """
     net = SliceClassifier(cfg, data.images.shape[1]).to(device)
-    fitted = _fit(name, net, _classifier_stage(data, schedule, cfg, seed, device), cfg.steps, cfg.lr, ckdir, device, req)
+    stage = _classifier_stage(data, schedule, cfg, seed, device, orientation)
+    fitted = _fit(name, net, stage, cfg.steps, cfg.lr, ckdir, device, req)
     return net, fitted.seconds
 
 
-def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device) -> Stage:
+def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierConfig, seed: int, device,
+                      orientation: str = "") -> Stage:
     if not 0 <= cfg.max_timestep < schedule.num_train_timesteps:
         raise ValueError(f"classifier max_timestep {cfg.max_timestep} is outside the schedule's "
                          f"0..{schedule.num_train_timesteps - 1}")
@@ -423,15 +438,42 @@ def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierCo
         return torch.cat([pos[torch.randint(len(pos), (half,), generator=g)],
                           neg[torch.randint(len(neg), (cfg.batch_size - half,), generator=g)]])
 
+    per_side = cfg.sides == "both" and data.side_labels is not None
+    if per_side:  # each half its own side's slice label: (slice, left, right) travel together
+        data = dataclasses.replace(data, labels=torch.cat([data.labels[:, None], data.side_labels], dim=1))
+
     def loss(net, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
-        x0 = augment(x, d, cfg.intensity) if cfg.augment else flip(x, d)
-        t = d.randint(0, cfg.max_timestep + 1)
-        xt = schedule.add_noise(x0, d.randn(*x0.shape[1:]), t) if cfg.max_timestep > 0 else x0
+        x0 = augment(x, d, cfg.intensity, cfg.flips) if cfg.augment else flip(x, d, cfg.flips)
+        k = n_halves(cfg.sides)
+        if cfg.sides != "whole":  # half slices (left halves, then right), each with its slice's or its side's label
+            x0, y = half_images(x0, cfg.sides, orientation), (y[:, 1:].T.flatten() if per_side else y.repeat(k))
+        t = d.randint(0, cfg.max_timestep + 1).repeat(k)
+        xt = schedule.add_noise(x0, d.randn(*x0.shape[1:]).repeat(k, 1, 1, 1), t) if cfg.max_timestep > 0 else x0
         with autocast(device):
             logits = net(xt.to(device), t.to(device))
-        return F.cross_entropy(logits.float(), y.to(device))
+        return F.cross_entropy(logits.float(), y.to(device), ignore_index=AMBIGUOUS)  # a side's ambiguous half
 
     return Stage(data, draw, seed, loss)
+
+
+def _check_sides(cfg: CLDFConfig, target_labels: list[int] | None) -> None:
+    """``cam_classifier.sides`` and its per-side labels fit the slices and the target (checked before any work)."""
+    cc = cfg.cam_classifier
+    check_sides(cc.sides, cfg.data.orientation)
+    if cfg.noisy_classifier.sides != "whole":
+        raise ValueError("noisy_classifier.sides must stay 'whole': the mean gradient needs the whole slice "
+                         "(cam_classifier.sides is the setting for an organ with a side)")
+    if cc.flips and (cc.sides in ("left", "right") or cc.left_labels or cc.right_labels):
+        per_side = " with a label per side" if cc.left_labels or cc.right_labels else ""
+        raise ValueError(f"cam_classifier.sides = '{cc.sides}'{per_side} needs cam_classifier.flips = false: "
+                         "a mirrored slice puts the other side's half where this side's is expected")
+    if not (cc.left_labels or cc.right_labels):
+        return
+    if cc.sides != "both" or not (cc.left_labels and cc.right_labels):
+        raise ValueError("cam_classifier.left_labels and right_labels go together, with cam_classifier.sides = 'both'")
+    if target_labels is None or set(cc.left_labels) | set(cc.right_labels) != set(target_labels):
+        raise ValueError(f"cam_classifier.left_labels {list(cc.left_labels)} and right_labels "
+                         f"{list(cc.right_labels)} must together be the target's mask labels ({target_labels})")
 
 
 def _check_batches(cfg: CLDFConfig, world: int) -> None:

@@ -190,7 +190,7 @@ def _classifier_stage(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, d
 
     def loss(classifier, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
         with autocast(device):
-            logits, _ = classifier(augment(x, d, cfg.cam_classifier.intensity).to(device))
+            logits, _ = classifier(augment(x, d, cfg.cam_classifier.intensity, cfg.cam_classifier.flips).to(device))
         return multi_exit_loss(logits.float(), y.to(device), acfg.exit_weights)
 
     return Stage(data, draw, seed, loss, parallel=False)  # its ResNet's shortcuts hold BatchNorm: batch-coupled
@@ -207,7 +207,7 @@ def _aggregator_stage(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, d
         return pos[torch.randperm(len(pos), generator=g)[: acfg.aggregator_batch_size]]
 
     def loss(aggregator, x: torch.Tensor, y: torch.Tensor, d: StepDraws) -> torch.Tensor:
-        x = augment(x, d, cfg.cam_classifier.intensity).to(device)
+        x = augment(x, d, cfg.cam_classifier.intensity, cfg.cam_classifier.flips).to(device)
         with torch.no_grad(), autocast(device):
             _, exit_maps = net.classifier(x)
         a = upsample([m.float() for m in exit_maps], tuple(x.shape[-2:]))
