@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import data_root, tiny_config
 from cldf.bundle import load_bundle
 from cldf.config import ClassifierConfig
+from cldf.data import AMBIGUOUS, load_manifest, side_slice_labels, weak_slice_labels
 from cldf.maps import LayerCAM
 from cldf.models import SliceClassifier
 from cldf.segment import Segmenter
@@ -80,3 +81,19 @@ def test_a_bundle_trained_on_both_halves_segments_a_real_volume(small_manifest, 
     result = seg.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}).run(progress=False)
     assert result.cam.shape == result.mask.shape and result.cam.max() > 0.0
     assert ((result.presence >= 0) & (result.presence <= 1)).all()
+
+
+def test_each_kidney_gets_its_own_slice_labels_on_the_slices_training_keeps():
+    """Per-side labels are slice-level like the slice labels: a side is present only where the target is."""
+    path = data_root() / "btcv" / "manifest.json"
+    if not path.is_file():
+        pytest.skip(f"BTCV data not found at {path}")
+    manifest = load_manifest(path)
+    case = manifest.cases[0]
+    union = weak_slice_labels(case, [2, 3], 0.01)
+    sides = side_slice_labels(manifest, [case.id], [2, 3], ([3], [2]), 0.01, "LPS")
+    assert sides.shape == (int((union != AMBIGUOUS).sum()), 2)
+    kept = torch.from_numpy(union[union != AMBIGUOUS])  # LPS keeps this case's slice order
+    assert bool((sides[kept == 0] == 0).all()) and bool((sides == 1).any(dim=0).all())
+    assert bool((kept[(sides == 1).any(dim=1)] == 1).all())
+    assert bool(((sides[:, 0] == 1) != (sides[:, 1] == 1)).any())  # the poles: one kidney without the other

@@ -280,3 +280,22 @@ def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_
     n_resumed, fits[:] = len(fits), []
     fresh = select.select_settings(*run)
     assert resumed[1] == fresh[1] and n_resumed == len(fits) - 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["cam_classifier.sides=middle"], "unknown cam_classifier.sides 'middle'"),
+    (["cam_classifier.sides=left", "data.orientation=PLS"], "needs axial slices whose columns run left-right"),
+    (["cam_classifier.sides=left"], "needs cam_classifier.flips = false"),
+    (["noisy_classifier.sides=both"], "noisy_classifier.sides must stay 'whole'"),
+    (["cam_classifier.sides=both", "cam_classifier.flips=false", "cam_classifier.left_labels=[1]"],
+     "left_labels and right_labels go together"),
+    (["cam_classifier.sides=both", "cam_classifier.flips=false", "cam_classifier.left_labels=[1]",
+      "cam_classifier.right_labels=[2]"], "must together be the target's mask labels ([1])"),
+])
+def test_sides_that_do_not_fit_the_slices_or_the_target_are_refused_before_any_work(
+        small_manifest, tmp_path, capsys, settings, message):
+    out = tmp_path / "bundle"
+    sets = [a for s in settings for a in ("--set", s)]
+    assert main(["-q", *train_args(small_manifest, out, "--no-select", *sets)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "bundle.checkpoints").exists()

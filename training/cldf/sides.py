@@ -97,7 +97,7 @@ class SidedCAM:
         maps, presence = self.cam(half_images(x, self.sides, self.orientation))
         per_half = presence.view(n_halves(self.sides), len(x))
         best = per_half.amax(dim=0)
-        weight = (per_half / best.clamp_min(1e-6)).flatten()  # a half judged absent adds little to the map
+        weight = (per_half / best.clamp_min(torch.finfo(best.dtype).tiny)).flatten()  # a half judged absent adds little
         return place_halves(maps * weight[:, None, None].to(maps.dtype), self.sides, self.orientation), best
 
 
