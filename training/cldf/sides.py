@@ -6,15 +6,18 @@ its CAM then lights up the spine. Organs have sides, though: the spleen lies on 
 left, a kidney on each side. With ``cam_classifier.sides`` the classifier sees half slices only:
 
 - ``"left"`` / ``"right"``: the patient's left (right) half of every slice, with the slice label;
-- ``"both"``: each half as its own image, with the slice label; the patient's right half is
-  mirrored so that both look like a left half (midline first), and one classifier learns both;
+- ``"both"``: each half as its own image; the patient's right half is mirrored so that both look
+  like a left half (midline first), and one classifier learns both. Each half is labelled by its
+  own side's slice label when ``left_labels`` / ``right_labels`` name the mask labels of a paired
+  organ (the kidneys: 3 and 2), else by the slice label;
 - ``"whole"``: the whole slice (the paper).
 
 A slice's presence is the most confident of its halves, its CAM the halves' maps put back in
 place, each weighted by its presence relative to the slice's (zero on a half the classifier does
-not see). Halves are cut at the centre of the slice
-(the padded square), in the bundle's ``data.orientation``, whose first letter (L or R) says which
-way the columns run; the patient is expected near the centre of the field of view.
+not see). Halves are cut at the centre of the slice (the padded square), in the bundle's
+``data.orientation``, whose first letter (L or R) says which way the columns run; the patient is
+expected near the centre of the field of view. Mirroring augmentation must then be off
+(``cam_classifier.flips = false``) wherever a half has its own label.
 """
 
 from __future__ import annotations
