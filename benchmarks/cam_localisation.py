@@ -33,15 +33,14 @@ import torch
 from cldf.bundle import read_card
 from cldf.config import CLDFConfig
 from cldf.cli import _apply_overrides
-from cldf.data import (load_manifest, load_slice_set, normalise, read_channels, side_slice_labels, target_mask,
-                        to_slices)
+from cldf.data import load_manifest, load_slice_set, normalise, read_channels, target_mask, to_slices
 from cldf.evaluation.evaluate import pointing
 from cldf.maps import LayerCAM
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
 from cldf.sides import on_sides, sided
-from cldf.training.train import TrainRequest, fit_classifier
+from cldf.training.train import TrainRequest, fit_classifier, side_labels
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):
@@ -70,10 +69,7 @@ def measure(bundle_dir: Path, resolution: int, work: Path, seed: int, variant: s
     split, labels = card["training"]["split"], card["task"]["mask_labels"]
     train_set = load_slice_set(manifest, split["train"], cfg.data.channels, resolution,
                                tuple(cfg.data.percentiles), labels, cfg.data.positive_fraction, orientation)
-    if cc.left_labels:
-        train_set.side_labels = side_slice_labels(manifest, split["train"], labels,
-                                                  (list(cc.left_labels), list(cc.right_labels)),
-                                                  cfg.data.positive_fraction, orientation)
+    train_set.side_labels = side_labels(cfg, manifest, split["train"], labels)
     ckdir = work / f"{card['name']}-{resolution}" / (variant.replace(" ", "_").replace("/", "-") or "bundle")
     ckdir.mkdir(parents=True, exist_ok=True)
     req = TrainRequest(manifest=Path(card["training"]["manifest"]), out=ckdir, config=cfg, seed=seed)

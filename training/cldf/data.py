@@ -378,9 +378,12 @@ def weak_slice_labels(case: Case, target_labels: list[int] | None, positive_frac
         return _labels_from_csv(case.slice_labels)
     if case.mask is None:
         raise InputError(f"case '{case.id}' has neither 'slice_labels' nor 'mask': training needs one of them")
-    fraction = target_mask(case.mask, target_labels).mean(axis=(1, 2))
-    labels = np.where(fraction > positive_fraction, 1, np.where(fraction > 0, AMBIGUOUS, 0))
-    return labels.astype(np.int64)
+    return _labels_from_fraction(target_mask(case.mask, target_labels).mean(axis=(1, 2)), positive_fraction)
+
+
+def _labels_from_fraction(fraction: np.ndarray, positive_fraction: float) -> np.ndarray:
+    """Per-slice target area fractions -> 1 (above ``positive_fraction``), ``AMBIGUOUS`` (above 0), 0."""
+    return np.where(fraction > positive_fraction, 1, np.where(fraction > 0, AMBIGUOUS, 0)).astype(np.int64)
 
 
 def side_slice_labels(manifest: Manifest, case_ids: list[str], target_labels: list[int] | None,
@@ -396,12 +399,16 @@ def side_slice_labels(manifest: Manifest, case_ids: list[str], target_labels: li
         if case.slice_labels is not None or case.mask is None:
             raise InputError(f"case '{cid}': per-side slice labels (cam_classifier.left_labels / right_labels) "
                              "are derived from a mask, and this case has slice labels only; leave them unset")
-        stored = read_image(case.mask, "mask")
-        keep = labels_in_orientation(weak_slice_labels(case, target_labels, positive_fraction), stored,
-                                     orientation) != AMBIGUOUS
-        per_side = [labels_in_orientation(weak_slice_labels(case, list(labels), positive_fraction), stored,
-                                          orientation)[keep] for labels in sides]
-        rows.append(np.stack(per_side, axis=1))
+        stored = read_image(Path(case.mask), "mask")  # read once for the target and both sides
+        values = sitk.GetArrayFromImage(stored)
+
+        def labels_of(target: list[int] | None) -> np.ndarray:
+            inside = np.isin(values, target) if target else values > 0
+            return labels_in_orientation(_labels_from_fraction(inside.mean(axis=(1, 2)), positive_fraction),
+                                         stored, orientation)
+
+        keep = labels_of(target_labels) != AMBIGUOUS
+        rows.append(np.stack([labels_of(list(labels))[keep] for labels in sides], axis=1))
     return torch.from_numpy(np.concatenate(rows))
 
 

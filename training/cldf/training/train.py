@@ -152,11 +152,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
-    cc = cfg.cam_classifier
-    if cc.left_labels or cc.right_labels:
-        train_set.side_labels = side_slice_labels(manifest, splits["train"], req.target_labels,
-                                                  (list(cc.left_labels), list(cc.right_labels)),
-                                                  cfg.data.positive_fraction, cfg.data.orientation)
+    train_set.side_labels = side_labels(cfg, manifest, splits["train"], req.target_labels)
     if ranks.main:
         _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
     n_in = len(cfg.data.channels)
@@ -454,6 +450,15 @@ def _classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierCo
         return F.cross_entropy(logits.float(), y.to(device), ignore_index=AMBIGUOUS)  # a side's ambiguous half
 
     return Stage(data, draw, seed, loss)
+
+
+def side_labels(cfg: CLDFConfig, manifest, case_ids: list[str], target_labels: list[int] | None):
+    """The training slices' per-side labels when ``cam_classifier.left_labels`` / ``right_labels`` ask for them."""
+    cc = cfg.cam_classifier
+    if not cc.left_labels:
+        return None
+    return side_slice_labels(manifest, case_ids, target_labels, (list(cc.left_labels), list(cc.right_labels)),
+                             cfg.data.positive_fraction, cfg.data.orientation)
 
 
 def _check_sides(cfg: CLDFConfig, target_labels: list[int] | None) -> None:
