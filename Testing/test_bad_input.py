@@ -219,16 +219,16 @@ def _mask_in(folder, code):
     return sitk.GetArrayFromImage(sitk.DICOMOrient(sitk.ReadImage(str(folder / "mask.nii.gz")), code))
 
 
-@pytest.mark.parametrize("code", ["LPS", "RAI", "ASL", "SRA"])
+@pytest.mark.parametrize("code", ["RAS", "LPI", "ASL", "SRA"])
 def test_the_stored_orientation_does_not_change_the_mask(tiny_bundle, case_paths, tmp_path, code):
     """Flipped in-plane, slices reversed, stored sagittally or coronally: the same mask in physical space."""
-    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "RAS"), tmp_path / "ras") == 0
+    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "LPS"), tmp_path / "lps") == 0
     stored = _oriented(case_paths, tmp_path, code)
     assert _segment(tiny_bundle, stored, tmp_path / code) == 0
     out = sitk.ReadImage(str(tmp_path / code / "mask.nii.gz"))
     ref = sitk.ReadImage(str(stored["FLAIR"]))
     assert out.GetSize() == ref.GetSize() and np.allclose(out.GetDirection(), ref.GetDirection())
-    a, b = _mask_in(tmp_path / "ras", "RAS"), _mask_in(tmp_path / code, "RAS")
+    a, b = _mask_in(tmp_path / "lps", "LPS"), _mask_in(tmp_path / code, "LPS")
     assert a.sum() > 0
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
 
@@ -236,11 +236,11 @@ def test_the_stored_orientation_does_not_change_the_mask(tiny_bundle, case_paths
 def test_an_oblique_and_left_handed_direction_gives_the_same_mask(tiny_bundle, case_paths, tmp_path):
     oblique = oblique_direction()
     left = tuple((np.asarray(oblique).reshape(3, 3) @ np.diag([1.0, -1.0, 1.0])).flatten())  # det -1
-    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "RAS", oblique), tmp_path / "a") == 0
+    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "LPS", oblique), tmp_path / "a") == 0
     assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "PIL", oblique), tmp_path / "b") == 0
-    a, b = _mask_in(tmp_path / "a", "RAS"), _mask_in(tmp_path / "b", "RAS")
+    a, b = _mask_in(tmp_path / "a", "LPS"), _mask_in(tmp_path / "b", "LPS")
     assert a.sum() > 0 and np.array_equal(a, b)
-    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "RAS", left), tmp_path / "c") == 0
+    assert _segment(tiny_bundle, _oriented(case_paths, tmp_path, "LPS", left), tmp_path / "c") == 0
 
 
 # --------------------------------------------------------------------------- bundles

@@ -15,7 +15,6 @@ import SimpleITK as sitk
 from cldf.evaluation import demo
 from cldf.cli import main
 from cldf.data import InputError, load_manifest
-from cldf.evaluation.figure import radiological
 
 from conftest import BRAIN_BUNDLE, TUMOUR_CASE
 
@@ -107,7 +106,7 @@ def test_the_montage_shows_the_slices_with_the_most_ground_truth(sample_run):
     for row, z in enumerate(chosen):
         top = strip + gap + row * (strip + side + gap)
         label, gt_panel = rgb[top : top + strip], rgb[top + strip : top + strip + side, side + gap : 2 * side + gap]
-        expected = radiological(demo.overlay(grey[z], truth[z], demo.GROUND_TRUTH_COLOR), direction)
+        expected = demo.radiological(demo.overlay(grey[z], truth[z], demo.GROUND_TRUTH_COLOR), direction)
         np.testing.assert_array_equal(gt_panel, (expected * 255).round().astype(np.uint8))
         assert (label == 255).all(axis=2).sum() > 200  # the line naming case, slice and Dice
     header = rgb[:strip, :side]

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import slicer
 from scipy import ndimage
 
 from CLDFSegmentationLib import CLDFSegmentationLogic
 from CLDFSegmentationLib.headless import loadVolume, renderSlice, setUpScene
 from CLDFSegmentationLib.segmentations import addLabelmap
+from conftest import REPO, TUMOUR_CASE
 
 
 def is_grey(rgb: np.ndarray) -> np.ndarray:
@@ -56,3 +58,56 @@ def test_the_overlay_tints_the_tumour_and_leaves_far_pixels_grey(rendered, view)
     tinted = ~is_grey(rendered[view])
     assert tinted[tumour].mean() > 0.5, f"{view}: only {tinted[tumour].mean():.0%} of the tumour is tinted"
     assert is_grey(rendered[view])[far].mean() > 0.97, f"{view}: pixels far from the tumour are tinted"
+
+
+
+# ------------------------------------------------------------------ the sample as a radiologist sees it
+SAMPLE = REPO / "Resources" / "SampleData" / TUMOUR_CASE
+NOSE_SLICE = 5  # a low slice of the sample, through the nose and the cerebellum
+
+
+def head_outline(rgb: np.ndarray) -> np.ndarray:
+    """The largest bright object of a rendered slice, holes filled: the head."""
+    head = ndimage.binary_fill_holes(ndimage.binary_opening(rgb[..., 0] > 20, iterations=2))
+    labels, _ = ndimage.label(head)
+    return labels == np.bincount(labels.ravel())[1:].argmax() + 1
+
+
+def screen_columns(rgb_with_label: np.ndarray) -> np.ndarray:
+    """The view's columns (0: the screen's left) that a label layer tints."""
+    return np.flatnonzero((~is_grey(rgb_with_label)).any(axis=0))
+
+
+def test_the_sample_shows_the_face_at_the_top_of_the_axial_view(mrml_scene):
+    """The nose is the narrow end of the head's outline in a low slice: it must point up."""
+    head = head_outline(renderSlice(loadVolume(SAMPLE / "flair.nii.gz", "FLAIR"), sliceIndex=NOSE_SLICE))
+    rows = np.flatnonzero(head.any(axis=1))
+    inset = (rows[-1] - rows[0]) // 10
+    width = head.sum(axis=1)
+    assert width[rows[0] + inset] < 0.5 * width[rows[-1] - inset], "the narrow end (the nose) is not at the top"
+
+
+def test_the_sample_shows_the_patients_right_on_the_screens_left(mrml_scene, tmp_path):
+    """The tumour lies in the patient's right hemisphere (the source images are radiological: their columns run
+    from the patient's right to left). SimpleITK reads it there and the Red view shows it on the screen's left;
+    voxels SimpleITK places on the patient's left appear on the screen's right."""
+    flair = loadVolume(SAMPLE / "flair.nii.gz", "FLAIR")
+    stored = sitk.ReadImage(str(SAMPLE / "mask.nii.gz"))
+    mask = sitk.GetArrayFromImage(stored)
+    k, width = int(mask.sum(axis=(1, 2)).argmax()), mask.shape[2]
+    columns = np.flatnonzero(mask[k].any(axis=0))
+    assert columns.max() < width // 2, "in the source's layout the tumour lies in the patient's right half"
+    x = lambda column: stored.TransformContinuousIndexToPhysicalPoint([float(column), 0.0, float(k)])[0]
+    assert x(columns.mean()) < x((width - 1) / 2), "LPS: x grows towards the patient's left"
+    truth = loadVolume(SAMPLE / "mask.nii.gz", "ground truth", labelmap=True)
+    tumour = screen_columns(renderSlice(flair, label=truth, sliceIndex=k))
+    assert len(tumour) > 20 and tumour.max() < 128, "the tumour (patient's right) is on the screen's left"
+
+    left = np.zeros_like(mask)
+    left[k, 100:150, width // 2 + 20 : width // 2 + 60] = 1
+    assert x(width // 2 + 20) > x((width - 1) / 2), "these columns lie on the patient's left"
+    image = sitk.GetImageFromArray(left)
+    image.CopyInformation(stored)
+    sitk.WriteImage(image, str(tmp_path / "left.nii.gz"))
+    marker = loadVolume(tmp_path / "left.nii.gz", "patient's left", labelmap=True)
+    assert screen_columns(renderSlice(flair, label=marker, sliceIndex=k)).min() > 128, "left is on the screen's right"

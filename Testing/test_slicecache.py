@@ -35,7 +35,7 @@ def copied(small_manifest, tmp_path):
 def _cached(manifest, root, resolution=32):
     m = load_manifest(manifest)
     return slicecache.cached_slice_set(m, [c.id for c in m.cases], ["FLAIR", "T1"], resolution, (0.5, 99.5), [1],
-                                       0.01, "RAS", root=root, progress=False)
+                                       0.01, "LPS", root=root, progress=False)
 
 
 def _builds(monkeypatch) -> list:
@@ -46,7 +46,7 @@ def _builds(monkeypatch) -> list:
 
 def test_the_cache_holds_what_loading_gives_and_is_reused_without_reading(copied, tmp_path, monkeypatch):
     m = load_manifest(copied)
-    direct = load_slice_set(m, [c.id for c in m.cases], ["FLAIR", "T1"], 32, (0.5, 99.5), [1], 0.01, "RAS")
+    direct = load_slice_set(m, [c.id for c in m.cases], ["FLAIR", "T1"], 32, (0.5, 99.5), [1], 0.01, "LPS")
     built = _cached(copied, tmp_path / "cache")
     assert torch.equal(built.images[:], direct.images) and torch.equal(built.labels, direct.labels)
     assert torch.equal(built.case_index, direct.case_index) and np.array_equal(built.ranges, direct.ranges)

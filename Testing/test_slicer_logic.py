@@ -25,12 +25,12 @@ ORIGIN = (12.5, -30.0, 40.0)
 def oblique_files(tumour_case, tmp_path_factory):
     """Slices 8..18 of a real patient, rewritten with an oblique right-handed direction and anisotropic spacing.
 
-    The direction stays closest to the patient's RAS (the brain bundle's orientation), so the slices are cut
-    as stored (`test_slicer_orientation.py` covers other orientations).
+    The direction stays closest to LPS (the brain bundle's orientation), so the slices are cut as stored
+    (`test_slicer_orientation.py` covers other orientations).
     """
     folder = tmp_path_factory.mktemp("oblique")
     paths = {}
-    direction = tuple((np.reshape(oblique_direction(), (3, 3)) @ np.diag([-1.0, -1.0, 1.0])).flatten())
+    direction = oblique_direction()
     for channel in ("FLAIR", "T1"):
         image = sitk.ReadImage(str(tumour_case[channel]))[:, :, 8:19]
         image.SetSpacing(SPACING)

@@ -1,7 +1,7 @@
 """The Slicer module cuts slices along the bundle's axes: a volume stored in another orientation gives the same
 mask in physical space, its outputs lie on its grid reoriented to the bundle's, and its label map on its own grid.
 
-The shipped brain bundle's orientation is RAS (its training scans'); the real patient is stored RAS.
+The shipped brain bundle's orientation is LPS (its training scans'); the real patient is stored LPS.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ ORIGIN = (12.5, -30.0, 40.0)
 @pytest.fixture(scope="module")
 def stored_as(tumour_case, tmp_path_factory):
     """``{code: {channel: path}}``: slices 9..16 of a real patient (anisotropic spacing, moved origin), stored
-    as is (RAS), sagittally (ASR) and with the slice axis flipped (LAI); the voxels are the same.
+    as is (LPS), sagittally (ASR) and with the slice axis flipped (LAI); the voxels are the same.
 
     Right-handed codes only: Slicer loads a left-handed file (e.g. ASL) with its slice order reversed.
     """
     folder = tmp_path_factory.mktemp("orientations")
-    paths: dict[str, dict] = {"RAS": {}, "ASR": {}, "LAI": {}}
+    paths: dict[str, dict] = {"LPS": {}, "ASR": {}, "LAI": {}}
     for channel in ("FLAIR", "T1"):
         image = sitk.ReadImage(str(tumour_case[channel]))[:, :, 9:17]  # cropped along the slice axis first
         image.SetSpacing(SPACING)
@@ -63,7 +63,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_a_sagittally_stored_volume_gives_the_same_mask_in_physical_space(mrml_scene, stored_as, brain_bundle,
                                                                           tmp_path):
     logic = CLDFSegmentationLogic()
-    axial = load(stored_as["RAS"])
+    axial = load(stored_as["LPS"])
     first = logic.process(axial, brain_bundle, device="cpu", refine="none")
     flair = axial["FLAIR"]
     for node in (first.camVolume, first.meanGradientVolume, first.seedsVolume):  # as before: the input's grid
@@ -75,7 +75,7 @@ def test_a_sagittally_stored_volume_gives_the_same_mask_in_physical_space(mrml_s
     sagittal = load(stored_as["ASR"])
     markSlices(sagittal["FLAIR"], 100, 120, 1)  # weak labels on sagittal slices: no bundle slice is one of them
     second = logic.process(sagittal, brain_bundle, device="cpu", refine="none")
-    for node in (second.camVolume, second.meanGradientVolume, second.seedsVolume):  # the bundle's (RAS) grid
+    for node in (second.camVolume, second.meanGradientVolume, second.seedsVolume):  # the bundle's (LPS) grid
         assert node.GetImageData().GetDimensions() == flair.GetImageData().GetDimensions()
         np.testing.assert_allclose(matrix(node), matrix(flair), atol=1e-6)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(second.camVolume),
@@ -83,7 +83,7 @@ def test_a_sagittally_stored_volume_gives_the_same_mask_in_physical_space(mrml_s
     np.testing.assert_allclose(second.sliceProbabilities, first.sliceProbabilities, atol=1e-4)
     np.testing.assert_allclose(tableColumn(second.table, "mask area (mm2)"),
                                tableColumn(first.table, "mask area (mm2)"), rtol=1e-3, atol=SPACING[0] * SPACING[1])
-    assert "reoriented to RAS" in second.chart.GetXAxisTitle() and "not shown" in second.chart.GetXAxisTitle()
+    assert "reoriented to LPS" in second.chart.GetXAxisTitle() and "not shown" in second.chart.GetXAxisTitle()
     assert (tableColumn(second.table, "slice label") == -1).all()
     sagittalPath = logic.exportLabelmap(second.segmentation, sagittal["FLAIR"], tmp_path / "sagittal.nii.gz")
 
@@ -95,7 +95,7 @@ def test_a_sagittally_stored_volume_gives_the_same_mask_in_physical_space(mrml_s
     np.testing.assert_allclose(sagittalMask.GetDirection(), stored.GetDirection(), atol=1e-6)
     np.testing.assert_allclose(sagittalMask.GetSpacing(), stored.GetSpacing(), atol=1e-5)
     assert sitk.GetArrayViewFromImage(axialMask).any(), "the bundle finds the tumour in these slices"
-    back = sitk.DICOMOrient(sagittalMask, "RAS")
+    back = sitk.DICOMOrient(sagittalMask, "LPS")
     np.testing.assert_allclose(back.GetOrigin(), axialMask.GetOrigin(), atol=1e-4)
     assert dice(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(axialMask)) >= 0.99
 
@@ -106,9 +106,9 @@ def test_slice_labels_of_a_flipped_volume_are_charted_on_the_bundles_slices(mrml
     labels = markSlices(flipped["FLAIR"], 5, 5, 0)
     job = CLDFSegmentationLogic().start(flipped, brain_bundle, device="cpu", refine="none")
     result = job.result
-    axial = sitk.ReadImage(str(stored_as["RAS"]["FLAIR"]))
+    axial = sitk.ReadImage(str(stored_as["LPS"]["FLAIR"]))
     assert result.camVolume.GetImageData().GetDimensions() == axial.GetSize()
     assert json.loads(result.table.GetAttribute("CLDF.InputSlices")) == list(range(8))[::-1]
     np.testing.assert_array_equal(tableColumn(result.table, "slice label"), labels[::-1])
-    assert "reoriented to RAS" in result.chart.GetXAxisTitle() and "not shown" not in result.chart.GetXAxisTitle()
+    assert "reoriented to LPS" in result.chart.GetXAxisTitle() and "not shown" not in result.chart.GetXAxisTitle()
     job.cancel()

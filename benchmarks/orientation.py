@@ -22,7 +22,7 @@ from cldf.bundle import load_bundle
 from cldf.data import load_manifest, orientation_of
 from cldf.segment import Segmenter
 
-ORIENTATIONS = ("LPS", "RAI", "ASL", "SRA")  # flipped in-plane, slices reversed, sagittal, coronal storage
+ORIENTATIONS = ("RAS", "LPI", "ASL", "SRA")  # from LPS (the LGG files): flipped in-plane, slices reversed, sagittal, coronal
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,8 +19,8 @@ SAMPLE_DIR = next((d for d in (_HERE.parents[1] / "Resources" / "SampleData" / S
                   _HERE.parents[2] / "Resources" / "SampleData" / SAMPLE_CASE)
 #: channel -> (file in SAMPLE_DIR, its SHA256): the channels of the shipped brain bundle, in its order.
 SAMPLE_FILES = {
-    "FLAIR": ("flair.nii.gz", "a4e3cd48734051ac274819d3c973198012884f52f7180b142c5a8e125387ec95"),
-    "T1": ("t1.nii.gz", "a39ad19e01a3f0601299c223741cd59c09fb9fdc0f27cc60ea06683463c6eaaa"),
+    "FLAIR": ("flair.nii.gz", "1039b6a79a36ab3a92a22943b0788d84b20d1906c56e4f071cc31a0d240bc75f"),
+    "T1": ("t1.nii.gz", "8005072da4ab575e057b0a8cf831e49f4c15cd15f964f3ae0b192b5400340c54"),
 }
 
 

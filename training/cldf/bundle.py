@@ -16,6 +16,7 @@ import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from .ame_cam import AmeCam
 from .config import CLDFConfig
+from .data import check_orientation
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
-from .sides import on_sides, sided
+from .sides import check_sides, on_sides, sided
 
 FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
 SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
@@ -181,6 +183,34 @@ def update_card(bundle_dir: str | Path, **entries: Any) -> None:
     doc = json.loads(path.read_text())
     doc.update(entries)
     write_card(path, doc)
+
+
+def correct_orientation(bundle_dir: str | Path, orientation: str, because: str, command: str = "") -> dict[str, Any]:
+    """Make a card name the orientation its training arrays really had; the weights stay as they are.
+
+    For a bundle trained on files whose headers misstated their orientation (right voxels, wrong
+    direction): its networks learnt the arrays as stored, so every scan must be reoriented to the
+    orientation those arrays really had, which files with corrected headers then report. The change,
+    its reason and the seal it replaces are appended to the card's ``corrections``; resealed.
+
+    Returns:
+        The correction entry.
+    """
+    root = Path(bundle_dir)
+    card = read_card(root)  # a tampered card is refused, never resealed
+    if not because.strip():
+        raise ValueError("say why the recorded orientation is wrong (e.g. which headers were corrected)")
+    orientation = check_orientation(orientation)
+    config = card["config"]
+    before = config.get("data", {}).get("orientation", "")
+    if before == orientation:
+        raise ValueError(f"{root / 'bundle.json'} already records the orientation {orientation}; nothing to correct")
+    check_sides(config.get("cam_classifier", {}).get("sides", "whole"), orientation)
+    entry = {"setting": "data.orientation", "from": before, "to": orientation, "because": because.strip(),
+             "seal_before": card["seal"], "command": command, "date": date.today().isoformat()}
+    update_card(root, config={**config, "data": {**config["data"], "orientation": orientation}},
+                corrections=[*card.get("corrections", []), entry])
+    return entry
 
 
 def read_card(bundle_dir: str | Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ map, the seeds derived from them and the final mask, on the input's voxel grid.
   cldf segment  --bundle my-bundle --input FLAIR=flair.nii.gz --input T1=t1.nii.gz --out results/
   cldf evaluate --bundle my-bundle --data manifest.json --split test --out report.json
   cldf results  --bundle my-bundle --bundle other-bundle   (the paper's tables from recorded test metrics)
+  cldf card     --bundle my-bundle   (channels, resolution, the orientation scans are reoriented to)
   cldf demo     (segment a sample with the shipped brain bundle, write a PNG montage)
   cldf bench    (seconds per slice and peak memory: fast path vs the paper-literal path)
 
@@ -227,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--device", choices=DEVICES, default="auto")
     u.add_argument("--no-refine", action="store_true",
                    help="leave refinement as it is (weighing it runs SAM on every validation slice with a mask)")
+
+    c = sub.add_parser("card", help="what a bundle records about its scans; correct the orientation it records",
+                       description="Print a bundle's id, channels, resolution and the orientation every scan is "
+                                   "reoriented to before slicing. With --orientation: for a bundle trained on files "
+                                   "whose headers misstated their orientation (right voxels, wrong direction), record "
+                                   "the orientation its training arrays really had, which the corrected files now "
+                                   "report; the weights stay as they are, the card is resealed and keeps the "
+                                   "correction, its reason and the seal it replaces under 'corrections'.")
+    c.add_argument("--bundle", required=True, type=Path)
+    c.add_argument("--orientation", default=None, metavar="CODE",
+                   help="the orientation code the training arrays really had, e.g. LPS")
+    c.add_argument("--because", default="", help="why (kept in the card); needed with --orientation")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))
@@ -453,6 +466,22 @@ def cmd_tune(args, argv) -> int:
     return 0
 
 
+def cmd_card(args, argv) -> int:
+    from .bundle import correct_orientation, read_card
+
+    if args.orientation is not None:
+        entry = correct_orientation(args.bundle, args.orientation, args.because, "cldf " + shlex.join(argv))
+        print(f"{args.bundle}: orientation {entry['from'] or 'unset'} -> {entry['to']}; weights unchanged, resealed")
+    card = read_card(args.bundle)
+    data = card["config"]["data"]
+    print(f"bundle {card.get('name', 'bundle')}@{card['seal'][:12]}: channels {', '.join(card['channels'])}; "
+          f"slices of {data['resolution']} x {data['resolution']}, cut after reorienting every scan to "
+          f"{data.get('orientation') or 'none (the stored voxel order)'}")
+    for c in card.get("corrections", []):
+        print(f"corrected {c['date']}: {c['setting']} {c['from'] or 'unset'} -> {c['to']} ({c['because']})")
+    return 0
+
+
 def cmd_demo(args, argv) -> int:
     from .evaluation.demo import run_demo
 
@@ -483,7 +512,8 @@ def cmd_bench(args, argv) -> int:
 
 
 COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results,
-            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "demo": cmd_demo, "bench": cmd_bench}
+            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "card": cmd_card, "demo": cmd_demo,
+            "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ class DataConfig:
         body_threshold: normalised intensity above which (in any channel) a
             pixel counts as body; air carries no information.
         split_fractions: train / validation / test fractions of patients.
-        orientation: the orientation code (e.g. "RAS") every volume is reoriented to
+        orientation: the orientation code (e.g. "LPS") every volume is reoriented to
             before slicing, so that slices are cut along the same anatomical axis
             however a scan is stored; set from the first training case; "" keeps
             the stored voxel order.

@@ -97,7 +97,7 @@ def read_channels(paths: dict[str, str | Path], channels: list[str],
     Args:
         paths: channel name -> image file (or DICOM series folder).
         channels: the channel names the bundle expects, in order.
-        orientation: reorient every channel to this orientation code (e.g. ``"RAS"``) first; ``""`` keeps
+        orientation: reorient every channel to this orientation code (e.g. ``"LPS"``) first; ``""`` keeps
             the stored voxel order.
 
     Returns:
@@ -295,8 +295,21 @@ def stored_orientation(case: "Case", channel: str) -> str:
     return orientation_of(reader)
 
 
+ORIENTATION_AXES = ("RL", "AP", "SI")  # an orientation code takes one letter of each, in any order
+
+
+def check_orientation(code: str) -> str:
+    """``code`` if it is an orientation code (e.g. ``"LPS"``, ``"ASR"``); a ValueError that says what is allowed."""
+    letters = code.upper() if isinstance(code, str) else ""
+    if len(letters) != 3 or sorted(next((i for i, a in enumerate(ORIENTATION_AXES) if c in a), 3)
+                                   for c in letters) != [0, 1, 2]:
+        raise ValueError(f"'{code}' is not an orientation code: give three letters, one of each pair "
+                         f"{', '.join('/'.join(a) for a in ORIENTATION_AXES)}, e.g. LPS")
+    return letters
+
+
 def orientation_of(image: sitk.Image) -> str:
-    """The image's orientation code (e.g. ``"RAS"``: its voxel axes point closest to these directions)."""
+    """The image's orientation code (e.g. ``"LPS"``: its voxel axes point closest to these directions)."""
     return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
 
 

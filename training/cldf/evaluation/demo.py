@@ -167,6 +167,15 @@ def slice_panels(grey: np.ndarray, truth: np.ndarray, cam: np.ndarray, mg: np.nd
             overlay(grey, mask, color)]
 
 
+def radiological(panel: np.ndarray, direction: tuple[float, ...]) -> np.ndarray:
+    """Flip a ``(Y, X, 3)`` panel so anterior is up and the patient's right is on the left (LPS voxel order)."""
+    if direction[4] < 0:
+        panel = panel[::-1]
+    if direction[0] < 0:
+        panel = panel[:, ::-1]
+    return np.ascontiguousarray(panel)
+
+
 def panel_row(panels: list[np.ndarray]) -> np.ndarray:
     """Panels side by side, each followed by a mid-grey gap to the right and below."""
     return np.concatenate([np.pad(p, ((0, GAP), (0, GAP), (0, 0)), constant_values=0.5) for p in panels], axis=1)
@@ -176,8 +185,6 @@ def build_montage(image: np.ndarray, truth: np.ndarray, result: VolumeResult, co
                   case_id: str = "", direction: tuple[float, ...] | None = None) -> np.ndarray:
     """``(H, W, 3)`` uint8: a header naming `COLUMNS`, then per slice with the most ground truth a line
     (case, slice counted from 0, slice Dice) over its panels. ``direction``: shown radiologically, as `cldf figure`."""
-    from .figure import radiological  # `figure` imports this module
-
     grey, cam, mg = to_unit(image), to_unit(result.cam), to_unit(result.mean_gradient)
     width = image.shape[2]
     blocks = [panel_row([text_strip(c, width) for c in COLUMNS])]

@@ -17,7 +17,7 @@ import torch
 
 from ..bundle import load_bundle
 from ..data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
-from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, to_unit
+from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, radiological, to_unit
 from .evaluate import case_ids_for_split
 from ..segment import Segmenter
 
@@ -60,15 +60,6 @@ def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows
         out.append([radiological(p, ref.GetDirection()) for p in row])
         where.append((cid, z))
     return out, where
-
-
-def radiological(panel: np.ndarray, direction: tuple[float, ...]) -> np.ndarray:
-    """Flip a ``(Y, X, 3)`` panel so anterior is up and the patient's right is on the left (LPS voxel order)."""
-    if direction[4] < 0:
-        panel = panel[::-1]
-    if direction[0] < 0:
-        panel = panel[:, ::-1]
-    return np.ascontiguousarray(panel)
 
 
 def make_figure(bundle_dir: Path, manifest_path: Path, out: Path, split: str = "test", rows: int = 3,
