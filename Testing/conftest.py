@@ -61,13 +61,17 @@ def tiny_config():
     return cfg
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(small_manifest: Path, tmp_path_factory) -> Path:
+def train_tiny(manifest: Path, out: Path) -> Path:
     """A real (tiny) training run on real scans: every stage, a few optimisation steps each."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return train(TrainRequest(manifest=small_manifest, out=out, config=tiny_config(), target_labels=[1],
+    return train(TrainRequest(manifest=manifest, out=out, config=tiny_config(), target_labels=[1],
                               decoder_seeds=(0, 1), name="tiny", target_name="tumour", progress=False,
                               select_refine=False, min_val_patients=1))  # selection on the one validation case
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(small_manifest: Path, tmp_path_factory) -> Path:
+    """`train_tiny` on four real LGG cases."""
+    return train_tiny(small_manifest, tmp_path_factory.mktemp("bundles") / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ from cldf.cli import main
 from cldf.data import load_manifest, load_slice_set, stored_orientation
 from cldf.evaluation.demo import SAMPLE_DIR
 from cldf.segment import Segmenter, VolumeResult
+from conftest import train_tiny
 
 #: The ITK direction of an identity NIfTI affine: the header the LGG files had before.
 OLD_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
@@ -97,6 +98,23 @@ def test_training_sees_the_same_arrays_in_the_corrected_files_as_in_the_old_ones
     assert len(corrected.labels) > 20 and corrected.labels.max() == 1
     assert np.array_equal(corrected.images.numpy(), before.images.numpy())
     assert np.array_equal(corrected.labels.numpy(), before.labels.numpy())
+
+
+@pytest.mark.slow
+def test_training_on_the_corrected_files_makes_the_networks_the_old_files_made(small_manifest, tiny_bundle, tmp_path):
+    """`make bundles` at a tiny scale: the same weights, byte for byte; only the recorded orientation differs."""
+    raw = json.loads(small_manifest.read_text(encoding="utf-8"))
+    for case in raw["cases"]:
+        files = with_old_header({**case["channels"], "mask": case["mask"]}, tmp_path / "old" / case["id"])
+        case["mask"] = str(files.pop("mask"))
+        case["channels"] = {k: str(v) for k, v in files.items()}
+    (tmp_path / "old.json").write_text(json.dumps(raw), encoding="utf-8")
+    old = read_card(train_tiny(tmp_path / "old.json", tmp_path / "old-bundle"))
+    new = read_card(tiny_bundle)
+    assert (old["config"]["data"]["orientation"], new["config"]["data"]["orientation"]) == ("RAS", "LPS")
+    assert old["files"] == new["files"]
+    old["config"]["data"]["orientation"] = "LPS"
+    assert old["config"] == new["config"]
 
 
 # ------------------------------------------------------------------ the same masks
