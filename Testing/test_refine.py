@@ -176,7 +176,8 @@ def test_an_unknown_refinement_is_refused_before_any_work(tiny_bundle):
 
 def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_bundle, three_slices, case_paths):
     from cldf.data import Case, Manifest
-    from cldf.evaluation.evaluate import _dice, evaluate
+    from cldf.evaluation.evaluate import evaluate
+    from cldf.metrics import dice
 
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(mask.sum(axis=(1, 2)).argmax())
@@ -187,14 +188,15 @@ def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_b
     product = Segmenter(bundle, "cpu", refine="sam").start(three_slices).run(progress=False).on_input_grid()
     gt = mask[z - 1 : z + 2] > 0
     by_seed = report["per_case"]["three"]["cldf+sam"]["by_seed"]
-    assert by_seed[0]["dice_3d"] == pytest.approx(_dice(product.mask.astype(bool), gt))
+    assert by_seed[0]["dice_3d"] == pytest.approx(dice(product.mask, gt))
     assert by_seed[0]["dice_3d"] != report["per_case"]["three"]["cldf"]["by_seed"][0]["dice_3d"]
 
 
 def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_bundle, three_slices, case_paths):
     from cldf.config import PostprocessConfig
     from cldf.postprocess import SliceEvidence
-    from cldf.training.select import _ValVolume, _volume_dice, select_refine
+    from cldf.metrics import dice
+    from cldf.training.select import _ValVolume, select_refine
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(truth.sum(axis=(1, 2)).argmax())
@@ -209,7 +211,7 @@ def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_b
     rows = select_refine(load_bundle(tiny_bundle), [volume], PostprocessConfig(), (0,), "cpu", progress=False)
     by_method = {r["settings"]["refine.method"]: r for r in rows}
     assert set(by_method) == {"none", "sam"} and rows[0]["val_dice_3d"] >= rows[1]["val_dice_3d"]
-    assert by_method["none"]["val_dice_3d"] == pytest.approx(_volume_dice(box, truth))
+    assert by_method["none"]["val_dice_3d"] == pytest.approx(dice(box, truth))
     assert by_method["sam"]["val_dice_3d"] > by_method["none"]["val_dice_3d"]  # SAM follows the tumour inside its box
     same = _ValVolume(truth, {0: np.zeros_like(truth)}, {0: evidence}, volume.image, volume.spacing)
     rows = select_refine(load_bundle(tiny_bundle), [same], PostprocessConfig(), (0,), "cpu", progress=False)

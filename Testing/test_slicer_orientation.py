@@ -19,6 +19,7 @@ from CLDFSegmentationLib.headless import loadVolume
 from CLDFSegmentationLib.labels import markSlices
 from CLDFSegmentationLib.nodes import imageFromVolume
 from cldf.data import orientation_of
+from cldf.metrics import dice
 
 SPACING = (0.9, 1.1, 1.5)
 ORIGIN = (12.5, -30.0, 40.0)
@@ -53,11 +54,6 @@ def matrix(node) -> np.ndarray:
     m = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(m)
     return slicer.util.arrayFromVTKMatrix(m)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
 
 
 def test_a_sagittally_stored_volume_gives_the_same_mask_in_physical_space(mrml_scene, stored_as, brain_bundle,

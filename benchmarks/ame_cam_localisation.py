@@ -42,6 +42,7 @@ from cldf.config import AmeCamConfig, CLDFConfig, preset
 from cldf.data import load_manifest, load_slice_set, normalise, read_channels, split_cases, target_mask, to_slices
 from cldf.evaluation.evaluate import pointing
 from cldf.maps import AmeCamMap, LayerCAM
+from cldf.metrics import slice_dice
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
@@ -90,12 +91,11 @@ def map_scores(cam: torch.Tensor, x: torch.Tensor, truth: torch.Tensor, cfg: CLD
     body = body_mask(x, cfg.data.body_threshold)
     on = threshold_maps(cam, "otsu") & body
     hits = (on & truth).flatten(1).sum(1).float()
-    dice = 2 * hits / (on.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
     off = body & ~truth
     return {
         "pointing": float(np.mean(pointing(cam.numpy(), truth.numpy(), np.arange(len(x))))),
         "otsu_precision": float(hits.sum() / on.sum().clamp_min(1)),
-        "otsu_dice": float(dice.mean()),
+        "otsu_dice": float(slice_dice(on, truth).mean()),
         "target_over_body": float(cam[truth].mean() / cam[off].mean().clamp_min(1e-6)),
     }
 

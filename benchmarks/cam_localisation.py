@@ -36,6 +36,7 @@ from cldf.cli import _apply_overrides
 from cldf.data import load_manifest, load_slice_set, normalise, read_channels, target_mask, to_slices
 from cldf.evaluation.evaluate import pointing
 from cldf.maps import LayerCAM
+from cldf.metrics import slice_dice
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
@@ -82,7 +83,6 @@ def measure(bundle_dir: Path, resolution: int, work: Path, seed: int, variant: s
     cam = torch.cat([layercam(b)[0] for b in x.split(16)])
     on = threshold_maps(cam, "otsu") & body_mask(x, cfg.data.body_threshold)
     hits = (on & truth).flatten(1).sum(1).float()
-    dice = 2 * hits / (on.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
     cpu, judge = torch.device("cpu"), sided(net, cc.sides, orientation)
     return {
         "resolution": resolution,
@@ -94,7 +94,7 @@ def measure(bundle_dir: Path, resolution: int, work: Path, seed: int, variant: s
         "pointing": float(np.mean(pointing(cam.numpy(), truth.numpy(), np.arange(len(x))))),
         "target_share_of_slice": float(truth.float().mean()),
         "otsu_precision": float(hits.sum() / on.sum().clamp_min(1)),
-        "otsu_dice": float(dice.mean()),
+        "otsu_dice": float(slice_dice(on, truth).mean()),
     }
 
 

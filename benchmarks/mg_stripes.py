@@ -30,6 +30,7 @@ from cldf.bundle import load_bundle
 from cldf.data import load_manifest, normalise, read_channels, target_mask, to_slices
 from cldf.evaluation.demo import GAP, heat, to_unit
 from cldf.maps import MeanGradient
+from cldf.metrics import slice_dice
 from cldf.seeds import threshold_maps
 
 
@@ -63,9 +64,8 @@ def stripe_index(maps: np.ndarray) -> float:
 def score(maps: torch.Tensor, truths: np.ndarray) -> dict:
     a = maps.numpy()
     otsu = threshold_maps(maps, "otsu").numpy()
-    dice = [2 * (o & g).sum() / (o.sum() + g.sum()) for o, g in zip(otsu, truths)]
     return {"pointing": float(np.mean([g.flat[m.argmax()] for m, g in zip(a, truths)])),
-            "otsu_dice": float(np.mean(dice)), "stripe_index": stripe_index(a)}
+            "otsu_dice": float(slice_dice(otsu, truths).mean()), "stripe_index": stripe_index(a)}
 
 
 def main() -> None:

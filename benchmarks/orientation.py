@@ -20,14 +20,10 @@ import SimpleITK as sitk
 
 from cldf.bundle import load_bundle
 from cldf.data import load_manifest, orientation_of
+from cldf.metrics import dice
 from cldf.segment import Segmenter
 
 ORIENTATIONS = ("RAS", "LPI", "ASL", "SRA")  # from LPS (the LGG files): flipped in-plane, slices reversed, sagittal, coronal
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def main() -> None:

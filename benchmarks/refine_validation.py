@@ -29,6 +29,7 @@ from monai.metrics import compute_average_surface_distance
 from cldf.bundle import load_bundle
 from cldf.config import RefineConfig
 from cldf.data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
+from cldf.metrics import dice
 from cldf.refine import SamRefiner, load_litemedsam
 from cldf.segment import Segmenter
 
@@ -58,11 +59,6 @@ def surface_distance(p: np.ndarray, g: np.ndarray, spacing) -> float:
     """Symmetric mean surface distance (mm) of two ``(Y, X)`` masks."""
     return float(compute_average_surface_distance(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None],
                                                   symmetric=True, spacing=spacing))
-
-
-def dice(p: np.ndarray, g: np.ndarray) -> float:
-    s = p.sum() + g.sum()
-    return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
 
 
 def refine_all(refiner: SamRefiner, image: np.ndarray, coarse: np.ndarray, spacing, configs) -> list[np.ndarray]:

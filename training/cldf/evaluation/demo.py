@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from ..bundle import Bundle, load_bundle
 from ..data import Case, InputError, load_manifest, target_mask
+from ..metrics import dice, target_slice_dice
 from ..outputs import write_result
 from ..segment import Segmenter, VolumeResult
 
@@ -102,17 +103,10 @@ def write_png(rgb: np.ndarray, path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- Dice
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """``2 |P & G| / (|P| + |G|)`` of two boolean arrays; 1.0 when both are empty."""
-    total = int(pred.sum()) + int(truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
-
-
 def dice_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, int]:
     """3D Dice of the volume, mean Dice over the slices holding target (nan if none) and their number."""
-    holding = [z for z in range(len(truth)) if truth[z].any()]
-    per_slice = [dice(pred[z], truth[z]) for z in holding]
-    return dice(pred, truth), float(np.mean(per_slice)) if per_slice else math.nan, len(holding)
+    per_slice = target_slice_dice(pred, truth)
+    return dice(pred, truth), float(np.mean(per_slice)) if per_slice else math.nan, len(per_slice)
 
 
 def dice_report(pred: np.ndarray, truth: np.ndarray) -> str:

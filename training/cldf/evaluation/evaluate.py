@@ -36,6 +36,7 @@ from ..bundle import Bundle
 from ..data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
 from ..maps import GradCAM, LayerCAM
 from ..maps.scorecam import ScoreCAM
+from ..metrics import dice, iou
 from ..postprocess import keep_main_components
 from ..seeds import FOREGROUND, threshold_maps
 from ..segment import Segmenter, resolve_device
@@ -135,9 +136,9 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
                 pooled[method][s].hits += sc.hits
                 pooled[method][s].predicted += sc.predicted
                 fp_ml = float(m[empty].sum()) * voxel_ml
-                pooled[method][s].dice_3d.append(_dice(m, gt))
+                pooled[method][s].dice_3d.append(dice(m, gt))
                 pooled[method][s].fp_ml.append(fp_ml)
-                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": _dice(m, gt),
+                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": dice(m, gt),
                             "fp_ml_empty_slices": fp_ml}
             per_case[cid][method] = _over_seeds(entry)
     overall = {}
@@ -230,11 +231,10 @@ def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacin
     diag = math.hypot(gt.shape[1] * spacing[1], gt.shape[2] * spacing[0])
     for z in positive:
         p, g = pred[z], gt[z]
-        inter = float((p & g).sum())
-        sc.dice.append(2 * inter / (p.sum() + g.sum()))
-        sc.iou.append(inter / float((p | g).sum()))
+        sc.dice.append(dice(p, g))
+        sc.iou.append(iou(p, g))
         sc.hd95.append(_hd95(p, g, spacing, diag))
-        sc.hits.append(int(inter))
+        sc.hits.append(int((p & g).sum()))
         sc.predicted.append(int(p.sum()))
     return sc
 
@@ -255,11 +255,6 @@ def _hd95(p: np.ndarray, g: np.ndarray, spacing, diag: float) -> float:
     )
     v = float(d)
     return v if math.isfinite(v) else diag
-
-
-def _dice(p: np.ndarray, g: np.ndarray) -> float:
-    s = p.sum() + g.sum()
-    return 1.0 if s == 0 else float(2 * (p & g).sum() / s)
 
 
 def _mean(v: list[float]) -> float:

@@ -32,6 +32,7 @@ from ..config import CLDFConfig, PostprocessConfig, SeedConfig
 from ..data import Manifest, SliceSet, from_slices, normalise, read_channels, target_mask, to_slices
 from ..decoder import PixelDecoder
 from ..features import gather_at_pixels
+from ..metrics import dice, target_slice_dice
 from ..postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
 from ..seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
 from ..segment import Segmenter, autocast, batch_for, resolve_device, seed_references
@@ -221,8 +222,8 @@ def _select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, va
                 dcfg = CLDFConfig.from_dict(bundle.config.to_dict()).decoder
                 dcfg.lr, dcfg.momentum, dcfg.seed = lr, momentum, s
                 decoder = PixelDecoder(dcfg).fit(feats, labels, progress=False)
-                for key, dice in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
-                    scores.setdefault(key, []).append(dice)
+                for key, score in _cluster_scores(decoder, val, val_seeds, gate, truths, shapes, size, seg).items():
+                    scores.setdefault(key, []).append(score)
         for key, per_seed in scores.items():
             settings = {"maps.cam_method": method, "cluster.presence_threshold": threshold,
                         "seeds.cam_threshold": cam_threshold, "decoder.lr": lr, "decoder.momentum": momentum,
@@ -254,12 +255,12 @@ def _seed_pixels(data: _Slices, seeds: torch.Tensor, size, feats: TensorStore) -
 def _cluster_scores(decoder: PixelDecoder, val: _Slices, seeds: torch.Tensor, gate: torch.Tensor, truths, shapes, size,
                     seg: Segmenter) -> dict[tuple, float]:
     """Mean positive-slice Dice of every clustering variant for one decoder."""
-    dice: dict[tuple, list[float]] = {}
+    per_slice: dict[tuple, list[float]] = {}
     chans = seg.features.block_channels
     for j in range(len(truths)):
         if not gate[j]:
             for key in itertools.product(*CLUSTER_GRID.values()):
-                dice.setdefault(key, []).append(0.0)
+                per_slice.setdefault(key, []).append(0.0)
             continue
         with torch.inference_mode():
             emb = decoder.embed(val.features[j], size, chans)[0]
@@ -278,8 +279,8 @@ def _cluster_scores(decoder: PixelDecoder, val: _Slices, seeds: torch.Tensor, ga
                     mask = keep_seeded_components(mask, fg.view(size))
                 pred = from_slices(mask[None].float(), shapes[j], mode="mask")[0]
                 g = truths[j]
-                dice.setdefault((k, within_body, rule, components), []).append(2 * float((pred & g).sum()) / float(pred.sum() + g.sum()))
-    return {key: float(np.mean(v)) for key, v in dice.items()}
+                per_slice.setdefault((k, within_body, rule, components), []).append(dice(pred, g))
+    return {key: float(np.mean(v)) for key, v in per_slice.items()}
 
 
 def apply_settings(config: CLDFConfig, settings: dict) -> CLDFConfig:
@@ -363,19 +364,6 @@ def _slice_rule(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.nda
     return mask
 
 
-def _any_target_dice(pred: np.ndarray, truth: np.ndarray) -> list[float]:
-    """Dice on every slice that holds any target (the independent scorer's protocol)."""
-    out = []
-    for z in np.nonzero(truth.any(axis=(1, 2)))[0]:
-        out.append(2 * float((pred[z] & truth[z]).sum()) / float(pred[z].sum() + truth[z].sum()))
-    return out
-
-
-def _volume_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else 2 * float((pred & truth).sum()) / float(total)
-
-
 def select_postprocess(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels,
                        decoder_seeds: tuple[int, ...], device: str, progress: bool = True,
                        refine: bool = False, cache: Path | None = None, seconds: float = float("inf"),
@@ -430,8 +418,8 @@ def _score_rules(volume: _ValVolume, rules: list[tuple], slice_keys: list[str], 
             labels, sizes = component_sizes(_slice_rule(volume, s, cfg))
             for fraction in fractions:
                 pred = components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0
-                dice_3d.setdefault((values, fraction), []).append(_volume_dice(pred, volume.truth))
-                dice_slices.setdefault((values, fraction), []).extend(_any_target_dice(pred, volume.truth))
+                dice_3d.setdefault((values, fraction), []).append(dice(pred, volume.truth))
+                dice_slices.setdefault((values, fraction), []).extend(target_slice_dice(pred, volume.truth))
 
 
 def _scores(scores: dict[str, list[float]]) -> dict[str, float]:
@@ -464,8 +452,8 @@ def select_refine(bundle: Bundle, volumes: Iterable[_ValVolume], rule: Postproce
         for masks, scores in ((coarse, plain), (refined, sharp)):
             for m in masks:
                 pred = keep_main_components(m, rule.min_component_fraction)
-                scores["3d"].append(_volume_dice(pred, v.truth))
-                scores["slices"] += _any_target_dice(pred, v.truth)
+                scores["3d"].append(dice(pred, v.truth))
+                scores["slices"] += target_slice_dice(pred, v.truth)
     rows = [{"settings": {"refine.method": "none"}, **_scores(plain)},
             {"settings": {"refine.method": "sam"}, **_scores(sharp)}]
     return sorted(rows, key=lambda r: -r["val_dice_3d"])

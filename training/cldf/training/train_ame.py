@@ -1,6 +1,6 @@
 """AME-CAM stages of `cldf train`: the multi-exit classifier, then its attention aggregator.
 
-Both are resumable exactly like the other network stages (`train._fit`: checkpoints
+Both are resumable exactly like the other network stages (`stages.fit`: checkpoints
 in the run's checkpoint folder at least every ``checkpoint_every_s`` and at the end of
 each chunk, per-step seeded randomness):
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from ..data import Manifest, SliceSet
 from .slicecache import cached_slice_set
 from ..segment import autocast
 from .batches import StepDraws, augment
-from .train import Stage, TrainRequest, _fit
+from .stages import Stage, TrainRequest, fit
 
 
 def ame_enabled(cfg: CLDFConfig) -> bool:
@@ -97,7 +96,7 @@ def fit_ame_cam(cfg: CLDFConfig, train_set: SliceSet, val_set: SliceSet | None, 
     net.to(device)
     seconds, record = fit_multi_exit(net, train_set, val_set, cfg, seed, device, ckdir, req)
     net.classifier.eval().requires_grad_(False)
-    seconds_agg = _fit("ame_aggregator", net.aggregator, _aggregator_stage(net, train_set, cfg, seed + 1, device),
+    seconds_agg = fit("ame_aggregator", net.aggregator, _aggregator_stage(net, train_set, cfg, seed + 1, device),
                        acfg.aggregator_steps, acfg.aggregator_lr, ckdir, device, req).seconds
     net.eval().requires_grad_(False)
     card = {
@@ -125,7 +124,7 @@ def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: C
     seconds = 0.0
     stops = sorted({*range(acfg.eval_every, acfg.steps, acfg.eval_every), acfg.steps})
     for stop in stops:
-        fitted = _fit("ame_classifier", net.classifier, stage, stop, acfg.lr, ckdir, device, req)
+        fitted = fit("ame_classifier", net.classifier, stage, stop, acfg.lr, ckdir, device, req)
         seconds = fitted.seconds
         if fitted.steps < stop:  # its share of the time budget is used
             break
