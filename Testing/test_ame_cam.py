@@ -18,7 +18,8 @@ from cldf.config import AmeCamConfig, CLDFConfig
 from cldf.data import load_manifest, load_slice_set
 from cldf.maps import AmeCamMap, build_cam
 from cldf.evaluation.evaluate import available_methods, evaluate
-from cldf.segment import Segmenter, bundle_variants
+from cldf.segment import Segmenter
+from cldf.variants import bundle_variants
 from cldf.training.select import select_settings
 from cldf.training.train import TrainRequest, train
 from conftest import BRAIN_BUNDLE, tiny_config

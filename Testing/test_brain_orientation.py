@@ -79,8 +79,9 @@ def test_the_brain_card_records_lps_with_the_correction_and_its_reason(brain_bun
 def test_a_rebuild_from_the_corrected_files_would_record_lps(lgg_manifest, brain_bundle):
     manifest = load_manifest(lgg_manifest)
     assert {stored_orientation(case, "FLAIR") for case in manifest.cases} == {"LPS"}
-    first = read_card(brain_bundle)["training"]["split"]["train"][0]  # `cldf train` takes its first training case's
-    assert stored_orientation(manifest.case(first), "FLAIR") == read_card(brain_bundle)["config"]["data"]["orientation"]
+    card = read_card(brain_bundle)
+    first = card["training"]["split"]["train"][0]  # `cldf train` takes its first training case's
+    assert stored_orientation(manifest.case(first), "FLAIR") == card["config"]["data"]["orientation"]
 
 
 def test_training_sees_the_same_arrays_in_the_corrected_files_as_in_the_old_ones(lgg_manifest, brain_bundle, tmp_path):

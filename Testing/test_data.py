@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf.data import (
-    AMBIGUOUS, InputError, from_slices, load_manifest, normalise, read_channels, split_cases, to_slices,
-    weak_slice_labels,
-)
+from cldf.data import AMBIGUOUS, InputError, load_manifest, read_channels, split_cases, weak_slice_labels
+from cldf.slices import from_slices, normalise, to_slices
 
 from conftest import write_image
 

@@ -31,8 +31,9 @@ def test_slice_dice_scores_each_slice_as_dice_does():
     rng = np.random.default_rng(0)
     a, b = rng.random((5, 8, 8)) > 0.6, rng.random((5, 8, 8)) > 0.6
     a[2] = b[2] = False  # an empty pair
-    expected = [dice(x, y) for x, y in zip(a, b)]
-    assert slice_dice(a, b).tolist() == expected and expected[2] == 1.0
+    expected = [2 * (x & y).sum() / (x.sum() + y.sum()) if (x | y).any() else 1.0 for x, y in zip(a, b)]
+    assert slice_dice(a, b).tolist() == expected and [dice(x, y) for x, y in zip(a, b)] == expected
+    assert expected[2] == 1.0 and 0 < expected[0] < 1
 
 
 def test_target_slice_dice_counts_every_slice_holding_target_and_no_other():

@@ -15,7 +15,8 @@ from monai.metrics import compute_average_surface_distance
 from cldf.bundle import load_bundle
 from cldf.cli import main
 from cldf.config import CLDFConfig, RefineConfig
-from cldf.data import from_slices, normalise, target_mask, to_slices
+from cldf.data import target_mask
+from cldf.slices import from_slices, normalise, to_slices
 from cldf.refine import WEIGHTS_SHA256, SamRefiner, check_refine_config, component_prompts, packaged_weights
 from cldf.segment import Segmenter
 
@@ -196,7 +197,7 @@ def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_b
     from cldf.config import PostprocessConfig
     from cldf.postprocess import SliceEvidence
     from cldf.metrics import dice
-    from cldf.training.select import _ValVolume, select_refine
+    from cldf.training.volume_select import _ValVolume, select_refine
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(truth.sum(axis=(1, 2)).argmax())

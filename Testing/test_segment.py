@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cldf.bundle import load_bundle
-from cldf.segment import Segmenter, resolve_device
+from cldf.segment import Segmenter
+from cldf.device import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_masks_are_re_decided_from_the_cache_without_the_networks(tumour_case, b
     import time
     from dataclasses import replace
 
-    from cldf.segment import Redecider
+    from cldf.redecide import Redecider
 
     seg = Segmenter(load_bundle(brain_bundle), "cpu", refine="none")
     inputs = {"FLAIR": tumour_case["FLAIR"], "T1": tumour_case["T1"]}
@@ -81,7 +82,7 @@ def test_masks_are_re_decided_from_the_cache_without_the_networks(tumour_case, b
 
 
 def test_a_result_without_a_cache_cannot_be_re_decided(segmenter, case_paths):
-    from cldf.segment import Redecider
+    from cldf.redecide import Redecider
 
     result = segmenter.start({"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}).run(progress=False)
     assert result.cache is None

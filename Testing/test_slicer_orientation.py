@@ -18,7 +18,7 @@ from CLDFSegmentationLib.chart import tableColumn
 from CLDFSegmentationLib.headless import loadVolume
 from CLDFSegmentationLib.labels import markSlices
 from CLDFSegmentationLib.nodes import imageFromVolume
-from cldf.data import orientation_of
+from cldf.orientation import orientation_of
 from cldf.metrics import dice
 
 SPACING = (0.9, 1.1, 1.5)

@@ -39,7 +39,8 @@ import torch
 from cldf.ame_cam import AmeCam, minmax, upsample
 from cldf.bundle import read_card
 from cldf.config import AmeCamConfig, CLDFConfig, preset
-from cldf.data import load_manifest, load_slice_set, normalise, read_channels, split_cases, target_mask, to_slices
+from cldf.data import load_manifest, load_slice_set, read_channels, split_cases, target_mask
+from cldf.slices import normalise, to_slices
 from cldf.evaluation.evaluate import pointing
 from cldf.maps import AmeCamMap, LayerCAM
 from cldf.metrics import slice_dice

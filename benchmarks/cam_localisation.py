@@ -33,7 +33,8 @@ import torch
 from cldf.bundle import read_card
 from cldf.config import CLDFConfig
 from cldf.cli import _apply_overrides
-from cldf.data import load_manifest, load_slice_set, normalise, read_channels, target_mask, to_slices
+from cldf.data import load_manifest, load_slice_set, read_channels, target_mask
+from cldf.slices import normalise, to_slices
 from cldf.evaluation.evaluate import pointing
 from cldf.maps import LayerCAM
 from cldf.metrics import slice_dice
@@ -41,7 +42,8 @@ from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
 from cldf.sides import on_sides, sided
-from cldf.training.train import TrainRequest, fit_classifier, side_labels
+from cldf.sides import side_labels
+from cldf.training.train import TrainRequest, fit_classifier
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):

@@ -27,7 +27,8 @@ import SimpleITK as sitk
 import torch
 
 from cldf.bundle import load_bundle
-from cldf.data import load_manifest, normalise, read_channels, target_mask, to_slices
+from cldf.data import load_manifest, read_channels, target_mask
+from cldf.slices import normalise, to_slices
 from cldf.evaluation.demo import GAP, heat, to_unit
 from cldf.maps import MeanGradient
 from cldf.metrics import slice_dice

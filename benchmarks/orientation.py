@@ -19,7 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from cldf.bundle import load_bundle
-from cldf.data import load_manifest, orientation_of
+from cldf.data import load_manifest
+from cldf.orientation import orientation_of
 from cldf.metrics import dice
 from cldf.segment import Segmenter
 

@@ -28,7 +28,8 @@ from monai.metrics import compute_average_surface_distance
 
 from cldf.bundle import load_bundle
 from cldf.config import RefineConfig
-from cldf.data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
+from cldf.data import load_manifest, read_channels, target_mask
+from cldf.slices import from_slices, normalise, to_slices
 from cldf.metrics import dice
 from cldf.refine import SamRefiner, load_litemedsam
 from cldf.segment import Segmenter

@@ -27,7 +27,7 @@ def addSliceChart(name: str, slices: int, inputSlices: np.ndarray | None = None,
     """A table of ``slices`` rows (zeros) and a chart of its series; returns (table, chart).
 
     ``orientation``: the bundle's orientation code when the rows are slices of the input reoriented to it (the
-    x axis title says so); ``inputSlices`` then gives the input's slice each row is (`cldf.data.slice_order`),
+    x axis title says so); ``inputSlices`` then gives the input's slice each row is (`cldf.orientation.slice_order`),
     None when they lie along another axis (the input's slice labels are then not shown).
     """
     scene = slicer.mrmlScene

@@ -120,7 +120,7 @@ class CLDFSegmentationJob:
                 self._redecider.cancelled = True
 
     def _newRedecider(self):
-        from cldf.segment import Redecider
+        from cldf.redecide import Redecider
 
         return Redecider(self._engine.segmenter, self._engine.result, self._engine.decoder_seed)
 
@@ -211,7 +211,7 @@ class CLDFSegmentationJob:
             self._engine.segmenter.cfg.cluster.presence_threshold
 
     def redecide(self, cluster, postprocess) -> np.ndarray:
-        """Decide the masks again for other gate / clustering / post-processing settings (`cldf.segment.Redecider`),
+        """Decide the masks again for other gate / clustering / post-processing settings (`cldf.redecide.Redecider`),
         without the networks, and show them; returns the new ``(Z, Y, X)`` mask (unrefined)."""
         if not self.finished or self.result is None:
             raise RuntimeError("only a finished run can be re-decided")

@@ -103,7 +103,7 @@ class CLDFSegmentationLogic:
         import torch
 
         from cldf import __version__
-        from cldf.data import slice_order
+        from cldf.orientation import slice_order
 
         provenance = {
             "Bundle": bundle.id, "BundlePath": str(bundle.path), "Device": str(segmenter.device),
@@ -134,6 +134,6 @@ class CLDFSegmentationLogic:
 def _engineGrid(inputNode, inputImage, engineImage):
     """The node on whose grid the engine's arrays lie: the input itself when the bundle's orientation is the
     input's, else a `gridNode` of the input reoriented to it (the same voxels, axes permuted and flipped)."""
-    from cldf.data import orientation_of
+    from cldf.orientation import orientation_of
 
     return inputNode if orientation_of(engineImage) == orientation_of(inputImage) else gridNode(engineImage)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .ame_cam import AmeCam
 from .config import CLDFConfig
-from .data import check_orientation
+from .orientation import check_orientation
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 from .sides import check_sides, on_sides, sided
@@ -202,7 +202,7 @@ def correct_orientation(bundle_dir: str | Path, orientation: str, because: str, 
         raise ValueError("say why the recorded orientation is wrong (e.g. which headers were corrected)")
     orientation = check_orientation(orientation)
     config = card["config"]
-    before = config.get("data", {}).get("orientation", "")
+    before = config["data"].get("orientation", "")
     if before == orientation:
         raise ValueError(f"{root / 'bundle.json'} already records the orientation {orientation}; nothing to correct")
     check_sides(config.get("cam_classifier", {}).get("sides", "whole"), orientation)

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
+
+from .orientation import orientation_of, reorient, slice_order
+from .slices import normalise, robust_range, to_slices
 
 AMBIGUOUS = -1  # slice label for 0 < target fraction <= positive_fraction: not used for training
 
@@ -295,84 +297,6 @@ def stored_orientation(case: "Case", channel: str) -> str:
     return orientation_of(reader)
 
 
-ORIENTATION_AXES = ("RL", "AP", "SI")  # an orientation code takes one letter of each, in any order
-
-
-def check_orientation(code: str) -> str:
-    """``code`` if it is an orientation code (e.g. ``"LPS"``, ``"ASR"``); a ValueError that says what is allowed."""
-    letters = code.upper() if isinstance(code, str) else ""
-    if len(letters) != 3 or sorted(next((i for i, a in enumerate(ORIENTATION_AXES) if c in a), 3)
-                                   for c in letters) != [0, 1, 2]:
-        raise ValueError(f"'{code}' is not an orientation code: give three letters, one of each pair "
-                         f"{', '.join('/'.join(a) for a in ORIENTATION_AXES)}, e.g. LPS")
-    return letters
-
-
-def orientation_of(image: sitk.Image) -> str:
-    """The image's orientation code (e.g. ``"LPS"``: its voxel axes point closest to these directions)."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
-def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
-    """The same voxels with their axes permuted and flipped to ``orientation`` (no resampling); ``""``: as is."""
-    if not orientation or orientation_of(image) == orientation:
-        return image
-    return sitk.DICOMOrient(image, orientation)
-
-
-def robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    """``(C, 2)``: each channel's intensities at the two percentiles, as stored (e.g. Hounsfield units for CT)."""
-    return np.stack([np.percentile(volume[c], percentiles) for c in range(volume.shape[0])])
-
-
-def normalise(volume: np.ndarray, percentiles: tuple[float, float], ranges: np.ndarray | None = None) -> np.ndarray:
-    """Map each channel's robust range (``ranges``, else computed) to [-1, 1] (per volume), clipping outside it."""
-    out = np.empty_like(volume, dtype=np.float32)
-    ranges = robust_range(volume, percentiles) if ranges is None else ranges
-    for c in range(volume.shape[0]):
-        lo, hi = ranges[c]
-        if hi <= lo:
-            lo, hi = float(volume[c].min()), float(volume[c].max())
-        out[c] = np.clip((volume[c] - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0
-    return out
-
-
-# --------------------------------------------------------------------------- slices
-def to_slices(volume: np.ndarray, resolution: int) -> torch.Tensor:
-    """``(C, Z, Y, X)`` normalised volume -> ``(Z, C, R, R)`` slices, padded square with -1."""
-    c, z, y, x = volume.shape
-    t = torch.from_numpy(np.ascontiguousarray(volume.transpose(1, 0, 2, 3)))
-    t = F.pad(t, _square_padding(y, x), value=-1.0)
-    if t.shape[-1] != resolution:
-        t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False)
-    return t.clamp_(-1.0, 1.0).contiguous()
-
-
-def from_slices(maps: torch.Tensor, shape: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
-    """``(Z, R, R)`` maps at bundle resolution -> ``(Z, Y, X)`` on the input's in-plane grid.
-
-    ``mode="mask"`` resizes the 0/1 mask as a soft map and thresholds it at 0.5;
-    ``"nearest"`` is for label maps (seeds).
-    """
-    y, x = shape
-    side = max(y, x)
-    m = maps.float().unsqueeze(1)
-    interp = "nearest" if mode == "nearest" else "bilinear"
-    kw = {} if interp == "nearest" else {"align_corners": False}
-    m = F.interpolate(m, size=(side, side), mode=interp, **kw)[:, 0]
-    left, _, top, _ = _square_padding(y, x)
-    m = m[:, top : top + y, left : left + x]
-    if mode == "mask":
-        m = m > 0.5
-    return m.cpu().numpy()
-
-
-def _square_padding(y: int, x: int) -> tuple[int, int, int, int]:
-    side = max(y, x)
-    left, top = (side - x) // 2, (side - y) // 2
-    return left, side - x - left, top, side - y - top
-
-
 # --------------------------------------------------------------------------- weak labels
 def target_mask(mask_path: Path, target_labels: list[int] | None, orientation: str = "") -> np.ndarray:
     """Binary ``(Z, Y, X)`` target from a label volume (values in ``target_labels``, or > 0), reoriented."""
@@ -454,21 +378,6 @@ def labels_in_orientation(labels: np.ndarray, stored: sitk.Image, orientation: s
                          f"{orientation} cuts (the volume is stored as {orientation_of(stored)}); "
                          "label the slices of the volume resampled to that orientation")
     return labels[order]
-
-
-def slice_order(stored: sitk.Image, orientation: str) -> np.ndarray | None:
-    """For each slice of ``stored`` reoriented to ``orientation``, the index of the stored slice it is.
-
-    None when reorienting moves the slice axis in-plane (then slices do not correspond one to one).
-    """
-    depth = stored.GetSize()[2]
-    if not orientation or orientation_of(stored) == orientation:
-        return np.arange(depth)
-    index = np.broadcast_to(np.arange(depth, dtype=np.int32)[:, None, None], sitk.GetArrayViewFromImage(stored).shape)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(index))
-    image.CopyInformation(stored)
-    moved = sitk.GetArrayFromImage(reorient(image, orientation))
-    return moved[:, 0, 0] if (moved == moved[:, :1, :1]).all() else None
 
 
 # --------------------------------------------------------------------------- splits

@@ -11,9 +11,7 @@ import numpy as np
 
 def dice(pred, truth) -> float:
     """``2 |P & G| / (|P| + |G|)`` of two boolean masks of one shape (arrays or tensors); 1.0 when both are empty."""
-    p, g = _boolean(pred), _boolean(truth)
-    total = int(p.sum()) + int(g.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & g).sum()) / total
+    return float(slice_dice(_boolean(pred)[None], _boolean(truth)[None])[0])
 
 
 def iou(pred, truth) -> float:

@@ -3,7 +3,7 @@
 K-means always returns a "foreground" cluster, so without these rules every slice
 the gate passes gets a mask, however little target it holds. Two steps, both
 settings of `config.PostprocessConfig` chosen on the validation split
-(`select.select_postprocess`):
+(`volume_select.select_postprocess`):
 
 1. per slice (on the bundle's grid, as slices are segmented): drop the mask
    when its mean embedding is far from the decoder's foreground prototype,

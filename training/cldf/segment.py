@@ -7,11 +7,10 @@ timer so the interface never freezes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,17 +19,19 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bundle import Bundle
-from .config import ClusterConfig, PostprocessConfig
-from .defaults import BATCH_SIZE, DEVICES
-from .cluster import choose_clusters, kmeans
-from .data import (from_slices, normalise, orientation_of, read_images, robust_range, slice_order,
-                   stack_channels, to_slices)
-from .data import reorient as _reorient
+from .defaults import BATCH_SIZE
+from .cluster import cluster_slice
+from .device import autocast, resolve_device
+from .data import read_images, stack_channels
+from .orientation import orientation_of, slice_order
+from .orientation import reorient as _reorient
+from .slices import from_slices, normalise, robust_range, to_slices
 from .plausibility import intensity_warnings, same_image_warnings
 from .features import DiffusionFeatures, EncoderFeatures
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
-from .postprocess import SliceEvidence, keep_main_components, keep_slices, mask_similarity
-from .seeds import BACKGROUND, FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
+from .postprocess import SliceEvidence, keep_main_components, keep_slices
+from .seeds import FOREGROUND, body_mask, fuse_seeds
+from .variants import VARIANTS
 
 if TYPE_CHECKING:
     from .refine import SamRefiner
@@ -40,29 +41,6 @@ log = logging.getLogger(__name__)
 EXTRA_MAPS = ("cdm",)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, not '{name}'")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def batch_for(resolution: int, base: int = BATCH_SIZE) -> int:
-    """Slices per step at a resolution: ``base`` at 64 x 64, fewer for larger slices (memory grows with the area)."""
-    return max(1, base * 64 * 64 // (resolution * resolution))
-
-
 def slice_presence(classifier: torch.nn.Module, x: torch.Tensor, device: torch.device, batch: int = 16) -> torch.Tensor:
     """Probability that each of ``(N, C, H, W)`` clean slices holds the target (the slice gate)."""
     if len(x) == 0:
@@ -70,83 +48,6 @@ def slice_presence(classifier: torch.nn.Module, x: torch.Tensor, device: torch.d
     with torch.inference_mode():
         return torch.cat([classifier(b.to(device), torch.zeros(len(b), dtype=torch.long, device=device))
                           .float().softmax(1)[:, 1].cpu() for b in x.split(batch)])
-
-
-def seed_references(e: torch.Tensor, seeds: torch.Tensor, prototype: torch.Tensor):
-    """Normalised mean embeddings of a slice's foreground and background seeds.
-
-    Args:
-        e: ``(H*W, E)`` pixel embeddings; seeds: ``(H*W,)`` seed labels;
-        prototype: the bundle's foreground prototype, used when the slice has no foreground seed.
-
-    Returns:
-        foreground reference ``(E,)``, background reference ``(E,)`` or None, foreground-seed mask.
-    """
-    fg, bg = seeds == FOREGROUND, seeds == BACKGROUND
-    ref_fg = F.normalize(e[fg].mean(dim=0) if fg.any() else prototype.cpu(), dim=0).numpy()
-    ref_bg = F.normalize(e[bg].mean(dim=0), dim=0).numpy() if bg.any() else None
-    return ref_fg, ref_bg, fg
-
-
-def cluster_slice(emb: torch.Tensor, seeds: torch.Tensor, body: torch.Tensor, prototype: torch.Tensor,
-                  cfg: ClusterConfig, kmeans_cache: dict | None = None, key=None) -> tuple[torch.Tensor, float]:
-    """One slice: ``(E, H, W)`` embeddings -> ``(H, W)`` boolean mask and its similarity to the prototype.
-
-    ``kmeans_cache``: K-means results by ``(key, k, within_body)`` and the seed references by
-    ``("references", key)``, so that re-deciding with another foreground rule or gate reuses them (`Redecider`).
-    """
-    e = emb.flatten(1).T.float()  # (H*W, E)
-    if kmeans_cache is not None and ("references", key) in kmeans_cache:
-        ref_fg, ref_bg, fg = kmeans_cache[("references", key)]
-    else:
-        ref_fg, ref_bg, fg = seed_references(e, seeds.flatten(), prototype)
-        if kmeans_cache is not None:
-            kmeans_cache[("references", key)] = ref_fg, ref_bg, fg
-    pixels = body.flatten() if cfg.within_body else torch.ones(len(e), dtype=torch.bool)
-    memo = (key, cfg.k, cfg.within_body)
-    if kmeans_cache is None or memo not in kmeans_cache:
-        found = kmeans(e[pixels].numpy(), cfg.k, cfg.seed)
-        if kmeans_cache is not None:
-            kmeans_cache[memo] = found
-    else:
-        found = kmeans_cache[memo]
-    labels, centers = found
-    mask = torch.zeros(len(e), dtype=torch.bool)
-    if centers is not None:
-        chosen = np.isin(labels, choose_clusters(centers, ref_fg, ref_bg, cfg.rule))
-        mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
-    mask = mask.view(emb.shape[1:])
-    if cfg.seeded_components and fg.any():
-        mask = keep_seeded_components(mask, fg.view(emb.shape[1:]))
-    return mask, mask_similarity(e, mask.flatten(), prototype)
-
-
-class Variant(NamedTuple):
-    """A decoder variant: which network gives the features, which maps give the seeds, which CAM source."""
-
-    features: str  # "cdm", "untrained" or "encoder"
-    seeds: str  # "both", "cam" or "mg"
-    cam: str | None = None  # a CAM method; None: the bundle's ``maps.cam_method``
-
-
-VARIANTS: dict[str, Variant] = {
-    "cdm": Variant("cdm", "both"),  # CLDF
-    "untrained": Variant("untrained", "both"),  # CLDF on a randomly initialised CDM (Table 2)
-    "cam-seeds": Variant("cdm", "cam", "layercam"),  # LayerCAM+CL (Table 3)
-    "mg-seeds": Variant("cdm", "mg"),  # MG+CL (Table 3)
-    "encoder": Variant("encoder", "both"),  # the noisy classifier's encoder features instead of the CDM's (Table 2)
-    "ame-cam-seeds": Variant("cdm", "cam", "ame-cam"),  # AME-CAM+CL (Table 3)
-    "ame-cam-fused": Variant("cdm", "both", "ame-cam"),  # AME-CAM+MG+CL (Table 3)
-}
-
-
-def bundle_variants(bundle: Bundle) -> list[str]:
-    """The decoder variants a bundle trains: AME-CAM's need its networks, and none repeats CLDF's own recipe."""
-    own = bundle.config.maps.cam_method
-    cldf = VARIANTS["cdm"]._replace(cam=own)
-    return [v for v, spec in VARIANTS.items()
-            if (spec.cam != "ame-cam" or bundle.ame_cam is not None)
-            and (v == "cdm" or spec._replace(cam=spec.cam or own) != cldf)]
 
 
 @dataclass
@@ -241,7 +142,7 @@ class Segmenter:
         """Slice size the CAM source needs when it differs from the bundle's (AME-CAM's own), else None.
 
         Callers then cut a second slice tensor at this size from the normalised volume
-        (`data.to_slices`) and pass it to `slice_maps` as ``x_cam``.
+        (`slices.to_slices`) and pass it to `slice_maps` as ``x_cam``.
         """
         return self._resolution_of(self.cfg.maps.cam_method)
 
@@ -561,48 +462,3 @@ class SegmentationJob:
                 bar.update(self.done - bar.n)
             bar.update(self.done - bar.n)
         return self.result
-
-
-class Redecider:
-    """A segmented volume's masks for another gate threshold, clustering or post-processing, from its `SliceCache`.
-
-    No network runs: K-means is the one cost, remembered per slice and k, so a new gate threshold or
-    foreground rule takes a fraction of a second for a whole volume. The masks are the unrefined ones
-    (SAM refinement is not re-run).
-    """
-
-    def __init__(self, segmenter: Segmenter, result: VolumeResult, decoder_seed: int = 0):
-        if result.cache is None:
-            raise ValueError("this result keeps no slice cache: segment with keep_cache=True to re-decide its masks")
-        self.cache = result.cache
-        self.shape = result.mask.shape
-        self.prototype = segmenter.bundle.decoders[segmenter.variant][decoder_seed].foreground_prototype_
-        self._kmeans = self.cache.kmeans
-        self.cancelled = False
-
-    def prepare(self, cluster: ClusterConfig) -> None:
-        """K-means on every slice not clustered yet (those the gate passed over), so that moving the gate
-        threshold later costs no K-means at all. Seconds for a whole volume; `cancel` stops it."""
-        c = self.cache
-        for i in range(len(c.presence)):
-            if self.cancelled:
-                return
-            if (i, cluster.k, cluster.within_body) not in self._kmeans:
-                cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
-                              torch.from_numpy(c.body[i]), self.prototype, cluster, self._kmeans, i)
-
-    def mask(self, cluster: ClusterConfig, post: PostprocessConfig) -> np.ndarray:
-        """``(Z, Y, X)`` uint8 mask on the input's grid, as the run would have made it with these settings."""
-        c = self.cache
-        z = len(c.presence)
-        small = torch.zeros(c.seeds.shape, dtype=torch.bool)
-        similarity = torch.full((z,), float("nan"))
-        gated = c.presence >= cluster.presence_threshold
-        for i in np.flatnonzero(gated):
-            small[i], similarity[i] = cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
-                                                    torch.from_numpy(c.body[i]), self.prototype, cluster,
-                                                    self._kmeans, int(i))
-        n_seeds = torch.from_numpy(((c.seeds == FOREGROUND) & gated[:, None, None]).reshape(z, -1).sum(axis=1))
-        small[~keep_slices(SliceEvidence(similarity, n_seeds, torch.from_numpy(c.presence)), post)] = False
-        mask = from_slices(small, self.shape[1:], mode="mask")
-        return keep_main_components(mask, post.min_component_fraction).astype(np.uint8)

@@ -23,9 +23,15 @@ expected near the centre of the field of view. Mirroring augmentation must then 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .data import side_slice_labels
+
+if TYPE_CHECKING:
+    from .config import CLDFConfig
 
 SIDES = ("whole", "left", "right", "both")
 
@@ -112,3 +118,33 @@ def on_sides(cam, sides: str, orientation: str):
 def sided(classifier: nn.Module, sides: str, orientation: str) -> nn.Module:
     """``classifier`` itself for ``"whole"``, else wrapped to judge half slices (`SidedClassifier`)."""
     return classifier if sides == "whole" else SidedClassifier(classifier, sides, orientation)
+
+
+# --------------------------------------------------------------------------- training settings
+def side_labels(cfg: CLDFConfig, manifest, case_ids: list[str], target_labels: list[int] | None):
+    """The training slices' per-side labels when ``cam_classifier.left_labels`` / ``right_labels`` ask for them."""
+    cc = cfg.cam_classifier
+    if not cc.left_labels:
+        return None
+    return side_slice_labels(manifest, case_ids, target_labels, (list(cc.left_labels), list(cc.right_labels)),
+                             cfg.data.positive_fraction, cfg.data.orientation)
+
+
+def check_side_settings(cfg: CLDFConfig, target_labels: list[int] | None) -> None:
+    """``cam_classifier.sides`` and its per-side labels fit the slices and the target (checked before any work)."""
+    cc = cfg.cam_classifier
+    check_sides(cc.sides, cfg.data.orientation)
+    if cfg.noisy_classifier.sides != "whole":
+        raise ValueError("noisy_classifier.sides must stay 'whole': the mean gradient needs the whole slice "
+                         "(cam_classifier.sides is the setting for an organ with a side)")
+    if cc.flips and (cc.sides in ("left", "right") or cc.left_labels or cc.right_labels):
+        per_side = " with a label per side" if cc.left_labels or cc.right_labels else ""
+        raise ValueError(f"cam_classifier.sides = '{cc.sides}'{per_side} needs cam_classifier.flips = false: "
+                         "a mirrored slice puts the other side's half where this side's is expected")
+    if not (cc.left_labels or cc.right_labels):
+        return
+    if cc.sides != "both" or not (cc.left_labels and cc.right_labels):
+        raise ValueError("cam_classifier.left_labels and right_labels go together, with cam_classifier.sides = 'both'")
+    if target_labels is None or set(cc.left_labels) | set(cc.right_labels) != set(target_labels):
+        raise ValueError(f"cam_classifier.left_labels {list(cc.left_labels)} and right_labels "
+                         f"{list(cc.right_labels)} must together be the target's mask labels ({target_labels})")

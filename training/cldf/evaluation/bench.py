@@ -40,11 +40,13 @@ from tqdm.auto import tqdm
 
 from ..bundle import Bundle, load_bundle
 from ..config import preset
-from ..data import load_manifest, normalise, read_channels, to_slices
+from ..data import load_manifest, read_channels
+from ..slices import normalise, to_slices
 from ..models import NoiseSchedule
 from ..features import DiffusionFeatures, literal_feature_stack
 from ..maps import CDMSaliency, LayerCAM
-from ..segment import Segmenter, autocast, resolve_device, slice_presence
+from ..segment import Segmenter, slice_presence
+from ..device import autocast, resolve_device
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")

@@ -33,13 +33,15 @@ from monai.metrics import compute_hausdorff_distance
 from tqdm.auto import tqdm
 
 from ..bundle import Bundle
-from ..data import InputError, Manifest, from_slices, normalise, read_channels, target_mask, to_slices
+from ..data import InputError, Manifest, read_channels, target_mask
+from ..slices import from_slices, normalise, to_slices
 from ..maps import GradCAM, LayerCAM
 from ..maps.scorecam import ScoreCAM
 from ..metrics import dice, iou
 from ..postprocess import keep_main_components
 from ..seeds import FOREGROUND, threshold_maps
-from ..segment import Segmenter, resolve_device
+from ..segment import Segmenter
+from ..device import resolve_device
 
 MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "cdm")  # one map, thresholded per slice
 BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "fusion", "cdm")

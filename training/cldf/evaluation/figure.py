@@ -16,7 +16,8 @@ import SimpleITK as sitk
 import torch
 
 from ..bundle import load_bundle
-from ..data import from_slices, load_manifest, normalise, read_channels, target_mask, to_slices
+from ..data import load_manifest, read_channels, target_mask
+from ..slices import from_slices, normalise, to_slices
 from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, radiological, to_unit
 from .evaluate import case_ids_for_split
 from ..segment import Segmenter

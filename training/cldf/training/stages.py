@@ -23,7 +23,7 @@ from ..config import CLDFConfig, ClassifierConfig
 from ..data import AMBIGUOUS, SliceSet
 from ..defaults import TARGET_COLOR, TARGET_NAME
 from ..models import NoiseSchedule, SliceClassifier
-from ..segment import autocast
+from ..device import autocast
 from ..sides import half_images, n_halves
 from . import distributed
 from .batches import Draw, StepDraws, augment, flip, step_loader

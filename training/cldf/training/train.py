@@ -11,7 +11,7 @@ too); the folder records what defines the run, and a re-run that differs is refu
    multi-exit classifier and aggregator (`train_ame`).
 4. Pixel decoders: seeds from the maps of positive training slices, diffusion
    features at the seeds, supervised contrastive training, one decoder per seed,
-   for each variant in `segment.VARIANTS`: CLDF, CLDF on a randomly initialised
+   for each variant in `variants.VARIANTS`: CLDF, CLDF on a randomly initialised
    CDM, and the ablations with seeds from the CAM or the mean gradient alone.
 5. The bundle: weights, settings, split, command, device, wall-clock; written into
    ``<out>.partial`` and moved to ``<out>`` once complete. A finished bundle is never
@@ -34,29 +34,25 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from ..bundle import Bundle, decoders_state, load_bundle, replace_decoders, save_bundle, update_card
+from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_card
 from .batches import check_intensity
 from . import distributed
-from .tensorstore import TensorStore
 from ..config import CLDFConfig
-from ..data import SliceSet, load_manifest, side_slice_labels, split_cases, stored_orientation
-from ..decoder import PixelDecoder
-from ..features import gather_at_pixels
+from ..data import SliceSet, load_manifest, split_cases, stored_orientation
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
-from ..segment import VARIANTS, Segmenter, batch_for, bundle_variants, resolve_device
-from ..sides import check_sides
-from .select import apply_settings, select_postprocess, select_settings
+from ..variants import bundle_variants
+from ..device import device_name, resolve_device
+from ..sides import check_side_settings, side_labels
+from .decoders import fit_decoders, safe_open_metadata
+from .select import apply_settings, select_settings
+from .volume_select import select_postprocess
 from .stages import BUDGET_SHARES, SELECT_PATIENTS, TrainRequest, cdm_stage, fit, fit_classifier
 from .slicecache import cached_slice_set
 
@@ -97,7 +93,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         raise ValueError(f"{req.manifest}: no case falls in the training split")
     if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
         cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
-    _check_sides(cfg, req.target_labels)
+    check_side_settings(cfg, req.target_labels)
     fingerprint = run_fingerprint(req)
     _check_run(ckdir, fingerprint, splits)
     torch.manual_seed(req.seed)
@@ -164,7 +160,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
             "manifest": str(req.manifest),
             "split": splits,
             "seed": req.seed,
-            "device": _device_name(device),
+            "device": device_name(device),
             "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
             "data_card": _data_card(train_set, cfg),
             "decoders": decoder_card,
@@ -328,35 +324,6 @@ def _selection_note(n_val: int, needed: int) -> str | None:
     return None
 
 
-def side_labels(cfg: CLDFConfig, manifest, case_ids: list[str], target_labels: list[int] | None):
-    """The training slices' per-side labels when ``cam_classifier.left_labels`` / ``right_labels`` ask for them."""
-    cc = cfg.cam_classifier
-    if not cc.left_labels:
-        return None
-    return side_slice_labels(manifest, case_ids, target_labels, (list(cc.left_labels), list(cc.right_labels)),
-                             cfg.data.positive_fraction, cfg.data.orientation)
-
-
-def _check_sides(cfg: CLDFConfig, target_labels: list[int] | None) -> None:
-    """``cam_classifier.sides`` and its per-side labels fit the slices and the target (checked before any work)."""
-    cc = cfg.cam_classifier
-    check_sides(cc.sides, cfg.data.orientation)
-    if cfg.noisy_classifier.sides != "whole":
-        raise ValueError("noisy_classifier.sides must stay 'whole': the mean gradient needs the whole slice "
-                         "(cam_classifier.sides is the setting for an organ with a side)")
-    if cc.flips and (cc.sides in ("left", "right") or cc.left_labels or cc.right_labels):
-        per_side = " with a label per side" if cc.left_labels or cc.right_labels else ""
-        raise ValueError(f"cam_classifier.sides = '{cc.sides}'{per_side} needs cam_classifier.flips = false: "
-                         "a mirrored slice puts the other side's half where this side's is expected")
-    if not (cc.left_labels or cc.right_labels):
-        return
-    if cc.sides != "both" or not (cc.left_labels and cc.right_labels):
-        raise ValueError("cam_classifier.left_labels and right_labels go together, with cam_classifier.sides = 'both'")
-    if target_labels is None or set(cc.left_labels) | set(cc.right_labels) != set(target_labels):
-        raise ValueError(f"cam_classifier.left_labels {list(cc.left_labels)} and right_labels "
-                         f"{list(cc.right_labels)} must together be the target's mask labels ({target_labels})")
-
-
 def _check_batches(cfg: CLDFConfig, world: int) -> None:
     """Each data-parallel stage's batch must split evenly over the processes (checked before anything runs)."""
     if world == 1:
@@ -368,103 +335,6 @@ def _check_batches(cfg: CLDFConfig, world: int) -> None:
     if uneven:
         raise ValueError(f"{', '.join(uneven)} cannot be split evenly over {world} processes: set a batch size "
                          f"divisible by {world} (--set ...), or run another number of processes")
-
-
-# --------------------------------------------------------------------------- decoders
-def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], store_dir: Path,
-                  batch: int | None = None, progress: bool = True, cam_images=None, seconds: float = float("inf"),
-                  ) -> tuple[dict[str, TensorStore], dict[str, TensorStore], int]:
-    """Diffusion features at the seed pixels of every positive slice, for each decoder variant.
-
-    The maps are computed once; each variant takes its seeds from them (`segment.VARIANTS`)
-    and its features from its CDM. ``cam_images``: ``data``'s slices at the CAM source's own
-    resolution (`Segmenter.cam_resolution`), same order, when it has one. Features go to a
-    `TensorStore` per variant in ``store_dir``, their labels too (the caller closes them), so memory
-    holds one batch.
-    With a time limit (``seconds``), the positive slices are visited in a seeded random order and
-    collection stops once it is used and every variant has seeds.
-
-    Returns:
-        per variant the stores of ``(P_i, D)`` features and of ``(P_i,)`` seed labels, and the
-        number of positive slices visited.
-    """
-    batch = batch or batch_for(bundle.config.data.resolution)
-    segs = {v: Segmenter(bundle, str(device), batch, variant=v) for v in variants}
-    by_cdm: dict[str, Segmenter] = {}
-    for v in variants:
-        by_cdm.setdefault(VARIANTS[v].features, segs[v])
-    first = segs[variants[0]]
-    pos = (data.labels == 1).nonzero()[:, 0]
-    if seconds < float("inf"):
-        pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(bundle.config.decoder.seed))]
-    feats = {v: TensorStore(store_dir / f"seed-features.{v}.bin") for v in variants}
-    labels = {v: TensorStore(store_dir / f"seed-labels.{v}.bin") for v in variants}
-    size = (data.images.shape[-2], data.images.shape[-1])
-    t0, visited = time.time(), 0
-    for start in tqdm(range(0, len(pos), batch), desc="seeds + features", disable=not progress, leave=False):
-        if time.time() - t0 >= seconds and all(len(labels[v]) for v in variants):  # every variant has seeds
-            log.info("decoders: seeds of %d of %d positive slices, the stage's share of the time budget used",
-                     start, len(pos))
-            break
-        idx = pos[start : start + batch]
-        visited += len(idx)
-        x = data.images[idx].to(device)
-        maps = first.slice_maps(x, idx, gate=False, x_cam=None if cam_images is None else cam_images[idx].to(device),
-                                cam_sources=tuple(seg.cam_source for seg in segs.values()))
-        block = {c: seg.features(x) for c, seg in by_cdm.items()}
-        for v in variants:
-            seeds = segs[v].seeds(maps, idx, gate=False)
-            for j in range(len(idx)):
-                s = seeds[j].flatten().cpu()
-                if not (s == 1).any():
-                    continue
-                pixels = s.nonzero()[:, 0]
-                labels[v].append(s[pixels])
-                f = [b[j : j + 1] for b in block[VARIANTS[v].features]]
-                feats[v].append(gather_at_pixels(f, pixels.to(x.device), size))
-    return feats, labels, visited
-
-
-def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], decoder_seeds: tuple[int, ...],
-                 done: dict[str, torch.Tensor], save: Callable[[dict[str, torch.Tensor]], None], store_dir: Path,
-                 progress: bool = True, cam_images=None, seconds: float = float("inf")):
-    """One decoder per (variant, seed), reusing those already in ``done`` and calling ``save`` after each new one.
-
-    Returns:
-        the decoders by variant and seed, and a card of seed counts and final losses.
-    """
-    cfg = bundle.config
-    feats, labels, visited = seed_features(bundle, data, device, variants, store_dir, progress=progress,
-                                           cam_images=cam_images, seconds=seconds)
-    try:
-        empty = [v for v in variants if not len(labels[v])]
-        if empty:
-            raise ValueError(f"no positive training slice produced foreground seeds for {empty}: "
-                             "check the slice labels and maps")
-        decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
-        card = {"seed_slices": {v: len(labels[v]) for v in variants},
-                "foreground_seeds": {v: int(sum((l == 1).sum() for l in labels[v])) for v in variants},
-                "background_seeds": {v: int(sum((l == 2).sum() for l in labels[v])) for v in variants},
-                "final_loss": {},
-                **({"positive_slices_visited": visited} if visited < int((data.labels == 1).sum()) else {})}
-        for v in variants:
-            for s in decoder_seeds:
-                prefix = f"{v}.{s}."
-                dcfg = CLDFConfig.from_dict(cfg.to_dict()).decoder
-                dcfg.seed = s
-                if any(k.startswith(prefix) for k in done):
-                    d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items()
-                                                            if k.startswith(prefix)})
-                else:
-                    d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress)
-                    card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
-                    done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
-                    save(done)
-                decoders[v][s] = d
-    finally:
-        for store in [*feats.values(), *labels.values()]:
-            store.close()
-    return decoders, card
 
 
 def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, ckdir: Path,
@@ -484,41 +354,6 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
     if "positive_slices_visited" in card:
         req.budget_stops["decoders"] = card["positive_slices_visited"]
     return decoders, card
-
-
-def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
-                 progress: bool = True) -> list[str]:
-    """Train the decoder variants a bundle lacks (bundles made before the ablations) into it.
-
-    Uses the bundle's recorded training split, target labels and settings, so the
-    decoders are the ones `cldf train` makes today. Returns the variants added.
-    """
-    bundle = load_bundle(bundle_dir)
-    missing = [v for v in bundle_variants(bundle) if v not in bundle.decoders]
-    if not missing:
-        return []
-    cfg, card = bundle.config, bundle.card
-    manifest = load_manifest(manifest_path)
-    train_ids = card.get("training", {}).get("split", {}).get("train")
-    if not train_ids:
-        raise ValueError(f"{bundle_dir}/bundle.json records no training split; retrain the bundle with `cldf train`")
-    data = cached_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction, cfg.data.orientation)
-    dev = resolve_device(device)
-    t0 = time.time()
-    seeds = tuple(sorted(bundle.decoders["cdm"]))
-    bundle.decoders |= {v: {} for v in missing}  # filled below
-    with tempfile.TemporaryDirectory(prefix="cldf-seeds-") as store:
-        new, new_card = fit_decoders(bundle, data, dev, missing, seeds, {}, lambda state: None, Path(store), progress)
-    entry = {"variants": missing, "command": command, "device": _device_name(dev),
-             "wall_clock_s": round(time.time() - t0, 1), **new_card}
-    replace_decoders(bundle_dir, {**bundle.decoders, **new}, added_decoders=entry)
-    return missing
-
-
-def safe_open_metadata(path: Path) -> dict:
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
 
 
 def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], req: TrainRequest, ckdir: Path) -> CLDFConfig:
@@ -554,7 +389,7 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
 def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_labels, decoder_seeds, device: str,
                           progress: bool = True, refine: bool = True, cache: Path | None = None,
                           seconds: float = float("inf")) -> dict:
-    """`select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
+    """`volume_select.select_postprocess` with its wall-clock, as recorded under ``selection.postprocess``."""
     t0 = time.time()
     chosen, rows, refine_rows = select_postprocess(bundle, manifest, val_ids, target_labels, tuple(decoder_seeds),
                                                    device, progress, refine, cache, seconds)
@@ -596,9 +431,3 @@ def _data_card(data: SliceSet, cfg: CLDFConfig) -> dict:
         ),
         **({"intensity": intensity_card(data.ranges, list(cfg.data.channels))} if data.ranges is not None else {}),
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"

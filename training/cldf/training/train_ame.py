@@ -28,7 +28,7 @@ from ..ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
 from ..config import CLDFConfig
 from ..data import Manifest, SliceSet
 from .slicecache import cached_slice_set
-from ..segment import autocast
+from ..device import autocast
 from .batches import StepDraws, augment
 from .stages import Stage, TrainRequest, fit
 
