@@ -188,7 +188,7 @@ def test_bench_compares_both_paths_on_the_same_slices(tiny_bundle, small_manifes
 
 
 def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_manifest, tmp_path):
-    from cldf import cli
+    from cldf import cli_parser as cli
     from cldf.evaluation import bench
 
     assert cli.PATHS == bench.PATHS

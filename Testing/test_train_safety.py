@@ -253,7 +253,7 @@ def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_
     from cldf.bundle import load_bundle
     from cldf.data import load_manifest, load_slice_set
     from cldf.decoder import PixelDecoder
-    from cldf.training import volume_select as select
+    from cldf.training import select
 
     bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
     cfg = bundle.config.data
