@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from cldf.config import preset
-from cldf.training.train import TrainRequest, train
+from cldf.trainer.train import TrainRequest, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cldf.training.train_ame as train_ame
+import cldf.trainer.train_ame as train_ame
 from cldf.ame_cam import (AmeCam, AttentionAggregator, MultiExitClassifier, multi_exit_loss, region_contrastive_loss,
                           upsample)
 from cldf.bundle import BundleError, load_bundle, read_card, write_card
@@ -20,8 +20,8 @@ from cldf.maps import AmeCamMap, build_cam
 from cldf.evaluation.evaluate import available_methods, evaluate
 from cldf.segment import Segmenter
 from cldf.variants import bundle_variants
-from cldf.training.select import select_settings
-from cldf.training.train import TrainRequest, train
+from cldf.trainer.select import select_settings
+from cldf.trainer.train import TrainRequest, train
 from conftest import BRAIN_BUNDLE, tiny_config
 
 
@@ -126,7 +126,7 @@ def test_region_contrastive_loss_prefers_a_map_on_the_shared_object_to_a_random_
 
 def test_hard_negatives_are_weighted_by_their_distance_to_the_patients_positive_slices():
     from cldf.data import SliceSet
-    from cldf.training.train_ame import near_positive_weights
+    from cldf.trainer.train_ame import near_positive_weights
 
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0])  # patient 0: slices 0-4, patient 1 (no positive): 5-7
     data = SliceSet(torch.zeros(8, 1, 4, 4), labels, torch.tensor([0, 0, 0, 0, 0, 1, 1, 1]), ["a", "b"])

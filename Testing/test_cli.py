@@ -144,7 +144,7 @@ def test_ablate_adds_the_decoders_train_makes_to_an_older_bundle(tiny_bundle, sm
 
 
 def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path, monkeypatch, capsys):
-    import cldf.training.train as train_module
+    import cldf.trainer.train as train_module
 
     out = tmp_path / "bundle"
     args = ["-q", "train", "--data", str(small_manifest), "--target", "1", "--channels", "FLAIR,T1",

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from cldf.config import preset
-from cldf.training.train import _check_batches
+from cldf.trainer.train import _check_batches
 
 TINY = ("--target", "1", "--channels", "FLAIR,T1", "--device", "cpu", "--decoder-seeds", "0", "--no-select",
         "--set", "data.resolution=32", "--set", "diffusion.batch_size=4", "--set", "noisy_classifier.batch_size=4",

@@ -74,7 +74,7 @@ def test_every_preset_keeps_its_timesteps_inside_the_schedule():
 
 
 def test_classifier_augmentation_is_seeded_and_stays_in_range():
-    from cldf.training.batches import StepDraws, augment
+    from cldf.trainer.batches import StepDraws, augment
 
     def draw(g):
         return torch.arange(6)
@@ -91,7 +91,7 @@ def test_classifier_augmentation_is_seeded_and_stays_in_range():
 @pytest.mark.parametrize("intensity", ["narrow", "wide"])
 def test_intensity_augmentation_moves_the_background_as_far_as_its_range(intensity):
     """A scan from another site may have another background level: "wide" moves it by up to 0.5 + 0.4, "narrow" by 0.3."""
-    from cldf.training.batches import StepDraws, augment
+    from cldf.trainer.batches import StepDraws, augment
 
     x = torch.full((64, 1, 16, 16), -1.0)  # air
     x[:, :, 6:10, 6:10] = 0.2  # tissue, never rolled into the corner
@@ -113,7 +113,7 @@ def test_the_cpu_preset_augments_the_cam_classifier_widely_and_the_defaults_stay
 
 def test_flips_off_keeps_each_slice_on_its_side_and_every_other_draw():
     """Abdominal organs have sides (the spleen lies on the left): ``flips=False`` never mirrors a slice."""
-    from cldf.training.batches import StepDraws, augment, flip
+    from cldf.trainer.batches import StepDraws, augment, flip
 
     x = torch.full((32, 1, 8, 32), -1.0)
     x[..., :16] = 0.5  # a bright left half, far wider than the shifts of up to 4 pixels

@@ -197,7 +197,7 @@ def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_b
     from cldf.config import PostprocessConfig
     from cldf.postprocess import SliceEvidence
     from cldf.metrics import dice
-    from cldf.training.volume_select import _ValVolume, select_refine
+    from cldf.trainer.volume_select import _ValVolume, select_refine
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
     z = int(truth.sum(axis=(1, 2)).argmax())

@@ -15,7 +15,7 @@ from cldf.maps import LayerCAM
 from cldf.models import SliceClassifier
 from cldf.segment import Segmenter
 from cldf.sides import SidedCAM, SidedClassifier, check_sides, half_images, place_halves
-from cldf.training.train import TrainRequest, train
+from cldf.trainer.train import TrainRequest, train
 
 
 def patient_left_marker(orientation: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import cldf.training.slicecache as slicecache
+import cldf.trainer.slicecache as slicecache
 from cldf.data import load_manifest, load_slice_set
 
 

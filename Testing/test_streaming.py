@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cldf.training.batches import StepBatches, share, step_generator
-from cldf.training.slicecache import DiskSlices
-from cldf.training.tensorstore import TensorStore
-from cldf.training.train import selection_patients
+from cldf.trainer.batches import StepBatches, share, step_generator
+from cldf.trainer.slicecache import DiskSlices
+from cldf.trainer.tensorstore import TensorStore
+from cldf.trainer.train import selection_patients
 
 
 def test_disk_slices_read_only_the_rows_asked_for_and_refuse_a_short_file(tmp_path):

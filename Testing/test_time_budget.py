@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from cldf.bundle import load_bundle
 from cldf.cli import main
-from cldf.training.train import BUDGET_SHARES
+from cldf.trainer.train import BUDGET_SHARES
 
 BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
                 "decoders.safetensors"}
@@ -67,7 +67,7 @@ def test_the_paper_preset_trains_to_the_end_on_real_scans_and_segments(small_man
 
 def test_the_paper_preset_on_a_cpu_warns_about_its_memory_before_any_work(small_manifest, tmp_path, monkeypatch,
                                                                            caplog):
-    import cldf.training.train as train_module
+    import cldf.trainer.train as train_module
 
     def stop(*args, **kwargs):
         raise RuntimeError("stopped after the checks")

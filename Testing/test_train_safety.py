@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import cldf.training.train as train_module
+import cldf.trainer.train as train_module
 from cldf.cli import main
 
 TINY = ("--target", "1", "--channels", "FLAIR,T1", "--device", "cpu", "--decoder-seeds", "0",
@@ -221,7 +221,7 @@ def test_the_post_processing_selection_resumes_after_the_last_finished_volume(ti
     from cldf.bundle import load_bundle
     from cldf.data import load_manifest
     from cldf.segment import Segmenter
-    from cldf.training import volume_select as select
+    from cldf.trainer import volume_select as select
 
     bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
     ids = [c.id for c in manifest.cases if c.split in ("val", "test")]
@@ -253,7 +253,7 @@ def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_
     from cldf.bundle import load_bundle
     from cldf.data import load_manifest, load_slice_set
     from cldf.decoder import PixelDecoder
-    from cldf.training import select
+    from cldf.trainer import select
 
     bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
     cfg = bundle.config.data

@@ -47,8 +47,8 @@ from cldf.metrics import slice_dice
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
-from cldf.training.train import TrainRequest, fit_classifier
-from cldf.training.train_ame import fit_ame_cam
+from cldf.trainer.train import TrainRequest, fit_classifier
+from cldf.trainer.train_ame import fit_ame_cam
 
 CPU = torch.device("cpu")
 INFERENCE_ONLY = ("map_exits",)  # AME-CAM settings that need no retraining

@@ -43,7 +43,7 @@ from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
 from cldf.sides import on_sides, sided
 from cldf.sides import side_labels
-from cldf.training.train import TrainRequest, fit_classifier
+from cldf.trainer.train import TrainRequest, fit_classifier
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):

@@ -2,7 +2,7 @@
 
 Zeng et al. 2025 ("Contrastive Learning with Diffusion Features for weakly
 supervised medical image segmentation"). Train from volumes and slice-level
-labels (`cldf.training.train`), segment new volumes (`cldf.segment`), score methods
+labels (`cldf.trainer.train`), segment new volumes (`cldf.segment`), score methods
 against ground truth (`cldf.evaluation.evaluate`). Neither Slicer nor Qt is imported here.
 """
 

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args, argv) -> int:
     from .config import preset
-    from .training.checkpoint import sigterm_as_interrupt
-    from .training.train import TrainRequest, checkpoint_dir, train
+    from .trainer.checkpoint import sigterm_as_interrupt
+    from .trainer.train import TrainRequest, checkpoint_dir, train
 
     cfg = preset(args.preset)
     cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
@@ -198,7 +198,7 @@ def cmd_figure(args, argv) -> int:
 
 
 def cmd_ablate(args, argv) -> int:
-    from .training.decoders import add_decoders
+    from .trainer.decoders import add_decoders
 
     added = add_decoders(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
     print(f"added decoder variants {', '.join(added)} to {args.bundle}" if added
@@ -207,7 +207,7 @@ def cmd_ablate(args, argv) -> int:
 
 
 def cmd_tune(args, argv) -> int:
-    from .training.train import tune
+    from .trainer.train import tune
 
     doc = tune(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet,
                refine=not args.no_refine)

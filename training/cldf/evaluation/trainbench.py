@@ -28,7 +28,7 @@ import torch
 
 from ..config import preset
 from ..data import load_manifest, split_cases, stored_orientation
-from ..training.slicecache import cached_slice_set
+from ..trainer.slicecache import cached_slice_set
 from .bench import cpu_name
 
 # Steps large enough that the time budget, not the step count, ends each throughput run.
