@@ -50,11 +50,11 @@ def node_ids(scene) -> set[str]:
 
 
 def refused(inputs, bundle, message: str, added: list) -> None:
-    """``start`` raises ``message`` and neither adds nor removes a node, not even for a moment."""
+    """``start`` or loading the run raises ``message`` and neither adds nor removes a node, not even for a moment."""
     before = node_ids(slicer.mrmlScene)
     added.clear()
     with pytest.raises(ValueError, match=message):
-        CLDFSegmentationLogic().start(inputs, bundle, device="cpu", refine="none")
+        CLDFSegmentationLogic().start(inputs, bundle, device="cpu", refine="none").load()
     assert node_ids(slicer.mrmlScene) == before and not added
 
 
@@ -77,6 +77,7 @@ def test_an_identity_transform_moving_nothing_is_accepted_but_not_one_whose_pare
         node.SetAndObserveTransformNodeID(identity.GetID())
     before = node_ids(scene)
     job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none")
+    job.load()
     assert all(n.GetTransformNodeID() == identity.GetID() for n in (job.result.camVolume, job.result.segmentation))
     job.cancel()
     assert node_ids(scene) == before
@@ -122,7 +123,7 @@ def test_a_segment_that_cannot_be_filled_is_refused_before_any_node(inputs, brai
     before = node_ids(slicer.mrmlScene)
     added.clear()
     with pytest.raises(RuntimeError, match="could not write the mask into segment .* of 'FLAIR tumour'"):
-        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none")
+        CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none").load()
     assert node_ids(slicer.mrmlScene) == before and not added
 
 
@@ -248,12 +249,14 @@ def test_a_scan_in_other_units_starts_with_a_warning_the_panel_shows(mrml_scene,
         hounsfield[channel] = loadVolume(tmp_path / f"{channel}.nrrd", channel)
     job = CLDFSegmentationLogic().start(hounsfield, brain_bundle, device="cpu", refine="none")
     try:
+        job.load()
         assert len(job.warnings) == 2 and all("unlike those of the bundle's training scans" in w for w in job.warnings)
     finally:
         job.cancel()
     plain = {channel: loadVolume(slab_files[channel], channel) for channel in ("FLAIR", "T1")}
     job = CLDFSegmentationLogic().start(plain, brain_bundle, device="cpu", refine="none")
     try:
+        job.load()
         assert job.warnings == []
     finally:
         job.cancel()

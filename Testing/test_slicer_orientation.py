@@ -101,6 +101,7 @@ def test_slice_labels_of_a_flipped_volume_are_charted_on_the_bundles_slices(mrml
     labels = markSlices(flipped["FLAIR"], 0, 1, 1)
     labels = markSlices(flipped["FLAIR"], 5, 5, 0)
     job = CLDFSegmentationLogic().start(flipped, brain_bundle, device="cpu", refine="none")
+    job.load()
     result = job.result
     axial = sitk.ReadImage(str(stored_as["LPS"]["FLAIR"]))
     assert result.camVolume.GetImageData().GetDimensions() == axial.GetSize()

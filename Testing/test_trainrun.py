@@ -36,8 +36,10 @@ def test_a_cancelled_training_keeps_its_steps_and_the_same_command_resumes_it(sm
     wait(run, lambda r: r.stage == "cdm" and r.done >= 20)
     assert run.total == 400
     seen = run.done
-    run.cancel()
-    assert run.returncode == 130 and not (out / "bundle.json").exists()
+    run.cancel()  # returns at once: the child saves its step and exits, which poll notices
+    assert run.stopping
+    wait(run, lambda r: False)
+    assert not run.stopping and run.returncode == 130 and not (out / "bundle.json").exists()
     assert any("interrupted" in line for line in run.lines), run.lines[-5:]
     saved = json.loads((tmp_path / "bundle.checkpoints" / "cdm.json").read_text(encoding="utf-8"))["step"]
     assert seen <= saved < 400  # the steps done before Cancel are kept, not the last periodic checkpoint only
@@ -48,6 +50,17 @@ def test_a_cancelled_training_keeps_its_steps_and_the_same_command_resumes_it(sm
     card = json.loads((out / "bundle.json").read_text(encoding="utf-8"))
     assert card["name"] == "from-slicer" and card["channels"] == ["FLAIR", "T1"]
     assert any(line.startswith("bundle written to") for line in again.lines)
+
+
+def test_a_cancelled_child_that_does_not_stop_is_killed_when_its_time_is_up(tmp_path):
+    script = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('busy', flush=True); time.sleep(60)"
+    run = TrainingRun(["train", "--out", str(tmp_path)], sys.executable, child_env())
+    run.command = [sys.executable, "-c", script]  # a child that ignores Ctrl-C
+    run.start()
+    wait(run, lambda r: r.lines == ["busy"])
+    run.cancel(timeout=0.5)
+    wait(run, lambda r: False, timeout=30)
+    assert run.returncode == -9
 
 
 def test_a_failing_training_says_why(tmp_path):

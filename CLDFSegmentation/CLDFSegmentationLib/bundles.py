@@ -1,44 +1,40 @@
-"""The model bundles shipped with the module (``Resources/Models/<name>/``)."""
+"""Bundle cards as the panel needs them: read with the engine's checks, once per bundle and version of its card.
+
+The engine (`cldf.card`) parses and checks ``bundle.json`` without torch, so the
+bundle list shows before the dependencies are installed; the weights are
+verified when a run loads the bundle, on the run's worker thread.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import os
 from pathlib import Path
-
-from cldf.defaults import TARGET_COLOR, TARGET_NAME  # plain constants: no torch
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 
-
-@dataclass(frozen=True)
-class BundleInfo:
-    """What the selector shows before anything heavy is loaded (read from bundle.json only)."""
-
-    path: Path
-    name: str
-    channels: tuple[str, ...]
-    targetName: str
-    color: tuple[int, int, int]
+_cards: dict[str, tuple[tuple[int, int], object]] = {}  # path -> ((mtime_ns, size) of its bundle.json, summary)
 
 
-def readBundleInfo(path: str | Path) -> BundleInfo:
-    """Name, channels and target of a bundle; weights are verified later, when it is loaded to run."""
-    path = Path(path)
-    card = path / "bundle.json"
-    if not card.is_file():
-        raise ValueError(f"{path} is not a CLDF model bundle: it has no bundle.json")
+def bundleCard(path: str | os.PathLike):
+    """The bundle's `cldf.card.CardSummary` (name, channels, target, colour): parsed when first asked for, again
+    only when its bundle.json changes. Raises ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
+    from cldf.card import card_summary
+
+    key = str(path)
     try:
-        doc = json.loads(card.read_text())
-        task = doc.get("task", {})
-        return BundleInfo(path, str(doc.get("name", path.name)), tuple(doc["channels"]),
-                          str(task.get("target", TARGET_NAME)), tuple(task.get("color", TARGET_COLOR)))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{card} is not a valid bundle card ({e}); rebuild or re-download the bundle") from e
+        stat = os.stat(Path(path) / "bundle.json")
+    except OSError:
+        _cards.pop(key, None)
+        return card_summary(path)  # raises the engine's message for a missing folder or card
+    version = (stat.st_mtime_ns, stat.st_size)
+    cached = _cards.get(key)
+    if cached is None or cached[0] != version:
+        cached = _cards[key] = (version, card_summary(path))
+    return cached[1]
 
 
-def shippedBundles(modelsDir: Path = MODELS_DIR) -> list[BundleInfo]:
-    """Bundles found under the module's Resources/Models, sorted by name."""
+def shippedBundles(modelsDir: Path = MODELS_DIR) -> list:
+    """Cards of the bundles under the module's Resources/Models, sorted by name."""
     if not modelsDir.is_dir():
         return []
-    return [readBundleInfo(p) for p in sorted(modelsDir.iterdir()) if (p / "bundle.json").is_file()]
+    return [bundleCard(p) for p in sorted(modelsDir.iterdir()) if (p / "bundle.json").is_file()]

@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import slicer
-
-from cldf.defaults import BATCH_SIZE, TARGET_COLOR, TARGET_NAME  # plain constants: no torch
+from cldf.defaults import BATCH_SIZE  # plain constants: no torch
 
 from . import display
-from .chart import addSliceChart, chartSeries, updateSliceLabels
+from .bundles import bundleCard
+from .job import CLDFSegmentationJob, RunRequest
 from .labels import sliceLabels
-from .job import CLDFSegmentationJob, CLDFSegmentationResult, showResult
-from .nodes import (addVolumeLike, checkVolumeNode, gridNode, imageFromVolume, nodeIDs, placeBeside,
-                    removeNodesAddedSince, tagOutput)
-from .segmentations import addToScene, exportLabelmap, newSegmentation
+from .nodes import checkVolumeNode, imageFromVolume
+from .parameters import CLDFSegmentationParameterNode, moduleParameterNode
+from .runoutputs import CLDFSegmentationResult, showResult
+from .segmentations import exportLabelmap
 
 
 class CLDFSegmentationLogic:
@@ -26,54 +24,43 @@ class CLDFSegmentationLogic:
 
         logic = CLDFSegmentationLogic()
         job = logic.start(inputVolumes={"FLAIR": flair, "T1": t1}, bundlePath=path)
-        while job.step():
+        while job.step():  # the first step loads the bundle, each further one segments a batch of slices
             print(job.progress)
         logic.exportLabelmap(job.result.segmentation, referenceVolume=flair, path="mask.nii.gz")
     """
 
+    def getParameterNode(self) -> CLDFSegmentationParameterNode:
+        """The module's typed parameter node in ``slicer.mrmlScene`` (made when there is none)."""
+        return moduleParameterNode()
+
     def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
               batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
               refine: str | None = None, keepCache: bool = True) -> CLDFSegmentationJob:
-        """Check the inputs against the bundle, create the output nodes and return a stepwise job.
+        """Check the inputs that can be checked at once and return a run that has not loaded anything yet.
 
+        This reads the bundle's card (cached) and copies the input voxels; loading the bundle (verifying its
+        weights, building its networks, LiteMedSAM when refining) happens at the run's first `step` or on its
+        worker (`CLDFSegmentationJob.startInBackground`), and so do the checks of the voxels against the bundle.
         Slices are cut along the bundle's axes: an input stored in another orientation is reoriented to the
         bundle's (axes permuted and flipped, no resampling), and the maps and the segmentation lie on that grid,
         in the same place; `exportLabelmap` with the input as reference writes on the input's own grid.
         ``refine``: ``"sam"`` or ``"none"`` overrides the bundle's mask refinement (None: the bundle's choice).
-        ``keepCache``: keep every slice's pixel embeddings (about 0.26 MB a slice) so that
-        `CLDFSegmentationJob.redecide` can change the gate threshold or the clustering in under a second.
+        ``keepCache``: keep every slice's pixel embeddings (about 0.26 MB a slice) so that the gate threshold or
+        the clustering can be changed afterwards (`CLDFSegmentationJob.requestRedecision`) without the networks.
 
-        Every check runs before any node is added, and a failed start leaves the scene as it was: inputs
-        that do not fit the bundle (channel names, grids, 2D, empty, constant, NaN, a label map, a
-        non-identity parent transform) and bundles that fail verification are refused with a
-        ``ValueError`` (``FileNotFoundError`` for a missing bundle).
+        No node is added before every check has passed, and a refused run leaves the scene as it was: nodes
+        that are no usable volume (a label map, empty, under a transform not applied to its voxels) and slice
+        labels that do not fit raise here; channel names, grids, 2D, constant or NaN voxels and bundles that fail
+        verification raise from `step` / `poll` (``ValueError``; ``FileNotFoundError`` for a missing bundle).
         """
-        from cldf.bundle import load_bundle  # torch is imported only when a run starts
-        from cldf.segment import Segmenter
-
+        card = bundleCard(bundlePath)
         for channel, node in inputVolumes.items():
             checkVolumeNode(node, channel)
-        bundle = load_bundle(bundlePath)
+        reference = inputVolumes.get(card.channels[0])
+        labels = sliceLabels(reference) if reference is not None else None  # weak labels made on this input
         images = {channel: imageFromVolume(node) for channel, node in inputVolumes.items()}
-        segmenter = Segmenter(bundle, device, batchSize, refine=refine)
-        engineJob = segmenter.start_images(images, decoderSeed, keep_cache=keepCache, reorient=True)
-        reference = inputVolumes[bundle.channels[0]]
-        grid = _engineGrid(reference, images[bundle.channels[0]], engineJob.result.reference)
-        labels = sliceLabels(reference)  # weak labels the user made on this input, if any
-        task = bundle.card.get("task", {})
-        target = str(task.get("target", TARGET_NAME))
-        segmentation = newSegmentation(grid, f"{reference.GetName()} {target}", target,
-                                       tuple(task.get("color", TARGET_COLOR)))
-        before = nodeIDs()
-        try:
-            result = self._createOutputs(reference, grid, bundle, segmenter, decoderSeed, engineJob.total,
-                                         segmentation, labels, images[bundle.channels[0]])
-            if show:
-                showResult(result, reference, "cam", opacity=display.DEFAULT_OPACITY)
-        except Exception:
-            removeNodesAddedSince(before)
-            raise
-        return CLDFSegmentationJob(engineJob, reference, result, grid)
+        return CLDFSegmentationJob(RunRequest(card, dict(inputVolumes), images, labels, device, batchSize,
+                                              decoderSeed, refine, keepCache, show))
 
     def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
                 batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
@@ -94,46 +81,3 @@ class CLDFSegmentationLogic:
     @staticmethod
     def setOverlayOpacity(opacity: float) -> None:
         display.setOverlayOpacity(opacity)
-
-    @staticmethod
-    def _createOutputs(reference, grid, bundle, segmenter, decoderSeed: int, slices: int, segmentation: tuple,
-                       labels: np.ndarray, inputImage) -> CLDFSegmentationResult:
-        """Add the output nodes of the input ``reference``, the maps on the engine's ``grid`` (`_engineGrid`),
-        ``segmentation`` (a `newSegmentation` and its segment ID) among them."""
-        import torch
-
-        from cldf import __version__
-        from cldf.orientation import slice_order
-
-        provenance = {
-            "Bundle": bundle.id, "BundlePath": str(bundle.path), "Device": str(segmenter.device),
-            "DecoderSeed": decoderSeed, "NoiseSeed": bundle.config.maps.noise_seed,
-            "Versions": f"cldf {__version__}, torch {torch.__version__}",
-        }
-        name = reference.GetName()
-        cam = addVolumeLike(reference, f"{name} CAM", grid=grid)
-        meanGradient = addVolumeLike(reference, f"{name} mean gradient", grid=grid)
-        segmentationNode, segmentId = segmentation
-        addToScene(segmentationNode, reference)
-        seeds = addVolumeLike(reference, f"{name} seeds", "vtkMRMLLabelMapVolumeNode", np.uint8,  # 1 fg, 2 bg
-                              grid=grid)
-        orientation = "" if grid is reference else bundle.config.data.orientation
-        table, chart = addSliceChart(name, slices, slice_order(inputImage, orientation), orientation)
-        updateSliceLabels(table, labels)
-        for node, role in ((cam, "cam"), (meanGradient, "meanGradient"), (segmentationNode, "segmentation"),
-                           (seeds, "seeds"),
-                           (table, "table"), (chart, "chart"), *((s, "chartSeries") for s in chartSeries(chart))):
-            tagOutput(node, role, reference, provenance)
-            placeBeside(node, reference)
-        for node in (cam, meanGradient):
-            display.styleMap(node)
-        return CLDFSegmentationResult(cam, meanGradient, segmentationNode, segmentId, np.zeros(slices, np.float32),
-                                      table, chart, seeds)
-
-
-def _engineGrid(inputNode, inputImage, engineImage):
-    """The node on whose grid the engine's arrays lie: the input itself when the bundle's orientation is the
-    input's, else a `gridNode` of the input reoriented to it (the same voxels, axes permuted and flipped)."""
-    from cldf.orientation import orientation_of
-
-    return inputNode if orientation_of(engineImage) == orientation_of(inputImage) else gridNode(engineImage)

@@ -1,169 +1,125 @@
-"""The module's state, kept in its parameter node (a ``vtkMRMLScriptedModuleNode``) and nowhere else.
+"""The module's state: a typed parameter node (``@parameterNodeWrapper``), saved with the scene, gone with it.
 
-Inputs, bundle, device and display choices, and the output nodes of the last
-run with the input they were made on: saved with the scene, gone with it, and
-what the panel shows. Plain MRML (string parameters, node references), so the
-state is the same in Slicer, in scripts and in the headless tests.
+Inputs, bundle, device, display and decision choices, the Train section's fields
+and the output nodes of the last run with the input they were made on. Inside
+Slicer the wrapper is Slicer's own, and the Widget binds the panel's widgets to
+these fields (``connectGui``); on the slicer-core wheel (tests, scripts) the
+stand-in of `typedparameters` gives the same typed fields on the same node.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import slicer
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
+                    vtkMRMLTableNode)
+
 from cldf.defaults import DEVICES  # plain constants: no torch
 
+try:
+    from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+except ImportError:  # the slicer-core wheel: MRML without Slicer's wrapper
+    from .typedparameters import Choice, WithinRange, parameterNodeWrapper
+
+MODULE_NAME = "CLDFSegmentation"
 MAX_CHANNELS = 4
 MAPS = ("cam", "meanGradient", "none")
 RULES = ("nearest", "closer_than_background")  # as `cldf.cluster.RULES` (not imported: it needs the engine)
 DEFAULT_OPACITY = 0.6
+#: the last run's output fields and the result attribute each holds
+OUTPUTS = {"outputCAM": "camVolume", "outputMeanGradient": "meanGradientVolume",
+           "outputSegmentation": "segmentation", "outputSeeds": "seedsVolume", "outputTable": "table",
+           "outputChart": "chart"}
 
-#: node-reference roles of the last run's outputs, and of the input they lie on
-OUTPUT_ROLES = {"camVolume": "outputCAM", "meanGradientVolume": "outputMeanGradient",
-                "segmentation": "outputSegmentation", "seedsVolume": "outputSeeds", "table": "outputTable"}
-RUN_INPUT = "runInput"
 
+@parameterNodeWrapper
+class CLDFSegmentationParameterNode:
+    """Everything the panel shows; the decision fields are the bundle's once a run finishes."""
 
-class CLDFSegmentationParameters:
-    """Typed access to the parameter node; every setter checks its value."""
+    inputVolume0: vtkMRMLScalarVolumeNode  # one volume per channel of the bundle, in its order
+    inputVolume1: vtkMRMLScalarVolumeNode
+    inputVolume2: vtkMRMLScalarVolumeNode
+    inputVolume3: vtkMRMLScalarVolumeNode
+    bundlePath: str
+    device: Annotated[str, Choice(DEVICES)] = "auto"
 
-    def __init__(self, node):
-        self.node = node
+    shownMap: Annotated[str, Choice(MAPS)] = "cam"
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_OPACITY
+    showMask: bool = True
+    showSeeds: bool = False
 
-    # ------------------------------------------------------------------ inputs
+    presenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5  # the gate, re-decided from the run's cache
+    clusterK: Annotated[int, WithinRange(2, 16)] = 2
+    clusterRule: Annotated[str, Choice(RULES)] = RULES[0]
+
+    trainManifest: Path  # the Train section: `cldf train --data`
+    trainOutput: Path  # --out
+    trainChannels: str  # e.g. "FLAIR, T1"
+    trainTarget: str  # mask label values, e.g. "1"
+    trainName: str
+    trainTargetName: str
+    trainExtra: str  # more arguments, e.g. "--set diffusion.steps=8000"
+
+    outputCAM: vtkMRMLScalarVolumeNode  # the last run's outputs (`setOutputs`)
+    outputMeanGradient: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    outputSeeds: vtkMRMLLabelMapVolumeNode
+    outputTable: vtkMRMLTableNode
+    outputChart: vtkMRMLPlotChartNode
+    outputSegmentId: str
+    runInput: vtkMRMLScalarVolumeNode
+
     def inputVolume(self, index: int):
-        return self.node.GetNodeReference(_inputRole(index))
+        return self.getValue(_inputField(index))
 
     def setInputVolume(self, index: int, volume) -> None:
-        self.node.SetNodeReferenceID(_inputRole(index), volume.GetID() if volume is not None else None)
+        self.setValue(_inputField(index), volume)
 
     def inputVolumes(self, channels: tuple[str, ...]) -> dict | None:
         """``{channel: node}`` in the bundle's order, or None while a channel has no volume."""
         nodes = {c: self.inputVolume(i) for i, c in enumerate(channels[:MAX_CHANNELS])}
         return nodes if nodes and all(n is not None for n in nodes.values()) else None
 
-    @property
-    def bundlePath(self) -> str:
-        return self.node.GetParameter("bundlePath") or ""
-
-    @bundlePath.setter
-    def bundlePath(self, path: str) -> None:
-        self.node.SetParameter("bundlePath", str(path))
-
-    @property
-    def device(self) -> str:
-        return self.node.GetParameter("device") or "auto"
-
-    @device.setter
-    def device(self, device: str) -> None:
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, not '{device}'")
-        self.node.SetParameter("device", device)
-
-    # ------------------------------------------------------------------ display
-    @property
-    def shownMap(self) -> str:
-        return self.node.GetParameter("shownMap") or "cam"
-
-    @shownMap.setter
-    def shownMap(self, which: str) -> None:
-        if which not in MAPS:
-            raise ValueError(f"map must be one of {MAPS}, not '{which}'")
-        self.node.SetParameter("shownMap", which)
-
-    @property
-    def overlayOpacity(self) -> float:
-        value = self.node.GetParameter("overlayOpacity")
-        return float(value) if value else DEFAULT_OPACITY
-
-    @overlayOpacity.setter
-    def overlayOpacity(self, opacity: float) -> None:
-        if not 0.0 <= opacity <= 1.0:
-            raise ValueError(f"opacity must be in [0, 1], not {opacity}")
-        self.node.SetParameter("overlayOpacity", repr(float(opacity)))
-
-    @property
-    def showMask(self) -> bool:
-        return self.node.GetParameter("showMask") != "false"
-
-    @showMask.setter
-    def showMask(self, show: bool) -> None:
-        self.node.SetParameter("showMask", "true" if show else "false")
-
-    @property
-    def showSeeds(self) -> bool:
-        return self.node.GetParameter("showSeeds") == "true"
-
-    @showSeeds.setter
-    def showSeeds(self, show: bool) -> None:
-        self.node.SetParameter("showSeeds", "true" if show else "false")
-
-    # ------------------------------------------------------------------ deciding the mask (re-decided from the cache)
-    @property
-    def presenceThreshold(self) -> float | None:
-        value = self.node.GetParameter("presenceThreshold")
-        return float(value) if value else None
-
-    @presenceThreshold.setter
-    def presenceThreshold(self, threshold: float) -> None:
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"the gate's presence threshold must be in [0, 1], not {threshold}")
-        self.node.SetParameter("presenceThreshold", repr(float(threshold)))
-
-    @property
-    def clusterK(self) -> int | None:
-        value = self.node.GetParameter("clusterK")
-        return int(value) if value else None
-
-    @clusterK.setter
-    def clusterK(self, k: int) -> None:
-        if not 2 <= int(k) <= 16:
-            raise ValueError(f"K-means needs between 2 and 16 clusters, not {k}")
-        self.node.SetParameter("clusterK", str(int(k)))
-
-    @property
-    def clusterRule(self) -> str | None:
-        return self.node.GetParameter("clusterRule") or None
-
-    @clusterRule.setter
-    def clusterRule(self, rule: str) -> None:
-        if rule not in RULES:
-            raise ValueError(f"the foreground rule must be one of {RULES}, not '{rule}'")
-        self.node.SetParameter("clusterRule", rule)
-
-    # ------------------------------------------------------------------ training a bundle
-    TRAINING_FIELDS = ("manifest", "output", "channels", "target", "name", "targetName", "extra")
-
-    def training(self) -> dict[str, str]:
-        """The Train section's fields: manifest, output folder, channels, target labels, bundle and target names,
-        and extra `cldf train` arguments (e.g. ``--set diffusion.steps=8000``)."""
-        return {f: self.node.GetParameter(f"train.{f}") or "" for f in self.TRAINING_FIELDS}
-
-    def setTraining(self, **fields: str) -> None:
-        unknown = set(fields) - set(self.TRAINING_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown training field(s) {sorted(unknown)}; they are {self.TRAINING_FIELDS}")
-        for f, value in fields.items():
-            self.node.SetParameter(f"train.{f}", str(value))
-
-    # ------------------------------------------------------------------ the last run
     def setOutputs(self, result, runInput) -> None:
         """Remember a finished run's output nodes and the input they lie on (None: forget them)."""
-        for attribute, role in OUTPUT_ROLES.items():
-            node = getattr(result, attribute) if result is not None else None
-            self.node.SetNodeReferenceID(role, node.GetID() if node is not None else None)
-        self.node.SetParameter("outputSegmentId", result.segmentId if result is not None else "")
-        self.node.SetNodeReferenceID("outputChart", result.chart.GetID() if result is not None else None)
-        self.node.SetNodeReferenceID(RUN_INPUT, runInput.GetID() if runInput is not None else None)
+        wasModifying = self.StartModify()
+        try:
+            for field, attribute in OUTPUTS.items():
+                self.setValue(field, getattr(result, attribute) if result is not None else None)
+            self.outputSegmentId = result.segmentId if result is not None else ""
+            self.runInput = runInput
+        finally:
+            self.EndModify(wasModifying)
 
     def outputs(self) -> dict | None:
-        """The last run's nodes (``camVolume``, ``meanGradientVolume``, ``segmentation``, ``segmentId``,
-        ``runInput``), or None when there is none or one of them was deleted."""
-        found = {attribute: self.node.GetNodeReference(role) for attribute, role in OUTPUT_ROLES.items()}
-        found["runInput"] = self.node.GetNodeReference(RUN_INPUT)
-        if any(n is None for n in found.values()):
+        """The last run's nodes by result attribute (``camVolume``, ..., ``runInput``) and its ``segmentId``, or
+        None when there is none or one of them has left the scene."""
+        found = {attribute: self.getValue(field) for field, attribute in OUTPUTS.items()} | {"runInput": self.runInput}
+        scene = self.parameterNode.GetScene()
+        if scene is None or any(n is None or scene.GetNodeByID(n.GetID()) is not n for n in found.values()):
             return None
-        return found | {"segmentId": self.node.GetParameter("outputSegmentId")}
+        return found | {"segmentId": self.outputSegmentId}
 
 
-def _inputRole(index: int) -> str:
+def moduleParameterNode(scene=None) -> CLDFSegmentationParameterNode:
+    """The module's parameter node in ``scene`` (default: ``slicer.mrmlScene``), made when there is none: the
+    singleton node Slicer's ``ScriptedLoadableModuleLogic.getParameterNode`` finds."""
+    scene = scene if scene is not None else slicer.mrmlScene
+    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = slicer.vtkMRMLScriptedModuleNode()
+        node.SetSingletonTag(MODULE_NAME)
+        node.SetName(scene.GenerateUniqueName(MODULE_NAME))
+        node.SetAttribute("ModuleName", MODULE_NAME)
+        node = scene.AddNode(node)
+    elif node.GetAttribute("ModuleName") != MODULE_NAME:  # a closed scene drops the attribute
+        node.SetAttribute("ModuleName", MODULE_NAME)
+    return CLDFSegmentationParameterNode(node)
+
+
+def _inputField(index: int) -> str:
     if not 0 <= index < MAX_CHANNELS:
         raise ValueError(f"input index must be in 0..{MAX_CHANNELS - 1}, not {index}")
     return f"inputVolume{index}"

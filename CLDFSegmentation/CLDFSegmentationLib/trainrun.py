@@ -2,8 +2,9 @@
 
 The child is the `cldf` command (``python -m cldf train ...``) with Slicer's
 Python, so training never runs in the application's process. Cancel sends it
-Ctrl-C: it finishes the optimisation step in progress, saves a checkpoint and
-exits; running the same command again resumes from there.
+Ctrl-C and returns: the child finishes the optimisation step in progress, saves
+a checkpoint and exits, which `poll` notices; running the same command again
+resumes from there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 #: a tqdm progress line: "cdm:  45%|████   | 1350/3000 [...]"
@@ -54,6 +56,7 @@ class TrainingRun:
         self._process: subprocess.Popen | None = None
         self._output: queue.SimpleQueue = queue.SimpleQueue()
         self._reader: threading.Thread | None = None
+        self._killAt: float | None = None  # when a cancelled child that has not exited is killed
 
     @property
     def out(self) -> Path:
@@ -96,23 +99,27 @@ class TrainingRun:
             if line.strip():
                 self.lines.append(line.strip())
         if self._process.poll() is None:
+            if self._killAt is not None and time.monotonic() > self._killAt:
+                self._process.kill()  # a cancelled child that did not stop in time
             return True
-        self._reader.join()
+        if self._reader.is_alive():  # the child has exited; its last output is still being read
+            return True
         if not self._output.empty():
             return self.poll()
         return False
 
+    @property
+    def stopping(self) -> bool:
+        """True between `cancel` and the child's exit."""
+        return self._killAt is not None and self.returncode is None
+
     def cancel(self, timeout: float = 60.0) -> None:
-        """Ctrl-C to the child (it saves the step in progress and exits); killed if it does not end in time."""
-        if self._process is None or self._process.poll() is not None:
+        """Ctrl-C to the child (it saves the step in progress and exits) and return at once; `poll` kills it when
+        it has not ended ``timeout`` seconds later."""
+        if self._process is None or self._process.poll() is not None or self._killAt is not None:
             return
         self._process.send_signal(signal.SIGINT)
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self.poll()
+        self._killAt = time.monotonic() + timeout
 
     def error(self) -> str:
         """The child's last lines when it failed (what it said about why)."""

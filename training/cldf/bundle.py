@@ -24,20 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .ame_cam import AmeCam
+from .card import FORMAT_VERSION, BundleError, parse_card, seal
 from .config import CLDFConfig
 from .orientation import check_orientation
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 from .sides import check_sides, on_sides, sided
 
-FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
-SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
 OPTIONAL_FILES = ("ame_cam",)  # required only when bundle.json lists them
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be used as it is; the message says why and what to do."""
 
 
 @dataclass
@@ -85,12 +80,6 @@ def untrained_cdm(config: CLDFConfig, seed: int) -> torch.nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return build_cdm(config.diffusion, len(config.data.channels))
-
-
-def seal(doc: dict[str, Any]) -> str:
-    """sha256 of what defines a bundle's behaviour: settings, task, channels, weight hashes."""
-    sealed = {k: doc.get(k) for k in SEALED}
-    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def write_card(path: Path, doc: dict[str, Any]) -> None:
@@ -214,34 +203,11 @@ def correct_orientation(bundle_dir: str | Path, orientation: str, because: str, 
 
 
 def read_card(bundle_dir: str | Path) -> dict[str, Any]:
-    """``bundle.json`` checked for format version and files, hashes verified."""
+    """``bundle.json`` checked for format version, files and seal (`card.parse_card`), hashes verified."""
     root = Path(bundle_dir)
     path = root / "bundle.json"
-    if not root.is_dir():
-        raise FileNotFoundError(f"bundle directory not found: {root}")
-    if not path.is_file():
-        raise BundleError(f"{root} is not a CLDF bundle: it has no bundle.json")
-    try:
-        card = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is corrupted (not valid JSON: {e}); rebuild or re-download the bundle") from e
-    if not isinstance(card, dict):
-        raise BundleError(f"{path} is corrupted (not a JSON object); rebuild or re-download the bundle")
-    version = card.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{path} has format version {version!r}; this cldf reads version {FORMAT_VERSION}. "
-            "Update CLDFSegmentation or rebuild the bundle with this version"
-        )
-    files = card.get("files")
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise BundleError(f"{path} is corrupted ('files' must map each weight file to its sha256)")
-    if card.get("seal") != seal(card):
-        raise BundleError(
-            f"{path} was edited after the bundle was made: its settings, task, channels or weight hashes no longer "
-            "match its seal. Refusing to use it; restore the original bundle.json (segment-time choices are options "
-            "of `cldf segment` and the Slicer module, not edits of the card)"
-        )
+    card = parse_card(root)
+    files = card["files"]
     for name in NETWORK_FILES + tuple(n for n in OPTIONAL_FILES if f"{n}.safetensors" in files):
         fname = f"{name}.safetensors"
         if fname not in files:

@@ -1,0 +1,85 @@
+"""A bundle's card (``bundle.json``) read and checked without torch: format version, weight list, seal.
+
+`bundle.read_card` adds the weight files' hashes on top of `parse_card`; the
+Slicer module lists bundles with `card_summary` before its dependencies are
+installed, with the same checks and the same messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .defaults import TARGET_COLOR, TARGET_NAME
+
+FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
+SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used as it is; the message says why and what to do."""
+
+
+def seal(doc: dict[str, Any]) -> str:
+    """sha256 of what defines a bundle's behaviour: settings, task, channels, weight hashes."""
+    sealed = {k: doc.get(k) for k in SEALED}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def parse_card(bundle_dir: str | Path) -> dict[str, Any]:
+    """``bundle.json`` checked for format version, weight list and seal; the weight files are not read."""
+    root = Path(bundle_dir)
+    path = root / "bundle.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"bundle directory not found: {root}")
+    if not path.is_file():
+        raise BundleError(f"{root} is not a CLDF bundle: it has no bundle.json")
+    try:
+        card = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is corrupted (not valid JSON: {e}); rebuild or re-download the bundle") from e
+    if not isinstance(card, dict):
+        raise BundleError(f"{path} is corrupted (not a JSON object); rebuild or re-download the bundle")
+    version = card.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has format version {version!r}; this cldf reads version {FORMAT_VERSION}. "
+            "Update CLDFSegmentation or rebuild the bundle with this version"
+        )
+    files = card.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{path} is corrupted ('files' must map each weight file to its sha256)")
+    if card.get("seal") != seal(card):
+        raise BundleError(
+            f"{path} was edited after the bundle was made: its settings, task, channels or weight hashes no longer "
+            "match its seal. Refusing to use it; restore the original bundle.json (segment-time choices are options "
+            "of `cldf segment` and the Slicer module, not edits of the card)"
+        )
+    return card
+
+
+@dataclass(frozen=True)
+class CardSummary:
+    """What a bundle list shows: the bundle's name, its channels in input order and its target."""
+
+    path: Path
+    name: str
+    channels: tuple[str, ...]
+    target: str
+    color: tuple[int, int, int]
+
+
+def card_summary(bundle_dir: str | Path) -> CardSummary:
+    """Name, channels and target of a bundle (`parse_card`'s checks; weights are verified when it is loaded)."""
+    root = Path(bundle_dir)
+    card = parse_card(root)
+    task = card.get("task") or {}
+    channels = card.get("channels")
+    if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
+        raise BundleError(f"{root / 'bundle.json'} is corrupted ('channels' must list the channel names)")
+    color = task.get("color", TARGET_COLOR)
+    return CardSummary(root, str(card.get("name", root.name)), tuple(channels), str(task.get("target", TARGET_NAME)),
+                       (int(color[0]), int(color[1]), int(color[2])))
