@@ -1,4 +1,9 @@
-"""Shared fixtures: real scans from the shared data folder and a tiny bundle trained on them in seconds."""
+"""Shared fixtures: real scans and a tiny bundle trained on them in seconds.
+
+The scans come from the shared data folder (``../shared/data``, or ``CLDF_DATA``) when it is there; on a bare
+checkout from the patient that ships as sample data (``Resources/SampleData``, with its manual mask), from
+which a four-case cohort is derived (`sample_cohort`). Only the tests that need the whole LGG set skip.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from cldf.config import preset
 from cldf.trainer.train import TrainRequest, train
 
 REPO = Path(__file__).resolve().parents[1]
+BRAIN_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
+#: A test-split patient of the shipped brain bundle, with a large tumour in slices 9..18; it ships as sample data.
+TUMOUR_CASE = "TCGA_CS_6669_20020102"
+SAMPLE_DIR = REPO / "Resources" / "SampleData" / TUMOUR_CASE
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,25 +37,79 @@ def data_root() -> Path:
     return Path(os.environ.get("CLDF_DATA", REPO.parent / "shared" / "data"))
 
 
+def lgg_data() -> Path | None:
+    """The whole LGG set's manifest, None when the shared data folder is not there."""
+    path = data_root() / "lgg" / "manifest.json"
+    return path if path.is_file() else None
+
+
 @pytest.fixture(scope="session")
 def lgg_manifest() -> Path:
+    """The whole LGG set (40 patients); tests that need more than the sample patient skip without it."""
     path = data_root() / "lgg" / "manifest.json"
     if not path.is_file():
-        pytest.skip(f"real LGG data not found at {path} (set CLDF_DATA to the folder holding lgg/)")
+        pytest.skip(f"the whole LGG set is not found at {path} (set CLDF_DATA to the folder holding lgg/); "
+                    "this test needs more patients than the shipped sample")
     return path
 
 
+SMALL_SPLITS = ["train", "train", "val", "test"]
+
+
 @pytest.fixture(scope="session")
-def small_manifest(lgg_manifest: Path, tmp_path_factory) -> Path:
-    """Four real LGG cases with a fixed split (2 train, 1 val, 1 test), paths absolute."""
-    raw = json.loads(lgg_manifest.read_text(encoding="utf-8"))
-    root = lgg_manifest.parent
+def small_manifest(tmp_path_factory) -> Path:
+    """Four real LGG cases with a fixed split (2 train, 1 val, 1 test), paths absolute.
+
+    From the shared data when it is there, else `sample_cohort` (the shipped patient and three cases made from it).
+    """
+    folder = tmp_path_factory.mktemp("data")
+    full = lgg_data()
+    if full is None:
+        return sample_cohort(folder)
+    raw = json.loads(full.read_text(encoding="utf-8"))
+    root = full.parent
     cases = []
-    for case, split in zip(raw["cases"][:4], ["train", "train", "val", "test"]):
+    for case, split in zip(raw["cases"][:4], SMALL_SPLITS):
         cases.append({"id": case["id"], "split": split, "mask": str(root / case["mask"]),
                       "channels": {k: str(root / v) for k, v in case["channels"].items()}})
-    path = tmp_path_factory.mktemp("data") / "manifest.json"
+    path = folder / "manifest.json"
     path.write_text(json.dumps({"name": "lgg-small", "cases": cases}))
+    return path
+
+
+#: How `sample_cohort` makes three more cases of the sample patient: a left-right mirror (the tumour in the
+#: other hemisphere), and two overlapping slabs of slices, one of them mirrored too. Each keeps slices with
+#: tumour and slices without, the header of the sample (slabs: the origin moves with the first slice).
+SAMPLE_DERIVED = {"mirrored": (True, slice(None)), "upper": (False, slice(4, None)), "lower-mirrored": (True, slice(0, 18))}
+
+
+def sample_cohort(folder: Path) -> Path:
+    """A manifest of four cases from the shipped sample patient, split like `small_manifest`'s (the sample: test).
+
+    Mirrors and slabs of one scan are not new patients: enough for the mechanics that need a training,
+    a validation and a test split (resuming, selection, cohorts), not for judging how well a bundle generalises.
+    """
+    sample = json.loads((SAMPLE_DIR / "manifest.json").read_text(encoding="utf-8"))["cases"][0]
+    files = {**sample["channels"], "mask": sample["mask"]}
+    cases = []
+    for name, (mirror, slab) in SAMPLE_DERIVED.items():
+        written = {}
+        for key, file in files.items():
+            image = sitk.ReadImage(str(SAMPLE_DIR / file))
+            voxels = sitk.GetArrayFromImage(image)
+            mirrored = sitk.GetImageFromArray(np.ascontiguousarray(voxels[:, :, ::-1] if mirror else voxels))
+            mirrored.CopyInformation(image)  # the same header: the anatomy itself is mirrored
+            written[key] = str(folder / name / file)
+            (folder / name).mkdir(exist_ok=True)
+            sitk.WriteImage(mirrored[:, :, slab], written[key])
+        mask = written.pop("mask")
+        cases.append({"id": f"{sample['id']}-{name}", "channels": written, "mask": mask})
+    cases.append({"id": sample["id"], "mask": str(SAMPLE_DIR / sample["mask"]),
+                  "channels": {k: str(SAMPLE_DIR / v) for k, v in sample["channels"].items()}})
+    for case, split in zip(cases, SMALL_SPLITS):
+        case["split"] = split
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({"name": "lgg-sample-cohort", "cases": cases}))
     return path
 
 
@@ -100,21 +163,22 @@ def oblique_direction() -> tuple[float, ...]:
     return tuple(r.flatten())
 
 
-BRAIN_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
-#: A test-split patient of the shipped brain bundle, with a large tumour in slices 9..18.
-TUMOUR_CASE = "TCGA_CS_6669_20020102"
-
-
 @pytest.fixture(scope="session")
 def brain_bundle() -> Path:
     return BRAIN_BUNDLE
 
 
 @pytest.fixture(scope="session")
-def tumour_case(lgg_manifest: Path) -> dict[str, Path]:
-    """Channel and mask files of a real LGG test patient."""
-    case = next(c for c in json.loads(lgg_manifest.read_text(encoding="utf-8"))["cases"] if c["id"] == TUMOUR_CASE)
-    root = lgg_manifest.parent
+def tumour_case() -> dict[str, Path]:
+    """Channel and mask files of a real LGG test patient: `TUMOUR_CASE` from the shared data, else the shipped sample
+    (the same files, renamed; `test_demo` checks that), which has FLAIR and T1 only."""
+    full = lgg_data()
+    if full is None:
+        case = json.loads((SAMPLE_DIR / "manifest.json").read_text(encoding="utf-8"))["cases"][0]
+        root = SAMPLE_DIR
+    else:
+        case = next(c for c in json.loads(full.read_text(encoding="utf-8"))["cases"] if c["id"] == TUMOUR_CASE)
+        root = full.parent
     return {**{k: root / v for k, v in case["channels"].items()}, "mask": root / case["mask"]}
 
 

@@ -202,17 +202,17 @@ def test_a_signal_saves_at_the_step_boundary_and_the_same_command_resumes_from_t
 
 
 def test_a_killed_run_loses_at_most_the_checkpoint_interval(small_manifest, tmp_path):
-    out, every_s = tmp_path / "b", 1.0
+    """With an interval of 0 s every step is saved as it ends: a SIGKILL loses at most the step in progress."""
+    out = tmp_path / "b"
     args = train_args(small_manifest, out, "--no-select", steps=STEPS)
     meta = tmp_path / "b.checkpoints" / "cdm.json"
-    child = Child(args, every_s=every_s)
-    child.wait_until(lambda: meta.is_file() and child.cdm_step() >= json.loads(meta.read_text(encoding="utf-8"))["step"] + 5)
+    child = Child(args, every_s=0)
+    child.wait_until(lambda: child.cdm_step() >= 5)
+    seen = child.cdm_step()
     child.process.kill()
-    killed_at = time.time()
     assert child.wait() == -signal.SIGKILL
-    assert killed_at - meta.stat().st_mtime < every_s + 3.0  # one interval, plus a step and a save
     saved = json.loads(meta.read_text(encoding="utf-8"))["step"]
-    assert 0 < saved < STEPS
+    assert seen - 1 <= saved < STEPS  # the bar counts a step just before its checkpoint is written
     resume_and_finish(args, saved, out)
 
 
