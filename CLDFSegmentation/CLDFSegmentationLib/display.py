@@ -15,9 +15,12 @@ def styleMap(volumeNode, lowerThreshold: float = DEFAULT_LOWER_THRESHOLD) -> Non
     """Heat colours on a fixed [0, 1] window; values below ``lowerThreshold`` are transparent."""
     if not 0.0 <= lowerThreshold < 1.0:
         raise ValueError(f"lowerThreshold must be in [0, 1), not {lowerThreshold}")
-    if volumeNode.GetDisplayNode() is None:
-        volumeNode.CreateDefaultDisplayNodes()
     display = volumeNode.GetDisplayNode()
+    if display is None:  # made here with its window off: a default one would first compute a window from the voxels
+        display = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display.AutoWindowLevelOff()
+        display.SetDefaultColorMap()
+        volumeNode.SetAndObserveDisplayNodeID(display.GetID())
     with slicer.util.NodeModify(display):
         heat = slicer.mrmlScene.GetFirstNodeByName(HEAT_COLOR_NODE)
         if heat is not None:
