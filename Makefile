@@ -4,6 +4,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DATA    ?= $(or $(CLDF_DATA),../shared/data)
 MODELS  := CLDFSegmentation/Resources/Models
+COMMA   := ,
 BRAIN   := $(MODELS)/brain-mri-flair-t1
 
 .PHONY: demo test bundles bench bench-train evaluate results figure screenshots clean
@@ -23,30 +24,17 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 # Rebuilds the shipped bundles (hours each on 2 CPU cores, minutes on a GPU; resumes from checkpoints when rerun).
-# Each is trained into build/models/ and replaces the shipped one only once complete.
-# AME-CAM is trained beside LayerCAM; which of the two seeds CLDF is chosen on the validation patients.
-AME := --set ame_cam.enabled=true --set ame_cam.top_fraction=0.05 --set ame_cam.hard_negatives=0.5
-# The abdominal bundles were trained with the narrow intensity augmentation (the CPU preset now uses the wide one).
-NARROW := --set cam_classifier.intensity=narrow
-# Kidney and spleen: the CAM classifier sees the patient's halves, never mirrored (see `cldf/sides.py`).
-KIDNEY_SIDES := --set cam_classifier.sides=both --set cam_classifier.left_labels=[3] \
-	--set cam_classifier.right_labels=[2] --set cam_classifier.flips=false
-SPLEEN_SIDES := --set cam_classifier.sides=left --set cam_classifier.flips=false
+# Each is trained into build/models/ with its recipe (a preset named after it, `cldf/config/presets.py`)
+# and replaces the shipped one only once complete.
 NEW := build/models
-install_bundle = rm -rf $(MODELS)/$(1) && mv $(NEW)/$(1) $(MODELS)/$(1)
+train_bundle = $(VENV)/bin/cldf train --preset $(1) --data $(DATA)/$(2)/manifest.json --target $(3) \
+	--out $(NEW)/$(1) --name $(1) --target-name $(4) $(if $(5),--color $(5)) --seed 0 \
+	&& rm -rf $(MODELS)/$(1) && mv $(NEW)/$(1) $(MODELS)/$(1)
 bundles: $(STAMP)
-	$(VENV)/bin/cldf train --data $(DATA)/lgg/manifest.json --target 1 --channels FLAIR,T1 \
-		--out $(NEW)/brain-mri-flair-t1 --name brain-mri-flair-t1 --target-name tumour --seed 0 $(AME)
-	$(call install_bundle,brain-mri-flair-t1)
-	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 2,3 --channels CT \
-		--out $(NEW)/abdomen-ct-kidney --name abdomen-ct-kidney --target-name kidney --color 185,102,83 --seed 0 $(AME) $(NARROW) $(KIDNEY_SIDES)
-	$(call install_bundle,abdomen-ct-kidney)
-	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 1 --channels CT \
-		--out $(NEW)/abdomen-ct-spleen --name abdomen-ct-spleen --target-name spleen --color 157,108,162 --seed 0 $(AME) $(NARROW) $(SPLEEN_SIDES)
-	$(call install_bundle,abdomen-ct-spleen)
-	$(VENV)/bin/cldf train --data $(DATA)/btcv/manifest.json --target 6 --channels CT \
-		--out $(NEW)/abdomen-ct-liver --name abdomen-ct-liver --target-name liver --color 221,130,101 --seed 0 $(AME) $(NARROW)
-	$(call install_bundle,abdomen-ct-liver)
+	$(call train_bundle,brain-mri-flair-t1,lgg,1,tumour,)
+	$(call train_bundle,abdomen-ct-kidney,btcv,2$(COMMA)3,kidney,185$(COMMA)102$(COMMA)83)
+	$(call train_bundle,abdomen-ct-spleen,btcv,1,spleen,157$(COMMA)108$(COMMA)162)
+	$(call train_bundle,abdomen-ct-liver,btcv,6,liver,221$(COMMA)130$(COMMA)101)
 
 # Every method on each shipped bundle's test split (recorded into its bundle.json), then the results table.
 BUNDLES := $(patsubst %/bundle.json,%,$(wildcard $(addsuffix /bundle.json,$(BRAIN) \

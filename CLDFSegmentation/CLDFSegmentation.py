@@ -76,9 +76,9 @@ class CLDFSegmentationTest(ScriptedLoadableModuleTest):
         self.test_segment_the_sample_scan_and_export()
 
     def test_segment_the_sample_scan_and_export(self):
+        from cldf import metrics
         from CLDFSegmentationLib import dependencies
         from CLDFSegmentationLib.sampledata import SAMPLE_DIR, SAMPLE_FILES
-        from cldf.metrics import dice
 
         missing = (["torch"] if dependencies.torchMissing() else []) + dependencies.missingRequirements()
         if missing:
@@ -91,7 +91,7 @@ class CLDFSegmentationTest(ScriptedLoadableModuleTest):
         job = CLDFSegmentationLogic().start(inputs, info.path, device="auto", refine="none")
         job.run()
         mask = job.engineResult.on_input_grid().mask > 0  # the engine's arrays, on the input's voxels
-        score = dice(mask, truth)
+        score = metrics.dice(mask, truth)
         self.assertGreater(score, 0.5, f"the sample's Dice is {score:.3f}")
         reference = inputs[info.channels[0]]
         path = Path(slicer.app.temporaryPath) / "CLDFSegmentationSelfTest.nii.gz"

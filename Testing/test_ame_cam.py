@@ -15,7 +15,8 @@ from cldf.ame_cam import (AmeCam, AttentionAggregator, MultiExitClassifier, mult
                           upsample)
 from cldf.bundle import BundleError, load_bundle, read_card, write_card
 from cldf.config import AmeCamConfig, CLDFConfig
-from cldf.data import load_manifest, load_slice_set
+from cldf.manifest import load_manifest
+from cldf.trainer.slice_set import load_slice_set
 from cldf.maps import AmeCamMap, build_cam
 from cldf.evaluation.evaluate import available_methods, evaluate
 from cldf.segment import Segmenter
@@ -125,7 +126,7 @@ def test_region_contrastive_loss_prefers_a_map_on_the_shared_object_to_a_random_
 
 
 def test_hard_negatives_are_weighted_by_their_distance_to_the_patients_positive_slices():
-    from cldf.data import SliceSet
+    from cldf.trainer.slice_set import SliceSet
     from cldf.trainer.train_ame import near_positive_weights
 
     labels = torch.tensor([0, 0, 1, 1, 0, 0, 0, 0])  # patient 0: slices 0-4, patient 1 (no positive): 5-7

@@ -19,7 +19,9 @@ import SimpleITK as sitk
 from cldf import outputs
 from cldf.bundle import BundleError, load_bundle, seal
 from cldf.cli import main
-from cldf.data import InputError, load_manifest, read_channels, read_image, weak_slice_labels
+from cldf.images import InputError, read_channels, read_image
+from cldf.manifest import load_manifest
+from cldf.weak_labels import weak_slice_labels
 
 from conftest import oblique_direction, write_image
 

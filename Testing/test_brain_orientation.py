@@ -21,9 +21,12 @@ import SimpleITK as sitk
 
 from cldf.bundle import BundleError, correct_orientation, load_bundle, read_card, write_card
 from cldf.cli import main
-from cldf.data import load_manifest, load_slice_set, stored_orientation
+from cldf.manifest import load_manifest
+from cldf.trainer.slice_set import load_slice_set
+from cldf.images import stored_orientation
 from cldf.evaluation.demo import SAMPLE_DIR
-from cldf.segment import Segmenter, VolumeResult
+from cldf.segment import Segmenter
+from cldf.volume_result import VolumeResult
 from conftest import train_tiny
 
 #: The ITK direction of an identity NIfTI affine: the header the LGG files had before.

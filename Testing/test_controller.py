@@ -329,7 +329,8 @@ def test_a_run_reloaded_with_the_scene_asks_for_a_new_run_before_re_deciding(mod
 
 
 def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module, tmp_path):
-    from cldf.data import load_manifest, weak_slice_labels
+    from cldf.manifest import load_manifest
+    from cldf.weak_labels import weak_slice_labels
 
     m = module
     select_inputs(m)

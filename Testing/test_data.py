@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf.data import AMBIGUOUS, InputError, load_manifest, read_channels, split_cases, weak_slice_labels
+from cldf.weak_labels import AMBIGUOUS, weak_slice_labels
+from cldf.images import InputError, read_channels
+from cldf.manifest import load_manifest, split_cases
 from cldf.slices import from_slices, normalise, to_slices
 
 from conftest import write_image

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 from cldf.evaluation import demo
 from cldf.cli import main
-from cldf.data import InputError, load_manifest
+from cldf.images import InputError
+from cldf.manifest import load_manifest
 
 from conftest import BRAIN_BUNDLE, TUMOUR_CASE
 

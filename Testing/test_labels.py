@@ -12,7 +12,9 @@ import vtk
 
 from CLDFSegmentationLib.headless import loadVolume
 from CLDFSegmentationLib.labels import markSlices, saveSliceLabels, sliceIndexAt, sliceLabels, writeManifest
-from cldf.data import load_manifest, load_slice_set, weak_slice_labels
+from cldf.manifest import load_manifest
+from cldf.trainer.slice_set import load_slice_set
+from cldf.weak_labels import weak_slice_labels
 
 
 @pytest.fixture()

@@ -73,7 +73,8 @@ def test_sub_stride_shifts_remove_the_stripes_of_a_real_mean_gradient(brain_bund
     import numpy as np
 
     from cldf.bundle import load_bundle
-    from cldf.data import read_channels, target_mask
+    from cldf.images import read_channels
+    from cldf.weak_labels import target_mask
     from cldf.slices import normalise, to_slices
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 import py_compile
 import re
 import tomllib
@@ -90,6 +91,11 @@ def test_the_engine_imports_neither_slicer_nor_qt():
         assert not imported_modules(path) & {"slicer", "qt", "ctk", "vtk"}, path
 
 
+#: engine modules the Slicer module may import at load time, before torch and the rest are installed
+TORCH_FREE = {"cldf.defaults", "cldf.atomic", "cldf.config", "cldf.config.sections", "cldf.config.overrides",
+              "cldf.config.presets"}
+
+
 def test_torch_is_imported_lazily_by_the_module_and_library():
     for path in [MODULE / "CLDFSegmentation.py", *LIB.glob("*.py")]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -97,16 +103,27 @@ def test_torch_is_imported_lazily_by_the_module_and_library():
         for node in tree.body:
             if isinstance(node, ast.Import):
                 top |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module != "cldf.defaults":
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module not in TORCH_FREE:
                 top.add(node.module.split(".")[0])
         assert not top & {"torch", "cldf", "monai"}, f"{path.name} imports the engine at load time"
 
 
-def test_the_shared_defaults_import_nothing():
-    """The module reads `cldf.defaults` at load time: it must stay plain constants (`cldf/__init__` too)."""
-    for path in (ENGINE / "defaults.py", ENGINE / "__init__.py"):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{path.name} imports"
+def test_the_engine_modules_the_panel_reads_at_load_time_need_only_the_standard_library():
+    """`cldf.defaults`, `cldf.atomic` and `cldf.config` (and `cldf/__init__`): nothing outside them but the
+    standard library, so the panel opens before the first Segment installs the engine's dependencies."""
+    for name in [*TORCH_FREE, "cldf"]:
+        path = ENGINE.parent / (name.replace(".", "/") + ("/__init__.py" if name in ("cldf", "cldf.config") else ".py"))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                found = {".".join(filter(None, [base, node.module or ""]))}
+            else:
+                continue
+            outside = {m for m in found if m.split(".")[0] not in sys.stdlib_module_names and m not in TORCH_FREE}
+            assert not outside, f"{path.name} imports {outside}"
 
 
 # ------------------------------------------------------------------ dependencies inside Slicer

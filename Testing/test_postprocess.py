@@ -88,7 +88,7 @@ def test_tune_chooses_the_rule_on_validation_volumes_and_records_it(tiny_bundle,
     import shutil
 
     from cldf.cli import main
-    from cldf.trainer.volume_select import POSTPROCESS_GRID
+    from cldf.config.grids import POSTPROCESS_GRID
 
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
     assert main(["-q", "tune", "--bundle", str(bundle), "--data", str(small_manifest), "--device", "cpu",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cldf.config import CLDFConfig, preset
+from cldf.config import ADDED_LATER, RECIPES, CLDFConfig, apply_overrides, apply_settings, preset
 from cldf.decoder import PixelDecoder
 from cldf.features import DiffusionFeatures, gather_at_pixels
 from cldf.models import NoiseSchedule, SliceClassifier, build_cdm
@@ -102,12 +106,11 @@ def test_intensity_augmentation_moves_the_background_as_far_as_its_range(intensi
     assert float(moved.min()) >= -1.0
 
 
-def test_the_cpu_preset_augments_the_cam_classifier_widely_and_the_defaults_stay_narrow():
-    """Bundles trained before the setting existed load with what they were trained with."""
+def test_the_cpu_recipe_augments_the_cam_classifier_widely_and_the_paper_does_not():
     from cldf.config import ClassifierConfig
 
     assert preset("cpu").cam_classifier.intensity == "wide"
-    assert ClassifierConfig().intensity == "narrow"
+    assert ClassifierConfig().intensity == "narrow"  # the noisy classifier is not augmented
     assert preset("paper").cam_classifier.augment is False  # the paper's own recipe
 
 
@@ -127,3 +130,55 @@ def test_flips_off_keeps_each_slice_on_its_side_and_every_other_draw():
     on = augment(x, d())
     differs = torch.tensor([not torch.equal(a, b) for a, b in zip(on, kept)])
     assert torch.equal(differs, mirrored)
+
+
+MODELS = Path(__file__).resolve().parents[1] / "CLDFSegmentation" / "Resources" / "Models"
+# sections training fixes and selection never changes (`cldf.config.grids` chooses the others)
+TRAINED = ("diffusion", "noisy_classifier", "cam_classifier", "ame_cam", "features", "saliency")
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_each_shipped_bundle_was_trained_with_the_recipe_named_after_it(name):
+    card = json.loads((MODELS / name / "bundle.json").read_text())
+    shipped, recipe = CLDFConfig.from_dict(card["config"]).to_dict(), preset(name).to_dict()
+    for section in TRAINED:
+        assert shipped[section] == recipe[section], section
+    for section, chosen in (("data", {"orientation"}), ("maps", {"cam_method"})):  # set from the data / selection
+        assert {k: v for k, v in shipped[section].items() if k not in chosen} == \
+               {k: v for k, v in recipe[section].items() if k not in chosen}, section
+
+
+def test_selection_chooses_no_setting_that_training_fixes():
+    from cldf.config.grids import CLUSTER_GRID, DECODER_GRID, POSTPROCESS_GRID
+
+    for key in [*CLUSTER_GRID, *DECODER_GRID, *POSTPROCESS_GRID]:
+        assert key.split(".")[0] not in TRAINED, key
+
+
+def test_the_defaults_are_the_cpu_recipe_and_old_cards_keep_what_they_were_made_with():
+    assert CLDFConfig() == preset("cpu")
+    old = CLDFConfig().to_dict()
+    del old["maps"]["mg_shift_period"], old["cam_classifier"]["intensity"]
+    loaded = CLDFConfig.from_dict(old)
+    assert loaded.maps.mg_shift_period == ADDED_LATER["maps.mg_shift_period"] == 0
+    assert loaded.cam_classifier.intensity == "narrow"
+    assert loaded.cam_classifier.max_timestep == 0  # the section's own default, not the classifier class's
+
+
+@pytest.mark.parametrize("item, message", [
+    ("diffusion.steps=many", "setting diffusion.steps must be int, not 'many'"),
+    ("cluster.within_body=1", "setting cluster.within_body must be bool, not 1"),
+    ("decoder.learning_rate=0.1", "'decoder.learning_rate' is not a setting"),
+    ("steps=3", "--set takes SECTION.NAME=VALUE"),
+])
+def test_overrides_are_type_checked_when_given(item, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        apply_overrides(preset("cpu"), [item])
+
+
+def test_overrides_and_selection_rows_change_a_copy_through_one_setter():
+    base = preset("cpu")
+    changed = apply_overrides(base, ["maps.mg_timesteps=[100, 200]", "seeds.cam_threshold=0.5"])
+    assert changed.maps.mg_timesteps == (100, 200) and changed.seeds.cam_threshold == 0.5
+    assert base == preset("cpu")
+    assert apply_settings(base, {"seeds.cam_threshold": 0.5}) == apply_overrides(base, ["seeds.cam_threshold=0.5"])

@@ -15,7 +15,7 @@ from monai.metrics import compute_average_surface_distance
 from cldf.bundle import load_bundle
 from cldf.cli import main
 from cldf.config import CLDFConfig, RefineConfig
-from cldf.data import target_mask
+from cldf.weak_labels import target_mask
 from cldf.slices import from_slices, normalise, to_slices
 from cldf.refine import WEIGHTS_SHA256, SamRefiner, check_refine_config, component_prompts, packaged_weights
 from cldf.segment import Segmenter
@@ -176,7 +176,7 @@ def test_an_unknown_refinement_is_refused_before_any_work(tiny_bundle):
 
 
 def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_bundle, three_slices, case_paths):
-    from cldf.data import Case, Manifest
+    from cldf.manifest import Case, Manifest
     from cldf.evaluation.evaluate import evaluate
     from cldf.metrics import dice
 

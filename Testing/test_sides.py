@@ -10,7 +10,8 @@ import torch
 from conftest import data_root, tiny_config
 from cldf.bundle import load_bundle
 from cldf.config import ClassifierConfig
-from cldf.data import AMBIGUOUS, load_manifest, side_slice_labels, weak_slice_labels
+from cldf.weak_labels import AMBIGUOUS, side_slice_labels, weak_slice_labels
+from cldf.manifest import load_manifest
 from cldf.maps import LayerCAM
 from cldf.models import SliceClassifier
 from cldf.segment import Segmenter

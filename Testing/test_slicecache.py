@@ -12,7 +12,8 @@ import SimpleITK as sitk
 import torch
 
 import cldf.trainer.slicecache as slicecache
-from cldf.data import load_manifest, load_slice_set
+from cldf.manifest import load_manifest
+from cldf.trainer.slice_set import load_slice_set
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_the_cache_holds_what_loading_gives_and_is_reused_without_reading(copied
         raise AssertionError("a volume was read")
 
     monkeypatch.setattr(slicecache, "load_slice_set", no_reading)
-    monkeypatch.setattr("cldf.data.read_images", no_reading)
+    monkeypatch.setattr("cldf.trainer.slice_set.read_images", no_reading)
     again = _cached(copied, tmp_path / "cache")
     assert torch.equal(again.images[:], direct.images)
     flair = copied.parent / m.cases[0].id / "FLAIR.nii.gz"

@@ -219,7 +219,7 @@ def test_a_killed_run_loses_at_most_the_checkpoint_interval(small_manifest, tmp_
 def test_the_post_processing_selection_resumes_after_the_last_finished_volume(tiny_bundle, small_manifest, tmp_path,
                                                                               monkeypatch):
     from cldf.bundle import load_bundle
-    from cldf.data import load_manifest
+    from cldf.manifest import load_manifest
     from cldf.segment import Segmenter
     from cldf.trainer import volume_select as select
 
@@ -251,7 +251,8 @@ def test_the_post_processing_selection_resumes_after_the_last_finished_volume(ti
 def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_bundle, small_manifest, tmp_path,
                                                                            monkeypatch):
     from cldf.bundle import load_bundle
-    from cldf.data import load_manifest, load_slice_set
+    from cldf.manifest import load_manifest
+    from cldf.trainer.slice_set import load_slice_set
     from cldf.decoder import PixelDecoder
     from cldf.trainer import select
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 import shlex
 import sys
@@ -36,17 +35,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cldf import atomic, cases, metrics
 from cldf.ame_cam import AmeCam, minmax, upsample
 from cldf.bundle import read_card
 from cldf.config import AmeCamConfig, CLDFConfig, preset
-from cldf.data import load_manifest, load_slice_set, read_channels, split_cases, target_mask
-from cldf.slices import normalise, to_slices
 from cldf.evaluation.evaluate import pointing
+from cldf.manifest import load_manifest, split_cases
 from cldf.maps import AmeCamMap, LayerCAM
-from cldf.metrics import slice_dice
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
+from cldf.trainer.slice_set import load_slice_set
 from cldf.trainer.train import TrainRequest, fit_classifier
 from cldf.trainer.train_ame import fit_ame_cam
 
@@ -73,18 +72,7 @@ def task_from_args(args: argparse.Namespace) -> dict:
 
 def validation_slices(task: dict, cfg: CLDFConfig, resolution: int):
     """Validation patients' positive slices with their target masks, and their negative slices."""
-    manifest = load_manifest(task["manifest"])
-    positives, truths, negatives = [], [], []
-    for cid in task["split"]["val"]:
-        case = manifest.case(cid)
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.data.channels}, cfg.data.channels)
-        gt = target_mask(case.mask, task["labels"])
-        slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), resolution)
-        positive = gt.mean(axis=(1, 2)) > cfg.data.positive_fraction
-        positives.append(slices[positive])
-        truths.append(to_slices(gt[positive][None].astype(np.float32), resolution)[:, 0] > 0.5)
-        negatives.append(slices[gt.sum(axis=(1, 2)) == 0])
-    return torch.cat(positives), torch.cat(truths), torch.cat(negatives)
+    return cases.scored_slices(load_manifest(task["manifest"]), task["split"]["val"], task["labels"], cfg.data, resolution)
 
 
 def map_scores(cam: torch.Tensor, x: torch.Tensor, truth: torch.Tensor, cfg: CLDFConfig) -> dict:
@@ -96,7 +84,7 @@ def map_scores(cam: torch.Tensor, x: torch.Tensor, truth: torch.Tensor, cfg: CLD
     return {
         "pointing": float(np.mean(pointing(cam.numpy(), truth.numpy(), np.arange(len(x))))),
         "otsu_precision": float(hits.sum() / on.sum().clamp_min(1)),
-        "otsu_dice": float(slice_dice(on, truth).mean()),
+        "otsu_dice": float(metrics.slice_dice(on, truth).mean()),
         "target_over_body": float(cam[truth].mean() / cam[off].mean().clamp_min(1e-6)),
     }
 
@@ -158,9 +146,7 @@ def measure(task: dict, resolution: int, work: Path, seed: int, layercam: bool =
                           "wall_s": round(time.time() - t0, 1), **_accuracy(p_pos, p_neg), **map_scores(maps, x, truth, cfg)})
     for name, m in ame_components(ame, x).items():
         rows.append(common | {"method": f"{label}: {name} alone", **map_scores(m, x, truth, cfg)})
-    tmp = done_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, done_path)
+    atomic.write_json(done_path, rows)
     return rows
 
 
@@ -235,9 +221,9 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="keep the rows already in --out's .json (other settings)")
     args = p.parse_args()
     task = task_from_args(args)
-    from cldf.cli import _apply_overrides
+    from cldf.config import apply_overrides
 
-    _apply_overrides(task["config"], args.overrides)
+    task["config"] = apply_overrides(task["config"], args.overrides)
     rows = [row for r in args.resolution for row in measure(task, r, args.work, args.seed, r not in args.no_layercam)]
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ame_cam_localisation.py " + shlex.join(sys.argv[1:])
     rows = [r | {"command": command} for r in rows]
@@ -247,10 +233,8 @@ def main() -> None:
         rows = [r for r in json.loads(json_path.read_text()) if (r["resolution"], r["method"]) not in new] + rows
         rows.sort(key=lambda r: (r["resolution"], r["method"] != "LayerCAM"))  # stable: earlier commands' rows first
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((args.out, markdown(task, rows)), (json_path, json.dumps(rows, indent=1) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    atomic.write_text(args.out, markdown(task, rows))
+    atomic.write_json(json_path, rows)
     print(markdown(task, rows))
 
 

@@ -20,8 +20,6 @@ resolution with those settings (``--set`` syntax, space-separated; ``""``: the b
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import shlex
 import sys
@@ -30,43 +28,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cldf import atomic, cases, metrics
 from cldf.bundle import read_card
-from cldf.config import CLDFConfig
-from cldf.cli import _apply_overrides
-from cldf.data import load_manifest, load_slice_set, read_channels, target_mask
-from cldf.slices import normalise, to_slices
+from cldf.config import CLDFConfig, apply_overrides
 from cldf.evaluation.evaluate import pointing
+from cldf.manifest import load_manifest
 from cldf.maps import LayerCAM
-from cldf.metrics import slice_dice
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
 from cldf.segment import slice_presence
-from cldf.sides import on_sides, sided
-from cldf.sides import side_labels
+from cldf.sides import on_sides, side_labels, sided
+from cldf.trainer.slice_set import load_slice_set
 from cldf.trainer.train import TrainRequest, fit_classifier
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):
     """Positive slices (with their target masks at ``resolution``) and negative slices of the validation patients."""
-    manifest = load_manifest(card["training"]["manifest"])
-    positives, truths, negatives = [], [], []
-    for cid in card["training"]["split"]["val"]:
-        case = manifest.case(cid)
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.data.channels}, cfg.data.channels)
-        gt = target_mask(case.mask, card["task"]["mask_labels"])
-        slices = to_slices(normalise(volume, tuple(cfg.data.percentiles)), resolution)
-        positive = gt.mean(axis=(1, 2)) > cfg.data.positive_fraction
-        positives.append(slices[positive])
-        truths.append(to_slices(gt[positive][None].astype(np.float32), resolution)[:, 0] > 0.5)
-        negatives.append(slices[gt.sum(axis=(1, 2)) == 0])
-    return torch.cat(positives), torch.cat(truths), torch.cat(negatives)
+    split = card["training"]["split"]["val"]
+    labels = card["task"]["mask_labels"]
+    return cases.scored_slices(load_manifest(card["training"]["manifest"]), split, labels, cfg.data, resolution)
 
 
 def measure(bundle_dir: Path, resolution: int, work: Path, seed: int, variant: str = "") -> dict:
     card = read_card(bundle_dir)
     cfg = CLDFConfig.from_dict(card["config"])
     cfg.data.resolution = resolution
-    _apply_overrides(cfg, variant.split())
+    cfg = apply_overrides(cfg, variant.split())
     cc, orientation = cfg.cam_classifier, cfg.data.orientation
     manifest = load_manifest(card["training"]["manifest"])
     split, labels = card["training"]["split"], card["task"]["mask_labels"]
@@ -96,7 +83,7 @@ def measure(bundle_dir: Path, resolution: int, work: Path, seed: int, variant: s
         "pointing": float(np.mean(pointing(cam.numpy(), truth.numpy(), np.arange(len(x))))),
         "target_share_of_slice": float(truth.float().mean()),
         "otsu_precision": float(hits.sum() / on.sum().clamp_min(1)),
-        "otsu_dice": float(slice_dice(on, truth).mean()),
+        "otsu_dice": float(metrics.slice_dice(on, truth).mean()),
     }
 
 
@@ -128,10 +115,8 @@ def main() -> None:
     rows = [measure(args.bundle, r, args.work, args.seed, v) for r in args.resolution for v in (args.variant or [""])]
     name = read_card(args.bundle)["name"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((args.out, markdown(name, rows)), (args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    atomic.write_text(args.out, markdown(name, rows))
+    atomic.write_json(args.out.with_suffix(".json"), rows)
     print(markdown(name, rows))
 
 

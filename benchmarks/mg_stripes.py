@@ -26,12 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from cldf import cases, metrics
 from cldf.bundle import load_bundle
-from cldf.data import load_manifest, read_channels, target_mask
-from cldf.slices import normalise, to_slices
 from cldf.evaluation.demo import GAP, heat, to_unit
+from cldf.manifest import load_manifest
 from cldf.maps import MeanGradient
-from cldf.metrics import slice_dice
 from cldf.seeds import threshold_maps
 
 
@@ -39,15 +38,9 @@ def validation_positives(bundle, manifest_path: Path | None) -> tuple[torch.Tens
     """Positive validation slices at the bundle's resolution and their target masks on that grid."""
     card, cfg = bundle.card, bundle.config
     manifest = load_manifest(manifest_path or card["training"]["manifest"])
-    xs, truths = [], []
-    for cid in card["training"]["split"]["val"]:
-        case = manifest.case(cid)
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels)
-        gt = target_mask(case.mask, card["task"]["mask_labels"])
-        positive = gt.mean(axis=(1, 2)) > cfg.data.positive_fraction
-        xs.append(to_slices(normalise(volume, tuple(cfg.data.percentiles)), cfg.data.resolution)[torch.from_numpy(positive)])
-        truths.append(to_slices(gt[positive][None].astype(np.float32), cfg.data.resolution)[:, 0].numpy() > 0.5)
-    return torch.cat(xs), np.concatenate(truths)
+    x, truths, _ = cases.scored_slices(manifest, card["training"]["split"]["val"], card["task"]["mask_labels"],
+                                       cfg.data, cfg.data.resolution)
+    return x, truths.numpy()
 
 
 def stripe_index(maps: np.ndarray) -> float:
@@ -66,7 +59,7 @@ def score(maps: torch.Tensor, truths: np.ndarray) -> dict:
     a = maps.numpy()
     otsu = threshold_maps(maps, "otsu").numpy()
     return {"pointing": float(np.mean([g.flat[m.argmax()] for m, g in zip(a, truths)])),
-            "otsu_dice": float(slice_dice(otsu, truths).mean()), "stripe_index": stripe_index(a)}
+            "otsu_dice": float(metrics.slice_dice(otsu, truths).mean()), "stripe_index": stripe_index(a)}
 
 
 def main() -> None:

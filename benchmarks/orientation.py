@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from cldf import metrics
 from cldf.bundle import load_bundle
-from cldf.data import load_manifest
+from cldf.manifest import load_manifest
 from cldf.orientation import orientation_of
-from cldf.metrics import dice
 from cldf.segment import Segmenter
 
 ORIENTATIONS = ("RAS", "LPI", "ASL", "SRA")  # from LPS (the LGG files): flipped in-plane, slices reversed, sagittal, coronal
@@ -54,7 +54,7 @@ def main() -> None:
                 image = sitk.GetImageFromArray(result.mask.astype(np.uint8))
                 image.CopyInformation(result.reference)
                 back = sitk.GetArrayFromImage(sitk.DICOMOrient(image, stored)) > 0
-                row.append(dice(base, back))
+                row.append(metrics.dice(base, back))
         print(f"| {cid} | {stored} | {int(base.sum())} | " + " | ".join(f"{d:.4f}" for d in row) + " |")
     print(json.dumps({"bundle": bundle.id}))
 

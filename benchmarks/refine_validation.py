@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance
 
+from cldf import cases, metrics
 from cldf.bundle import load_bundle
 from cldf.config import RefineConfig
-from cldf.data import load_manifest, read_channels, target_mask
-from cldf.slices import from_slices, normalise, to_slices
-from cldf.metrics import dice
+from cldf.manifest import load_manifest
 from cldf.refine import SamRefiner, load_litemedsam
 from cldf.segment import Segmenter
+from cldf.slices import from_slices, to_slices
 
 MODELS = Path("CLDFSegmentation/Resources/Models")
 BUNDLES = (MODELS / "brain-mri-flair-t1", MODELS / "abdomen-ct-liver")
@@ -87,13 +87,13 @@ def measure(bundle_dir: Path, max_cases: int | None = None, check: bool = True, 
     per_case = {name: [] for name, _ in rows}
     oracle = {name: [] for name, _ in rows}  # (Dice, mean surface distance) per slice
     refined_slices, seconds = 0, 0.0
-    cases = card["training"]["split"]["val"][:max_cases]
-    for n, cid in enumerate(cases):
+    case_ids = card["training"]["split"]["val"][:max_cases]
+    for n, cid in enumerate(case_ids):
         case = manifest.case(cid)
         inputs = {k: v for k, v in case.channels.items() if k in bundle.channels}
         coarse = seg.start(inputs).run(progress=False).mask.astype(bool)
-        volume, reference = read_channels(inputs, bundle.channels)
-        image = normalise(volume, cfg.data.percentiles)[channel]  # as SegmentationJob gives the refiner
+        read = cases.read_case(inputs, cfg.data, reorient_to_bundle=False)  # the result is on the input's grid
+        image, reference = read.normalised[channel], read.reference  # as SegmentationJob gives the refiner
         spacing = (reference.GetSpacing()[1], reference.GetSpacing()[0])
         t0 = time.perf_counter()
         masks = [coarse] + refine_all(refiner, image, coarse, spacing, configs)
@@ -105,22 +105,22 @@ def measure(bundle_dir: Path, max_cases: int | None = None, check: bool = True, 
                     if (c.margin_mm, c.max_grow_mm) == (cfg.refine.margin_mm, cfg.refine.max_grow_mm)]
             assert np.array_equal(product.coarse_mask.astype(bool), coarse), "coarse masks differ"
             assert not same or np.array_equal(product.mask.astype(bool), masks[1 + same[0]]), "refinement differs"
-        gt = target_mask(case.mask, card["task"]["mask_labels"])
+        gt = cases.read_truth(case.mask, card["task"]["mask_labels"], cfg.data, cid, reorient_to_bundle=False)
         positive = np.flatnonzero(gt.mean(axis=(1, 2)) > cfg.data.positive_fraction)
         for (name, _), m in zip(rows, masks):
-            per_slice[name] += [dice(m[z], gt[z]) for z in positive]
-            per_case[name].append(dice(m, gt))
+            per_slice[name] += [metrics.dice(m[z], gt[z]) for z in positive]
+            per_case[name].append(metrics.dice(m, gt))
         # the same settings prompted by the true mask through the bundle's grid: does SAM sharpen the grid's edges?
         some = positive[np.linspace(0, len(positive) - 1, min(ORACLE_SLICES, len(positive))).astype(int)]
         grid = through_the_grid(gt[some], cfg.data.resolution)
         for (name, _), m in zip(rows, [grid] + refine_all(refiner, image[some], grid, spacing, configs)):
-            oracle[name] += [(dice(a, g), surface_distance(a, g, spacing)) for a, g in zip(m, gt[some])]
+            oracle[name] += [(metrics.dice(a, g), surface_distance(a, g, spacing)) for a, g in zip(m, gt[some])]
         if progress:
             print(f"{bundle_dir.name} {cid}: {len(positive)} positive slices, "
                   f"{int(coarse.any(axis=(1, 2)).sum())} slices with a mask", flush=True)
     return {
         "bundle": bundle_dir.name,
-        "cases": cases,
+        "cases": case_ids,
         "positive_slices": len(per_slice[rows[0][0]]),
         "slices_refined": refined_slices,
         "seconds_refining": round(seconds, 1),

@@ -8,7 +8,6 @@ import slicer
 HEAT_COLOR_NODE = "PET-Heat"
 #: Map values below this are transparent, so the anatomy shows through.
 DEFAULT_LOWER_THRESHOLD = 0.2
-DEFAULT_OPACITY = 0.6
 
 
 def styleMap(volumeNode, lowerThreshold: float = DEFAULT_LOWER_THRESHOLD) -> None:

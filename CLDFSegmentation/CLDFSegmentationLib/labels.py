@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cldf.atomic import atomic_path, write_text  # standard library only: no torch
+
 from .nodes import checkVolumeNode, imageFromVolume
 
 LABELS_ATTRIBUTE = "CLDF.SliceLabels"
@@ -137,9 +139,8 @@ def _writeImage(volume, path: Path, overwrite: bool) -> None:
 
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another folder or allow overwriting")
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    sitk.WriteImage(imageFromVolume(volume), str(tmp), True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(imageFromVolume(volume), str(tmp), True)
 
 
 def _writeText(path: Path, text: str, overwrite: bool) -> Path:
@@ -147,7 +148,5 @@ def _writeText(path: Path, text: str, overwrite: bool) -> Path:
         raise FileNotFoundError(f"folder not found: {path.parent}; create it first or choose another")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
     return path

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cldf.defaults import BATCH_SIZE  # plain constants: no torch
+from cldf.defaults import BATCH_SIZE, DEVICE  # plain constants: no torch
 
 from . import display
 from .bundles import bundleCard
@@ -33,7 +33,7 @@ class CLDFSegmentationLogic:
         """The module's typed parameter node in ``slicer.mrmlScene`` (made when there is none)."""
         return moduleParameterNode()
 
-    def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
+    def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = DEVICE,
               batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
               refine: str | None = None, keepCache: bool = True) -> CLDFSegmentationJob:
         """Check the inputs that can be checked at once and return a run that has not loaded anything yet.
@@ -62,7 +62,7 @@ class CLDFSegmentationLogic:
         return CLDFSegmentationJob(RunRequest(card, dict(inputVolumes), images, labels, device, batchSize,
                                               decoderSeed, refine, keepCache, show))
 
-    def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = "auto",
+    def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = DEVICE,
                 batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
                 refine: str | None = None) -> CLDFSegmentationResult:
         """`start` and step to the end."""

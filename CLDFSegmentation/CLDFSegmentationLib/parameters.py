@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Annotated
 
 import slicer
-from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLPlotChartNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
-                    vtkMRMLTableNode)
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLPlotChartNode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLTableNode,
+)
 
-from cldf.defaults import DEVICES  # plain constants: no torch
+from cldf.config.sections import ClusterConfig  # plain dataclasses and constants: no torch
+from cldf.defaults import CLUSTER_RULES, DEVICE, DEVICES, OVERLAY_OPACITY
 
 try:
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -26,8 +32,7 @@ except ImportError:  # the slicer-core wheel: MRML without Slicer's wrapper
 MODULE_NAME = "CLDFSegmentation"
 MAX_CHANNELS = 4
 MAPS = ("cam", "meanGradient", "none")
-RULES = ("nearest", "closer_than_background")  # as `cldf.cluster.RULES` (not imported: it needs the engine)
-DEFAULT_OPACITY = 0.6
+_CLUSTER = ClusterConfig()  # the engine's defaults, shown until a run gives the bundle's
 #: the last run's output fields and the result attribute each holds
 OUTPUTS = {"outputCAM": "camVolume", "outputMeanGradient": "meanGradientVolume",
            "outputSegmentation": "segmentation", "outputSeeds": "seedsVolume", "outputTable": "table",
@@ -43,16 +48,16 @@ class CLDFSegmentationParameterNode:
     inputVolume2: vtkMRMLScalarVolumeNode
     inputVolume3: vtkMRMLScalarVolumeNode
     bundlePath: str
-    device: Annotated[str, Choice(DEVICES)] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = DEVICE
 
     shownMap: Annotated[str, Choice(MAPS)] = "cam"
-    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULT_OPACITY
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = OVERLAY_OPACITY
     showMask: bool = True
     showSeeds: bool = False
 
-    presenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5  # the gate, re-decided from the run's cache
-    clusterK: Annotated[int, WithinRange(2, 16)] = 2
-    clusterRule: Annotated[str, Choice(RULES)] = RULES[0]
+    presenceThreshold: Annotated[float, WithinRange(0.0, 1.0)] = _CLUSTER.presence_threshold  # the gate, re-decided
+    clusterK: Annotated[int, WithinRange(2, 16)] = _CLUSTER.k
+    clusterRule: Annotated[str, Choice(CLUSTER_RULES)] = _CLUSTER.rule
 
     trainManifest: Path  # the Train section: `cldf train --data`
     trainOutput: Path  # --out

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cldf.defaults import OVERLAY_OPACITY  # plain constants: no torch
+
 from . import display
 from .chart import addSliceChart, chartSeries, updateSliceLabels
 from .nodes import addVolumeLike, gridNode, nodeIDs, placeBeside, removeNodesAddedSince, tagOutput
@@ -64,7 +66,7 @@ def createOutputs(engineJob, card, inputNodes: dict, images: dict, labels: np.nd
         result = _addNodes(reference, grid, segmentation, engineJob.total, provenance,
                            slice_order(images[first], orientation), orientation, labels)
         if show:
-            showResult(result, reference, "cam", opacity=display.DEFAULT_OPACITY)
+            showResult(result, reference, "cam", opacity=OVERLAY_OPACITY)
     except Exception:
         removeNodesAddedSince(before)
         raise

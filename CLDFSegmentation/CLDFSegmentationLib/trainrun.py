@@ -20,12 +20,14 @@ import threading
 import time
 from pathlib import Path
 
+from cldf.defaults import DEVICE, TARGET_NAME  # plain constants: no torch
+
 #: a tqdm progress line: "cdm:  45%|████   | 1350/3000 [...]"
 _PROGRESS = re.compile(r"^\s*([^:|]+?):\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
 
 
 def trainCommand(manifest: str | os.PathLike, out: str | os.PathLike, channels: list[str], target: str = "",
-                 name: str = "", targetName: str = "target", preset: str = "cpu", device: str = "auto",
+                 name: str = "", targetName: str = TARGET_NAME, preset: str = "cpu", device: str = DEVICE,
                  extra: tuple[str, ...] = ()) -> list[str]:
     """The arguments of `cldf train` (after the program) for the Train section's fields."""
     if not channels:

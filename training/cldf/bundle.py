@@ -14,21 +14,22 @@ import hashlib
 import json
 import os
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass, field
 from datetime import date
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import atomic
 from .ame_cam import AmeCam
 from .card import FORMAT_VERSION, BundleError, parse_card, seal
 from .config import CLDFConfig
-from .orientation import check_orientation
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
+from .orientation import check_orientation
 from .sides import check_sides, on_sides, sided
 
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
@@ -86,24 +87,14 @@ def write_card(path: Path, doc: dict[str, Any]) -> None:
     """``bundle.json`` with a fresh seal, written atomically."""
     doc = {**doc, "format_version": FORMAT_VERSION}
     doc["seal"] = seal(doc)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, doc)
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write a weight file atomically, readable as the user's umask allows (safetensors alone makes it 0600)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    os.chmod(tmp, 0o666 & ~current_umask())
-    os.replace(tmp, path)
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it: it is put back at once)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~atomic.current_umask())
 
 
 def sha256(path: Path) -> str:

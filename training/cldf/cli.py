@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -10,25 +9,12 @@ import sys
 
 from .cli_parser import build_parser, parse_inputs
 
-def _apply_overrides(config, items: list[str]) -> None:
-    """``--set section.key=value`` (value as JSON, else a string) on a config."""
-    for item in items:
-        key, sep, raw = item.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or not hasattr(config, section) or not hasattr(getattr(config, section), name):
-            raise ValueError(f"--set takes SECTION.KEY=VALUE with a known setting (see bundle.json 'config'), not '{item}'")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        setattr(getattr(config, section), name, tuple(value) if isinstance(value, list) else value)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     from .bundle import BundleError
-    from .data import InputError
+    from .images import InputError
 
     try:
         return COMMANDS[args.command](args, argv if argv is not None else sys.argv[1:])
@@ -52,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_train(args, argv) -> int:
-    from .config import preset
+    from .config import apply_overrides, preset
     from .trainer.checkpoint import sigterm_as_interrupt
     from .trainer.train import TrainRequest, checkpoint_dir, train
 
-    cfg = preset(args.preset)
-    cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
+    cfg = apply_overrides(preset(args.preset), args.overrides)  # every --set type-checked before any work
+    if args.channels is not None:
+        cfg.data.channels = [c.strip() for c in args.channels.split(",") if c.strip()]
     if not cfg.data.channels:
         raise ValueError("--channels needs at least one channel name, e.g. FLAIR,T1")
-    _apply_overrides(cfg, args.overrides)
     color = tuple(int(v) for v in args.color.split(","))
     if len(color) != 3 or not all(0 <= v <= 255 for v in color):
         raise ValueError(f"--color takes R,G,B in 0..255, not '{args.color}'")
@@ -121,7 +107,7 @@ def cmd_segment(args, argv) -> int:
 def _segment_cohort(args, argv) -> int:
     from .bundle import load_bundle
     from .cohort import Part, segment_cohort
-    from .data import load_manifest
+    from .manifest import load_manifest
     from .segment import Segmenter
 
     if args.maps:
@@ -146,8 +132,8 @@ def _segment_cohort(args, argv) -> int:
 
 def cmd_evaluate(args, argv) -> int:
     from .bundle import BundleError, load_bundle
-    from .data import load_manifest
     from .evaluation.evaluate import available_methods, case_ids_for_split, evaluate, markdown_table, write_report
+    from .manifest import load_manifest
 
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} already exists; choose another --out or pass --overwrite")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .defaults import BATCH_SIZE, DEVICES, TARGET_COLOR, TARGET_NAME
+from .config.presets import PRESETS
+from .defaults import BATCH_SIZE, DEVICE, DEVICES, TARGET_COLOR, TARGET_NAME
 
 DESCRIPTION = """\
 CLDF: weakly supervised segmentation with contrastive learning on diffusion features.
@@ -91,6 +92,13 @@ def parse_inputs(items: list[str]) -> dict[str, str]:
 PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")  # as cldf.evaluation.bench.PATHS
 
 
+def _bundle_data_device(p: argparse.ArgumentParser, data_help: str) -> None:
+    """The options every command that runs a bundle over a dataset takes."""
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, help=data_help)
+    p.add_argument("--device", choices=DEVICES, default=DEVICE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cldf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -98,16 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model bundle from volumes and slice labels",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_DESCRIPTION)
-    t.add_argument("--data", required=True, type=Path, help="dataset manifest (JSON; format in the README)")
+    t.add_argument("--data", required=True, type=Path, help="dataset manifest (JSON; format in docs/training.md)")
     t.add_argument("--target", type=_labels, default=None,
                    help="mask values that form the target, e.g. '1' or '2,3' (default: any non-zero); "
                         "used only to derive slice labels")
-    t.add_argument("--channels", required=True, help="channel names in input order, e.g. FLAIR,T1")
+    t.add_argument("--channels", default=None,
+                   help="channel names in input order, e.g. FLAIR,T1 (default: the preset's, FLAIR,T1 for cpu)")
     t.add_argument("--out", required=True, type=Path,
                    help="bundle folder to create (not an existing bundle); checkpoints go to OUT.checkpoints")
-    t.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
-                   help="cpu: 64x64, fits a 2-core machine (default); paper: the paper's 256x256 scale, for a GPU")
-    t.add_argument("--device", choices=DEVICES, default="auto", help="auto uses CUDA when present")
+    t.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="cpu: 64x64, fits a 2-core machine (the defaults); paper: the paper's 256x256 scale, for a "
+                        "GPU; a shipped bundle's name: its recipe (`cldf.config.presets`)")
+    t.add_argument("--device", choices=DEVICES, default=DEVICE, help="auto uses CUDA when present")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the networks and the sampling")
     t.add_argument("--name", default=None, help="bundle name (default: the --out folder's name)")
     t.add_argument("--target-name", default=TARGET_NAME, help="name of the segment, e.g. tumour")
@@ -144,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --data: segment every N-th case from the K-th (default: torchrun's RANK/WORLD_SIZE, "
                         "else all); the parts together are one run")
     s.add_argument("--out", required=True, type=Path, help="output directory")
-    s.add_argument("--device", choices=DEVICES, default="auto")
+    s.add_argument("--device", choices=DEVICES, default=DEVICE)
     s.add_argument("--format", choices=["nifti", "nrrd"], default="nifti", help=".nii.gz (default) or .nrrd")
     s.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     s.add_argument("--decoder-seed", type=int, default=0, help="which shipped pixel decoder to use")
@@ -160,12 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Dice, IoU, HD95 on positive slices and 3D Dice per case for gradcam, layercam, "
                                    "mg, fusion, cdm (CDM saliency), the ablations layercam+cl and mg+cl, "
                                    "cldf-untrained and cldf; prints a Markdown table.")
-    e.add_argument("--bundle", required=True, type=Path)
-    e.add_argument("--data", required=True, type=Path, help="dataset manifest with masks")
+    _bundle_data_device(e, "dataset manifest with masks")
     e.add_argument("--split", default="test", help="train, val, test (as recorded in the bundle) or all")
     e.add_argument("--target", type=_labels, default=None, help="mask values of the target (default: the bundle's)")
     e.add_argument("--out", required=True, type=Path, help="report JSON to write")
-    e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--methods", default="", metavar="NAMES",
                    help="comma-separated methods to score (default: every method the bundle has decoders for)")
     e.add_argument("--overwrite", action="store_true", help="replace the report if --out already exists")
@@ -182,21 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("figure", help="the paper's Fig. 3 for a bundle: image | ground truth | LayerCAM | MG | CDM | CLDF",
                        description="One row per test slice (the slice with the most target in each of the first "
                                    "test cases), written as a PNG.")
-    f.add_argument("--bundle", required=True, type=Path)
-    f.add_argument("--data", required=True, type=Path, help="dataset manifest with masks")
+    _bundle_data_device(f, "dataset manifest with masks")
     f.add_argument("--split", default="test")
     f.add_argument("--rows", type=int, default=3)
     f.add_argument("--out", required=True, type=Path, help="PNG to write")
-    f.add_argument("--device", choices=DEVICES, default="auto")
 
     a = sub.add_parser("ablate", help="add the ablation decoders (seeds from one map) to a bundle made without them",
                        description="Train the pixel decoders a bundle made before the ablations lacks (LayerCAM+CL, "
                                    "MG+CL: seeds from the CAM or the mean gradient alone), on the bundle's recorded "
                                    "training split and settings, and write them into the bundle. `cldf train` "
                                    "makes them itself.")
-    a.add_argument("--bundle", required=True, type=Path)
-    a.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
-    a.add_argument("--device", choices=DEVICES, default="auto")
+    _bundle_data_device(a, "the dataset manifest the bundle was trained on")
 
     u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "
@@ -204,9 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "unsure gate), which 3D components are kept and whether LiteMedSAM refines the "
                                    "masks; written into bundle.json ('config.postprocess', 'config.refine', "
                                    "'selection.postprocess'). `cldf train` does this itself.")
-    u.add_argument("--bundle", required=True, type=Path)
-    u.add_argument("--data", required=True, type=Path, help="the dataset manifest the bundle was trained on")
-    u.add_argument("--device", choices=DEVICES, default="auto")
+    _bundle_data_device(u, "the dataset manifest the bundle was trained on")
     u.add_argument("--no-refine", action="store_true",
                    help="leave refinement as it is (weighing it runs SAM on every validation slice with a mask)")
 
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", type=Path, default=None, help="manifest to take a volume from (default: the shipped sample case)")
     b.add_argument("--case", default=None, help="case id (default: the first test case)")
     b.add_argument("--slices", type=int, default=0, help="use only this many slices (0: all)")
-    b.add_argument("--device", choices=DEVICES, default="auto")
+    b.add_argument("--device", choices=DEVICES, default=DEVICE)
     b.add_argument("--scale", choices=["cpu", "paper"], default=None,
                    help="benchmark random networks at a preset's scale (e.g. paper: 256x256) instead of the bundle's")
     b.add_argument("--depth", type=int, default=0,

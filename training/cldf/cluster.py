@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from .config import ClusterConfig
+from .defaults import CLUSTER_RULES
 from .postprocess import mask_similarity
 from .seeds import BACKGROUND, FOREGROUND, keep_seeded_components
 
-
-RULES = ("nearest", "closer_than_background")
+RULES = CLUSTER_RULES
 
 
 def kmeans(embeddings: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import atomic
 from .bundle import Bundle
-from .data import Case, InputError, Manifest
+from .images import InputError
+from .manifest import Case, Manifest
 from .outputs import MARKER, write_result
 from .segment import Segmenter
 
@@ -110,10 +112,8 @@ def write_summary(out: Path) -> Path:
         if summary:
             rows.append(summary)
     path = out / "summary.csv"
-    tmp = out / f".summary.{os.getpid()}.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: r["case"]))
-    os.replace(tmp, path)
     return path

@@ -121,20 +121,20 @@ class PixelDecoder:
         bar.close()
         self.mlp_.eval()
         with torch.no_grad():
-            total = sum(F.normalize(self.mlp_(f[l == 1]), dim=1).sum(dim=0) for f, l in zip(features, labels))
+            total = sum(F.normalize(self.mlp_(f[lab == 1]), dim=1).sum(dim=0) for f, lab in zip(features, labels))
             self.foreground_prototype_ = F.normalize(total, dim=0)
         return self
 
     def _batch(self, feats: list[torch.Tensor], labs: list[torch.Tensor], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         cap = self.cfg.pixels_per_class
         xs, ys = [], []
-        for f, l in zip(feats, labs):
+        for f, lab in zip(feats, labs):
             for cls in (1, 2):
-                idx = (l == cls).nonzero()[:, 0]
+                idx = (lab == cls).nonzero()[:, 0]
                 if cap and len(idx) > cap:
                     idx = idx[torch.randperm(len(idx), generator=g)[:cap]]
                 xs.append(f[idx])
-                ys.append(l[idx])
+                ys.append(lab[idx])
         return torch.cat(xs), torch.cat(ys)
 
     def block_weights(self, block_channels: list[int]) -> list[torch.Tensor]:

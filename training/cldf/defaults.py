@@ -5,6 +5,9 @@ dependencies are installed.
 """
 
 DEVICES = ("auto", "cpu", "cuda")  # "auto": CUDA when present
+DEVICE = "auto"  # the device every command and the Slicer module start with
 BATCH_SIZE = 8  # slices per step of a segmentation run
 TARGET_NAME = "target"  # segment name when a bundle names none
 TARGET_COLOR = (230, 80, 60)  # segment colour (R, G, B) when a bundle gives none
+OVERLAY_OPACITY = 0.6  # the CAM / mean-gradient overlay in the Slicer module and the pictures
+CLUSTER_RULES = ("nearest", "closer_than_background")  # the foreground rules of `cldf.cluster`

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .bundle import current_umask
-from .segment import VolumeResult
+from .atomic import current_umask
+from .volume_result import VolumeResult
 
 FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
 MAP_NAMES = ("cam", "mean_gradient", "seeds", "mask")

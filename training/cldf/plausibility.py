@@ -4,7 +4,7 @@ A bundle's data card records, per channel, the range of its training cases' robu
 (`slices.robust_range`, as stored: Hounsfield units for CT, scanner units for MR). An input far outside
 them (a CT given to an MR bundle, an MR to a CT bundle) gets a warning: its masks may be meaningless.
 So do two channels holding the same image (one scan given for both channels of an MR bundle).
-Label maps are refused earlier (`data.check_values`).
+Label maps are refused earlier (`images.check_values`).
 """
 
 from __future__ import annotations

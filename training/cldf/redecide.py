@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cluster import cluster_slice
+from . import cluster as clustering
 from .config import ClusterConfig, PostprocessConfig
 from .postprocess import SliceEvidence, keep_main_components, keep_slices
 from .seeds import FOREGROUND
-from .segment import Segmenter, VolumeResult
+from .segment import Segmenter
 from .slices import from_slices
+from .volume_result import VolumeResult
 
 
 class Redecider:
@@ -38,7 +39,7 @@ class Redecider:
             if self.cancelled:
                 return
             if (i, cluster.k, cluster.within_body) not in self._kmeans:
-                cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
+                clustering.cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
                               torch.from_numpy(c.body[i]), self.prototype, cluster, self._kmeans, i)
 
     def mask(self, cluster: ClusterConfig, post: PostprocessConfig) -> np.ndarray:
@@ -49,7 +50,7 @@ class Redecider:
         similarity = torch.full((z,), float("nan"))
         gated = c.presence >= cluster.presence_threshold
         for i in np.flatnonzero(gated):
-            small[i], similarity[i] = cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
+            small[i], similarity[i] = clustering.cluster_slice(torch.from_numpy(c.embeddings[i]), torch.from_numpy(c.seeds[i]),
                                                     torch.from_numpy(c.body[i]), self.prototype, cluster,
                                                     self._kmeans, int(i))
         n_seeds = torch.from_numpy(((c.seeds == FOREGROUND) & gated[:, None, None]).reshape(z, -1).sum(axis=1))

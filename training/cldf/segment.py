@@ -12,25 +12,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from . import cases, cluster
 from .bundle import Bundle
-from .defaults import BATCH_SIZE
-from .cluster import cluster_slice
+from .defaults import BATCH_SIZE, DEVICE
 from .device import autocast, resolve_device
-from .data import read_images, stack_channels
-from .orientation import orientation_of, slice_order
-from .orientation import reorient as _reorient
-from .slices import from_slices, normalise, robust_range, to_slices
-from .plausibility import intensity_warnings, same_image_warnings
 from .features import DiffusionFeatures, EncoderFeatures
+from .images import read_images
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
-from .postprocess import SliceEvidence, keep_main_components, keep_slices
+from .postprocess import SliceEvidence, keep_slices
 from .seeds import FOREGROUND, body_mask, fuse_seeds
+from .segmentation_job import SegmentationJob
 from .variants import VARIANTS
 
 if TYPE_CHECKING:
@@ -79,7 +74,7 @@ class Segmenter:
             ``"none"`` does not; None: the bundle's ``refine.method``.
     """
 
-    def __init__(self, bundle: Bundle, device: str = "auto", batch_size: int = BATCH_SIZE, variant: str = "cdm",
+    def __init__(self, bundle: Bundle, device: str = DEVICE, batch_size: int = BATCH_SIZE, variant: str = "cdm",
                  maps: tuple[str, ...] = (), refine: str | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -253,7 +248,7 @@ class Segmenter:
                 evidence[s].embeddings = emb
             for j, i in enumerate(todo.tolist()):
                 if gated[i]:
-                    out[s][i], evidence[s].similarity[i] = cluster_slice(
+                    out[s][i], evidence[s].similarity[i] = cluster.cluster_slice(
                         emb[j], maps.seeds[i].cpu(), maps.body[i].cpu(), decoder.foreground_prototype_, self.cfg.cluster,
                         kmeans_cache, int(slice_ids[i]) if slice_ids is not None else i)
             if per_slice_rule:
@@ -279,186 +274,7 @@ class Segmenter:
         ``result.reference`` are then on the reoriented grid and ``result.input_reference`` is the input's.
         Without it, slices are cut along the images' third voxel axis.
         """
-        orientation = self.cfg.data.orientation if reorient else ""
-        volume, reference = stack_channels({n: _reorient(im, orientation) for n, im in images.items()},
-                                           self.bundle.channels)
-        job = SegmentationJob(self, volume, reference, decoder_seed, keep_cache)
+        job = SegmentationJob(self, cases.case_from_images(images, self.cfg.data, reorient), decoder_seed, keep_cache)
         if reorient:
             job.result.input_reference = images[self.bundle.channels[0]]
         return job
-
-
-@dataclass
-class SliceCache:
-    """What the last, cheap step of inference needs per slice, on the bundle's grid."""
-
-    embeddings: np.ndarray  # (Z, E, R, R) float32 pixel embeddings of the run's decoder
-    seeds: np.ndarray  # (Z, R, R) uint8: 1 foreground, 2 background, before the gate
-    body: np.ndarray  # (Z, R, R) bool
-    presence: np.ndarray  # (Z,) the gate's probabilities
-    kmeans: dict = field(default_factory=dict)  # K-means results by (slice, k, within_body), as they are made
-
-
-@dataclass
-class VolumeResult:
-    """Outputs on the input's voxel grid, ``(Z, Y, X)`` arrays, plus the reference image for geometry."""
-
-    reference: sitk.Image
-    cam: np.ndarray
-    mean_gradient: np.ndarray
-    seeds: np.ndarray
-    mask: np.ndarray
-    presence: np.ndarray
-    similarity: np.ndarray | None = None  # (Z,) the mask's similarity to the foreground prototype; nan where empty
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
-    coarse_mask: np.ndarray | None = None  # with refinement: the mask before it (resized from the bundle's grid)
-    cache: SliceCache | None = None  # with ``keep_cache``: for re-deciding the masks (`Redecider`)
-    input_reference: sitk.Image | None = None  # the input as stored, when it was reoriented to the bundle's orientation
-    mask_voxels: np.ndarray | None = None  # (Z,) per slice of `presence` (set by `on_input_grid`)
-
-    def on_input_grid(self) -> "VolumeResult":
-        """The outputs in the input's own voxel order (they are computed in the bundle's orientation).
-
-        Per-slice values (presence, similarity) follow the input's slices when its slice axis is the
-        bundle's; otherwise they stay in the bundle's slice order.
-        """
-        src = self.input_reference
-        areas = self.mask.reshape(len(self.mask), -1).sum(axis=1)
-        if src is None or orientation_of(src) == orientation_of(self.reference):
-            return replace(self, input_reference=None, mask_voxels=areas)
-        code = orientation_of(src)
-
-        def back(a: np.ndarray | None) -> np.ndarray | None:
-            if a is None:
-                return None
-            image = sitk.GetImageFromArray(a)
-            image.CopyInformation(self.reference)
-            return sitk.GetArrayFromImage(_reorient(image, code))
-
-        order = slice_order(self.reference, code)
-        per_slice = (lambda v: v) if order is None else (lambda v: None if v is None else v[order])
-        return replace(self, reference=src, input_reference=None, cam=back(self.cam),
-                       mean_gradient=back(self.mean_gradient), seeds=back(self.seeds), mask=back(self.mask),
-                       presence=per_slice(self.presence), similarity=per_slice(self.similarity),
-                       mask_voxels=per_slice(areas),
-                       extra={k: back(v) for k, v in self.extra.items()}, coarse_mask=back(self.coarse_mask), cache=None)
-
-
-class SegmentationJob:
-    """One volume, segmented one batch of slices per `step()`."""
-
-    def __init__(self, segmenter: Segmenter, volume: np.ndarray, reference: sitk.Image, decoder_seed: int = 0,
-                 keep_cache: bool = False):
-        if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:
-            raise ValueError(f"the bundle has no decoder with seed {decoder_seed}")
-        self.segmenter = segmenter
-        self.decoder_seed = decoder_seed
-        cfg = segmenter.cfg.data
-        ranges = robust_range(volume, cfg.percentiles)
-        normalised = normalise(volume, cfg.percentiles, ranges)
-        card = segmenter.bundle.card.get("training", {}).get("data_card", {}).get("intensity")
-        self.warnings = (intensity_warnings(ranges, card, segmenter.bundle.channels)  # also shown by the Slicer module
-                         + same_image_warnings(volume, segmenter.bundle.channels))
-        for warning in self.warnings:
-            log.warning("warning: %s", warning)
-        self.slices = to_slices(normalised, cfg.resolution)
-        r = segmenter.cam_resolution
-        self.cam_slices = to_slices(normalised, r) if r else None  # the CAM source's own slices
-        # refinement works on the scan's own grid: one normalised channel and the in-plane (row, column) spacing
-        self.refine_image = normalised[segmenter.refine_channel] if segmenter.refiner is not None else None
-        self.spacing = (reference.GetSpacing()[1], reference.GetSpacing()[0])
-        self.shape = volume.shape[1:]
-        z, y, x = self.shape
-        self.result = VolumeResult(
-            reference,
-            cam=np.zeros(self.shape, np.float32),
-            mean_gradient=np.zeros(self.shape, np.float32),
-            seeds=np.zeros(self.shape, np.uint8),
-            mask=np.zeros(self.shape, np.uint8),
-            presence=np.zeros(z, np.float32),
-            similarity=np.full(z, np.nan, np.float32),
-            extra={name: np.zeros(self.shape, np.float32) for name in segmenter.extra_maps},
-            coarse_mask=np.zeros(self.shape, np.uint8) if segmenter.refiner is not None else None,
-        )
-        if keep_cache:
-            r, e = cfg.resolution, segmenter.bundle.decoders[segmenter.variant][decoder_seed].cfg.hidden[-1]
-            self.result.cache = SliceCache(np.zeros((z, e, r, r), np.float32), np.zeros((z, r, r), np.uint8),
-                                           np.zeros((z, r, r), bool), self.result.presence)
-        self.done = 0
-        self.cancelled = False
-
-    @property
-    def total(self) -> int:
-        return self.shape[0]
-
-    @property
-    def progress(self) -> tuple[int, int]:
-        return self.done, self.total
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def step(self) -> bool:
-        """Process the next batch; True while slices remain."""
-        if self.cancelled or self.done >= self.total:
-            return False
-        seg = self.segmenter
-        stop = min(self.done + seg.batch_size, self.total)
-        try:
-            self._run(self.done, stop)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if seg.batch_size > 1:
-                seg.batch_size //= 2
-                log.warning("CUDA out of memory: batch size halved to %d", seg.batch_size)
-            else:
-                log.warning("CUDA out of memory with one slice per batch: continuing on the CPU")
-                seg.to(torch.device("cpu"))
-            return True
-        self.done = stop
-        if self.done == self.total:
-            self._finish()
-        return self.done < self.total
-
-    def _finish(self) -> None:
-        """Whole-volume rule once every slice is done: keep the main 3D object(s) (`postprocess`)."""
-        r = self.result
-        r.mask = keep_main_components(r.mask, self.segmenter.cfg.postprocess.min_component_fraction)
-        if r.coarse_mask is not None:
-            r.coarse_mask = keep_main_components(r.coarse_mask, self.segmenter.cfg.postprocess.min_component_fraction)
-
-    def _run(self, start: int, stop: int) -> None:
-        seg = self.segmenter
-        x = self.slices[start:stop].to(seg.device)
-        x_cam = self.cam_slices[start:stop].to(seg.device) if self.cam_slices is not None else None
-        ids = torch.arange(start, stop)
-        maps = seg.slice_maps(x, ids, x_cam=x_cam)
-        cache = self.result.cache
-        masks, evidence = seg.masks_with_evidence(x, maps, (self.decoder_seed,), embed_all=cache is not None,
-                                                  kmeans_cache=cache.kmeans if cache is not None else None, slice_ids=ids)
-        if cache is not None:
-            cache.embeddings[start:stop] = evidence[self.decoder_seed].embeddings.numpy()
-            cache.seeds[start:stop] = seg.seeds(maps, ids, gate=False).cpu().numpy()
-            cache.body[start:stop] = maps.body.cpu().numpy()
-        mask = masks[self.decoder_seed]
-        self.result.similarity[start:stop] = evidence[self.decoder_seed].similarity.numpy()
-        hw = self.shape[1:]
-        r = self.result
-        r.cam[start:stop] = from_slices(maps.cam, hw)
-        r.mean_gradient[start:stop] = from_slices(maps.mean_gradient, hw)
-        r.seeds[start:stop] = from_slices(maps.seeds, hw, mode="nearest")
-        r.mask[start:stop] = from_slices(mask, hw, mode="mask")
-        if seg.refiner is not None:  # sharpened on the scan's grid; slices with an empty mask stay empty
-            r.coarse_mask[start:stop] = r.mask[start:stop]
-            r.mask[start:stop] = seg.refiner.refine(self.refine_image[start:stop], r.mask[start:stop], self.spacing)
-        r.presence[start:stop] = maps.presence.cpu().numpy()
-        for name, m in maps.extra.items():
-            r.extra[name][start:stop] = from_slices(m, hw)
-
-    def run(self, progress: bool = True) -> VolumeResult:
-        """Step to the end (with a progress bar) and return the result."""
-        with tqdm(total=self.total, desc="segment", unit="slice", disable=not progress) as bar:
-            while self.step():
-                bar.update(self.done - bar.n)
-            bar.update(self.done - bar.n)
-        return self.result

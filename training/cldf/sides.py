@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .data import side_slice_labels
+from .weak_labels import side_slice_labels
 
 if TYPE_CHECKING:
     from .config import CLDFConfig

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 def robust_range(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
     """``(C, 2)``: each channel's intensities at the two percentiles, as stored (e.g. Hounsfield units for CT)."""
     return np.stack([np.percentile(volume[c], percentiles) for c in range(volume.shape[0])])

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -38,15 +37,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import atomic, cases
 from ..bundle import Bundle, load_bundle
 from ..config import preset
-from ..data import load_manifest, read_channels
-from ..slices import normalise, to_slices
-from ..models import NoiseSchedule
-from ..features import DiffusionFeatures, literal_feature_stack
-from ..maps import CDMSaliency, LayerCAM
-from ..segment import Segmenter, slice_presence
+from ..defaults import DEVICE
 from ..device import autocast, resolve_device
+from ..features import DiffusionFeatures, literal_feature_stack
+from ..manifest import load_manifest
+from ..maps import CDMSaliency, LayerCAM
+from ..models import NoiseSchedule
+from ..segment import Segmenter, slice_presence
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")
@@ -201,9 +201,8 @@ def load_case_slices(bundle: Bundle, data: Path | None, case: str | None, tmp: P
         image = resample_depth(image, depth) if depth else image
         files[name] = str(tmp / f"{name}.nii.gz")
         sitk.WriteImage(image, files[name])
-    volume, _ = read_channels(files, bundle.channels, bundle.config.data.orientation)
     d = bundle.config.data
-    return case_id, to_slices(normalise(volume, d.percentiles), d.resolution), files
+    return case_id, cases.read_case(files, d).slices(d.resolution), files
 
 
 def resample_depth(image: sitk.Image, depth: int) -> sitk.Image:
@@ -241,7 +240,7 @@ def random_bundle(preset_name: str, channels: list[str], out: Path) -> Path:
 
 
 def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | None = None,
-              slices: int = 0, device: str = "auto", scale: str | None = None, depth: int = 0,
+              slices: int = 0, device: str = DEVICE, scale: str | None = None, depth: int = 0,
               paths: tuple[str, ...] = PATHS, out: Path | None = None) -> dict:
     """Benchmark the paths on one volume; prints a Markdown table and returns the numbers.
 
@@ -373,13 +372,8 @@ def write_speed_report(report: dict, path: Path) -> None:
         *[f"- {line}" for line in report["notes"]],
         "",
     ]
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(text), encoding="utf-8")
-    os.replace(tmp, path)
-    data = {k: v for k, v in report.items() if k not in ("table", "notes")}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path.with_suffix(".json"))
+    atomic.write_text(path, "\n".join(text))
+    atomic.write_json(path.with_suffix(".json"), {k: v for k, v in report.items() if k not in ("table", "notes")})
 
 
 if __name__ == "__main__":

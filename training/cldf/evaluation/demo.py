@@ -16,11 +16,15 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .. import atomic, metrics
 from ..bundle import Bundle, load_bundle
-from ..data import Case, InputError, load_manifest, target_mask
-from ..metrics import dice, target_slice_dice
+from ..defaults import DEVICE, TARGET_COLOR
+from ..images import InputError
+from ..manifest import Case, load_manifest
 from ..outputs import write_result
-from ..segment import Segmenter, VolumeResult
+from ..segment import Segmenter
+from ..volume_result import VolumeResult
+from ..weak_labels import target_mask
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED_BUNDLE = REPO / "CLDFSegmentation" / "Resources" / "Models" / "brain-mri-flair-t1"
@@ -78,13 +82,13 @@ def run_demo(out: Path, bundle: Path | None = None, data: Path | None = None, pr
     inputs = {c: case.channels[c] for c in b.channels if c in case.channels}
     truth = target_mask(case.mask, b.card.get("task", {}).get("mask_labels"))
     print(f"bundle {b.id}, case {case.id} from {manifest}: {', '.join(f'{k}={v}' for k, v in inputs.items())}")
-    result = Segmenter(b, "auto", refine=refine).start(inputs).run(progress).on_input_grid()
+    result = Segmenter(b, DEVICE, refine=refine).start(inputs).run(progress).on_input_grid()
     paths = write_result(result, out, overwrite=True, also_ours=("montage.png",))  # the demo folder is the demo's own
     print(f"{int((result.mask > 0).sum())} mask voxels on {int((result.mask.sum(axis=(1, 2)) > 0).sum())} slices")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
     print(dice_report(result.mask > 0, truth))
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(inputs[b.channels[0]]))).astype(np.float32)
-    color = tuple(b.card.get("task", {}).get("color", (230, 80, 60)))
+    color = tuple(b.card.get("task", {}).get("color", TARGET_COLOR))
     montage = out / "montage.png"
     rgb = build_montage(image, truth, result, color, case.id, result.reference.GetDirection())
     write_png(rgb, montage)
@@ -97,16 +101,15 @@ def run_demo(out: Path, bundle: Path | None = None, data: Path | None = None, pr
 def write_png(rgb: np.ndarray, path: Path) -> None:
     """Write an ``(H, W, 3)`` uint8 array as a PNG, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
-    tmp.replace(path)
+    with atomic.atomic_path(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
 
 
 # --------------------------------------------------------------------------- Dice
 def dice_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, int]:
     """3D Dice of the volume, mean Dice over the slices holding target (nan if none) and their number."""
-    per_slice = target_slice_dice(pred, truth)
-    return dice(pred, truth), float(np.mean(per_slice)) if per_slice else math.nan, len(per_slice)
+    per_slice = metrics.target_slice_dice(pred, truth)
+    return metrics.dice(pred, truth), float(np.mean(per_slice)) if per_slice else math.nan, len(per_slice)
 
 
 def dice_report(pred: np.ndarray, truth: np.ndarray) -> str:
@@ -187,7 +190,7 @@ def build_montage(image: np.ndarray, truth: np.ndarray, result: VolumeResult, co
         panels = slice_panels(grey[z], truth[z], cam[z], mg[z], pred, color)
         if direction is not None:
             panels = [radiological(p, direction) for p in panels]
-        line = text_strip(f"{case_id}  slice {z}  Dice {dice(pred, truth[z]):.2f}", len(COLUMNS) * (width + GAP) - GAP)
+        line = text_strip(f"{case_id}  slice {z}  Dice {metrics.dice(pred, truth[z]):.2f}", len(COLUMNS) * (width + GAP) - GAP)
         blocks += [np.pad(line, ((0, 0), (0, GAP), (0, 0)), constant_values=0.5), panel_row(panels)]
     return (np.concatenate(blocks, axis=0)[:-GAP, :-GAP] * 255).round().astype(np.uint8)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,16 +31,18 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from tqdm.auto import tqdm
 
+from .. import atomic, cases, metrics
 from ..bundle import Bundle
-from ..data import InputError, Manifest, read_channels, target_mask
-from ..slices import from_slices, normalise, to_slices
+from ..defaults import DEVICE
+from ..device import resolve_device
+from ..images import InputError
+from ..manifest import Manifest
 from ..maps import GradCAM, LayerCAM
 from ..maps.scorecam import ScoreCAM
-from ..metrics import dice, iou
 from ..postprocess import keep_main_components
 from ..seeds import FOREGROUND, threshold_maps
 from ..segment import Segmenter
-from ..device import resolve_device
+from ..slices import from_slices
 
 MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "cdm")  # one map, thresholded per slice
 BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "fusion", "cdm")
@@ -98,7 +99,7 @@ def case_ids_for_split(bundle: Bundle, manifest: Manifest, split: str) -> list[s
 
 
 def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_labels: list[int] | None,
-             device: str = "auto", batch_size: int = 8, methods: tuple[str, ...] = METHODS,
+             device: str = DEVICE, batch_size: int = 8, methods: tuple[str, ...] = METHODS,
              progress: bool = True) -> dict:
     """Score ``methods`` on the cases; returns the report (overall and per case)."""
     unknown = [m for m in methods if m not in METHODS]
@@ -138,11 +139,24 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
                 pooled[method][s].hits += sc.hits
                 pooled[method][s].predicted += sc.predicted
                 fp_ml = float(m[empty].sum()) * voxel_ml
-                pooled[method][s].dice_3d.append(dice(m, gt))
+                pooled[method][s].dice_3d.append(metrics.dice(m, gt))
                 pooled[method][s].fp_ml.append(fp_ml)
-                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": dice(m, gt),
+                entry[s] = {"dice": _mean(sc.dice), "iou": _mean(sc.iou), "hd95_mm": _mean(sc.hd95), "dice_3d": metrics.dice(m, gt),
                             "fp_ml_empty_slices": fp_ml}
             per_case[cid][method] = _over_seeds(entry)
+    overall = _overall(pooled, hits)
+    return {
+        "bundle": bundle.id,
+        "cases": list(case_ids),
+        "protocol": __doc__.split("Protocol (the papers'): ")[1].split("\n\n")[0].replace("\n", " "),
+        "decoder_seeds": list(seeds),
+        "methods": overall,
+        "per_case": per_case,
+    }
+
+
+def _overall(pooled: dict[str, dict[int, SliceScores]], hits: dict[str, list[bool]]) -> dict:
+    """Every method's scores over all cases' slices (mean and spread over decoder seeds)."""
     overall = {}
     for method, by_seed in pooled.items():
         stats = {s: {"dice": _mean(v.dice), "dice_std": _std(v.dice), "iou": _mean(v.iou), "iou_std": _std(v.iou),
@@ -153,14 +167,7 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
         overall[method] = _over_seeds(stats)
         if method in hits:
             overall[method]["pointing"] = _mean(hits[method])
-    return {
-        "bundle": bundle.id,
-        "cases": list(case_ids),
-        "protocol": __doc__.split("Protocol (the papers'): ")[1].split("\n\n")[0].replace("\n", " "),
-        "decoder_seeds": list(seeds),
-        "methods": overall,
-        "per_case": per_case,
-    }
+    return overall
 
 
 def _refiner(bundle: Bundle, device: str, batch_size: int):
@@ -173,20 +180,15 @@ def _refiner(bundle: Bundle, device: str, batch_size: int):
 def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds,
                 refiner=None):
     case = manifest.case(cid)
-    orientation = bundle.config.data.orientation
-    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels,
-                                orientation)
-    if case.mask is None:
-        raise InputError(f"case '{cid}' has no mask: evaluation needs ground truth")
-    gt = target_mask(case.mask, target_labels, orientation)
     cfg = bundle.config
-    normalised = normalise(volume, tuple(cfg.data.percentiles))
-    slices = to_slices(normalised, cfg.data.resolution)
+    read = cases.read_case(case.channels, cfg.data)
+    gt = cases.read_truth(case.mask, target_labels, cfg.data, cid)
+    normalised, ref, slices = read.normalised, read.reference, read.slices(cfg.data.resolution)
     seg = segs["cldf"]
     cams = {"gradcam": bundle.on_sides(GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer])),
             "layercam": bundle.on_sides(LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)),
             "scorecam": bundle.on_sides(ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer))}
-    hw = volume.shape[2:]
+    hw = gt.shape[1:]
     maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
     decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS
                if m in methods or (m == "cldf" and REFINED in methods)}
@@ -233,8 +235,8 @@ def _slice_scores(pred: np.ndarray, gt: np.ndarray, positive: np.ndarray, spacin
     diag = math.hypot(gt.shape[1] * spacing[1], gt.shape[2] * spacing[0])
     for z in positive:
         p, g = pred[z], gt[z]
-        sc.dice.append(dice(p, g))
-        sc.iou.append(iou(p, g))
+        sc.dice.append(metrics.dice(p, g))
+        sc.iou.append(metrics.iou(p, g))
         sc.hd95.append(_hd95(p, g, spacing, diag))
         sc.hits.append(int((p & g).sum()))
         sc.predicted.append(int(p.sum()))
@@ -296,6 +298,4 @@ def markdown_table(report: dict) -> str:
 def write_report(report: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(report, indent=1, default=float) + "\n")

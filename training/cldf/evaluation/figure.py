@@ -12,39 +12,39 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
+from .. import cases
 from ..bundle import load_bundle
-from ..data import load_manifest, read_channels, target_mask
-from ..slices import from_slices, normalise, to_slices
-from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, radiological, to_unit
-from .evaluate import case_ids_for_split
+from ..defaults import DEVICE, TARGET_COLOR
+from ..manifest import load_manifest
 from ..segment import Segmenter
+from ..slices import from_slices
+from .demo import GAP, GROUND_TRUTH_COLOR, heat, overlay, radiological, to_unit, write_png
+from .evaluate import case_ids_for_split
 
 COLUMNS = ("image", "ground truth", "CAM", "MG", "CDM saliency", "CLDF")
 
 
 def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows: int = 3,
-                device: str = "auto") -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+                device: str = DEVICE) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
     """The panels of each row as ``(H, W, 3)`` arrays in [0, 1], and the (case, slice) of each row."""
     bundle = load_bundle(bundle_dir)
     manifest = load_manifest(manifest_path)
     labels = bundle.card.get("task", {}).get("mask_labels")
-    color = tuple(bundle.card.get("task", {}).get("color", (230, 80, 60)))
+    color = tuple(bundle.card.get("task", {}).get("color", TARGET_COLOR))
     seg = Segmenter(bundle, device, 1, maps=("cdm",))
     cfg = bundle.config.data
     out, where = [], []
     for cid in case_ids_for_split(bundle, manifest, split)[:rows]:
         case = manifest.case(cid)
-        volume, ref = read_channels({k: v for k, v in case.channels.items() if k in bundle.channels}, bundle.channels,
-                                    cfg.orientation)
-        gt = target_mask(case.mask, labels, cfg.orientation)
+        read = cases.read_case(case.channels, cfg)
+        volume, ref, normalised = read.volume, read.reference, read.normalised
+        gt = cases.read_truth(case.mask, labels, cfg, cid)
         z = int(gt.reshape(len(gt), -1).sum(axis=1).argmax())
-        normalised = normalise(volume, tuple(cfg.percentiles))
-        x = to_slices(normalised, cfg.resolution)[z : z + 1].to(seg.device)
+        x = read.slices(cfg.resolution)[z : z + 1].to(seg.device)
         r = seg.cam_resolution
-        x_cam = to_slices(normalised, r)[z : z + 1].to(seg.device) if r else None
+        x_cam = read.slices(r)[z : z + 1].to(seg.device) if r else None
         ids = torch.tensor([z])
         maps = seg.slice_maps(x, ids, x_cam=x_cam)
         hw = volume.shape[2:]
@@ -64,7 +64,7 @@ def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows
 
 
 def make_figure(bundle_dir: Path, manifest_path: Path, out: Path, split: str = "test", rows: int = 3,
-                device: str = "auto") -> list[tuple[str, int]]:
+                device: str = DEVICE) -> list[tuple[str, int]]:
     """Write the figure as a PNG; returns the (case, slice) of each row."""
     panels, where = figure_rows(bundle_dir, manifest_path, split, rows, device)
     lines = []
@@ -72,8 +72,5 @@ def make_figure(bundle_dir: Path, manifest_path: Path, out: Path, split: str = "
         padded = [np.pad(p, ((0, GAP), (0, GAP), (0, 0)), constant_values=1.0) for p in row]
         lines.append(np.concatenate(padded, axis=1))
     rgb = (np.concatenate(lines, axis=0)[:-GAP, :-GAP] * 255).round().astype(np.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
-    tmp.replace(out)
+    write_png(rgb, out)
     return where

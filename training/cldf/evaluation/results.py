@@ -8,11 +8,11 @@ positive slices), HD95 and the per-case 3D Dice.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
+from .. import atomic
 from ..bundle import read_card
+from ..defaults import TARGET_NAME
 from .evaluate import BASELINES, METHODS
 
 #: row labels, in the paper's order
@@ -41,7 +41,7 @@ def task_column(card: dict, split: str) -> dict:
     slices = int(next(iter(methods.values()))["n_slices"])
     config = card.get("config", {})
     shipped = "cldf+sam" if config.get("refine", {}).get("method") == "sam" else "cldf"
-    return {"bundle": card.get("name"), "task": card.get("task", {}).get("target", "target"), "dataset": dataset,
+    return {"bundle": card.get("name"), "task": card.get("task", {}).get("target", TARGET_NAME), "dataset": dataset,
             "split": split, "cases": metrics["cases"], "positive_slices": slices, "command": metrics.get("command"),
             "methods": methods, "per_case": metrics.get("per_case", {}), "shipped": shipped,
             "cam_source": config.get("maps", {}).get("cam_method", "layercam")}
@@ -134,7 +134,5 @@ def per_case_table(cols: list[dict]) -> list[str]:
 def write_results(results: dict, path: Path) -> None:
     """``results.md`` at ``path`` and ``results.json`` beside it, each written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, markdown(results)), (path.with_suffix(".json"), json.dumps(results, indent=1) + "\n")):
-        tmp = target.with_suffix(target.suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+    atomic.write_text(path, markdown(results))
+    atomic.write_json(path.with_suffix(".json"), results)

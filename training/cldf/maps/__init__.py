@@ -8,8 +8,8 @@ is AME-CAM's map of its own multi-exit classifier.
 
 from .ame import AmeCamMap
 from .base import ActivationRecorder, normalise_per_slice
-from .cdm import CDMSaliency
 from .cam import GradCAM, LayerCAM, build_cam
+from .cdm import CDMSaliency
 from .gradient import MeanGradient
 
 __all__ = ["ActivationRecorder", "AmeCamMap", "CDMSaliency", "GradCAM", "LayerCAM", "MeanGradient", "build_cam", "normalise_per_slice"]

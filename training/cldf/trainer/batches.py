@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import SliceSet
+from .slice_set import SliceSet
 
 Draw = Callable[[torch.Generator], torch.Tensor]  # a step's generator -> the global batch's slice indices
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .. import atomic
 from ..bundle import write_safetensors
 
 
@@ -28,8 +28,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     weights = path.with_suffix(".safetensors")
     write_safetensors(tensors, weights)
     doc = {**meta, "param_groups": opt["param_groups"]}
-    path.with_suffix(".json.tmp").write_text(json.dumps(doc))
-    os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
+    atomic.write_json(path.with_suffix(".json"), doc, indent=None)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:

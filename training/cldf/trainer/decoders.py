@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 
 from ..bundle import Bundle, load_bundle, replace_decoders
 from ..config import CLDFConfig
-from ..data import SliceSet, load_manifest
 from ..decoder import PixelDecoder
+from ..defaults import DEVICE
 from ..device import batch_for, device_name, resolve_device
 from ..features import gather_at_pixels
+from ..manifest import load_manifest
 from ..segment import Segmenter
 from ..variants import VARIANTS, bundle_variants
+from .slice_set import SliceSet
 from .slicecache import cached_slice_set
 from .tensorstore import TensorStore
 
@@ -102,8 +104,8 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
                              "check the slice labels and maps")
         decoders: dict[str, dict[int, PixelDecoder]] = {v: {} for v in variants}
         card = {"seed_slices": {v: len(labels[v]) for v in variants},
-                "foreground_seeds": {v: int(sum((l == 1).sum() for l in labels[v])) for v in variants},
-                "background_seeds": {v: int(sum((l == 2).sum() for l in labels[v])) for v in variants},
+                "foreground_seeds": {v: int(sum((lab == 1).sum() for lab in labels[v])) for v in variants},
+                "background_seeds": {v: int(sum((lab == 2).sum() for lab in labels[v])) for v in variants},
                 "final_loss": {},
                 **({"positive_slices_visited": visited} if visited < int((data.labels == 1).sum()) else {})}
         for v in variants:
@@ -126,7 +128,7 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
     return decoders, card
 
 
-def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "",
+def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = DEVICE, command: str = "",
                  progress: bool = True) -> list[str]:
     """Train the decoder variants a bundle lacks (bundles made before the ablations) into it.
 

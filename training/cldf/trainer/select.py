@@ -14,48 +14,30 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import atomic, cases, cluster, metrics
 from ..bundle import Bundle
-from ..cluster import choose_clusters, kmeans
-from ..config import CLDFConfig, SeedConfig
-from ..data import Manifest, SliceSet, read_channels, target_mask
-from ..slices import from_slices, normalise, to_slices
+from ..config import CLDFConfig, SeedConfig, apply_settings
+from ..config.grids import CLUSTER_GRID, DECODER_GRID, GATE_THRESHOLDS, SELECT_TRAIN_SLICES
 from ..decoder import PixelDecoder
-from ..features import gather_at_pixels
-from ..metrics import dice
-from ..seeds import FOREGROUND, body_mask, fuse_seeds, keep_seeded_components
-from ..segment import Segmenter
 from ..device import autocast, batch_for
-from ..cluster import seed_references
+from ..features import gather_at_pixels
+from ..manifest import Manifest
+from ..seeds import FOREGROUND, body_mask, fuse_seeds
+from ..segment import Segmenter
+from ..slices import from_slices
+from .slice_set import SliceSet
 from .tensorstore import TensorStore
 
 log = logging.getLogger(__name__)
-
-# The paper's value first in every list: ties keep the paper's setting.
-DECODER_GRID = {
-    "seeds.cam_threshold": ["otsu", 0.5],
-    "decoder.lr_momentum": [(1.0, 0.0), (0.1, 0.9)],
-}
-# Slice gate: chosen first, by balanced accuracy of present / absent on validation slices
-# (positive-slice Dice alone would always prefer no gate at all).
-GATE_THRESHOLDS = [0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01]
-SELECT_TRAIN_SLICES = 512  # positive training slices the selection's decoders train on, at most
-CLUSTER_GRID = {
-    "cluster.k": [2, 3, 5],
-    "cluster.within_body": [False, True],
-    "cluster.rule": ["nearest", "closer_than_background"],
-    "cluster.seeded_components": [False, True],
-}
-
 
 def cam_sources(bundle: Bundle) -> list[str]:
     """CAM sources to choose among: the bundle's own first (ties keep it), AME-CAM when it has the networks."""
@@ -137,11 +119,9 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
     negatives: dict[str, list[torch.Tensor]] = {m: [] for m in sources}  # their presence only
     for cid in case_ids:
         case = manifest.case(cid)
-        volume, _ = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
-                                  cfg.orientation)
-        gt = target_mask(case.mask, target_labels, cfg.orientation)
+        gt = cases.read_truth(case.mask, target_labels, cfg, cid)  # scoring only
         positive = np.nonzero(gt.mean(axis=(1, 2)) > cfg.positive_fraction)[0]
-        slices = to_slices(normalise(volume, tuple(cfg.percentiles)), cfg.resolution)
+        slices = cases.read_case(case.channels, cfg).slices(cfg.resolution)
         images.append(slices[positive])
         ids.append(torch.from_numpy(positive))
         for m in sources:
@@ -232,9 +212,7 @@ def _select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, va
                          "val_dice_seed_std": float(np.std(per_seed))})
         if partial is not None:
             done[point] = rows[first:]
-            tmp = partial.with_name(partial.name + ".tmp")
-            tmp.write_text(json.dumps(done))
-            os.replace(tmp, partial)
+            atomic.write_json(partial, done, indent=None)
     rows.sort(key=lambda r: -r["val_dice"])  # stable: among equals the paper-first order stays
     return apply_settings(bundle.config, rows[0]["settings"]), rows, gate_rows
 
@@ -254,38 +232,24 @@ def _seed_pixels(data: _Slices, seeds: torch.Tensor, size, feats: TensorStore) -
 
 def _cluster_scores(decoder: PixelDecoder, val: _Slices, seeds: torch.Tensor, gate: torch.Tensor, truths, shapes, size,
                     seg: Segmenter) -> dict[tuple, float]:
-    """Mean positive-slice Dice of every clustering variant for one decoder."""
+    """Mean positive-slice Dice of every clustering variant for one decoder, each made by the rule that ships.
+
+    K-means runs once per slice and ``(k, within_body)``: `cluster.cluster_slice` keeps it in a per-slice cache.
+    """
     per_slice: dict[tuple, list[float]] = {}
+    variants = [dict(zip((key.split(".")[1] for key in CLUSTER_GRID), values))
+                for values in itertools.product(*CLUSTER_GRID.values())]
     chans = seg.features.block_channels
     for j in range(len(truths)):
-        if not gate[j]:
-            for key in itertools.product(*CLUSTER_GRID.values()):
-                per_slice.setdefault(key, []).append(0.0)
-            continue
-        with torch.inference_mode():
-            emb = decoder.embed(val.features[j], size, chans)[0]
-        e = emb.flatten(1).T
-        ref_fg, ref_bg, fg = seed_references(e, seeds[j].flatten(), decoder.foreground_prototype_)
-        for k, within_body in itertools.product(*list(CLUSTER_GRID.values())[:2]):
-            pixels = val.body[j].flatten() if within_body else torch.ones(len(e), dtype=torch.bool)
-            labels, centers = kmeans(e[pixels].numpy(), k, seg.cfg.cluster.seed)
-            for rule, components in itertools.product(*list(CLUSTER_GRID.values())[2:]):
-                mask = torch.zeros(len(e), dtype=torch.bool)
-                if centers is not None:
-                    chosen = np.isin(labels, choose_clusters(centers, ref_fg, ref_bg, rule))
-                    mask[pixels.nonzero()[:, 0][torch.from_numpy(chosen)]] = True
-                mask = mask.view(size)
-                if components and fg.any():
-                    mask = keep_seeded_components(mask, fg.view(size))
-                pred = from_slices(mask[None].float(), shapes[j], mode="mask")[0]
-                g = truths[j]
-                per_slice.setdefault((k, within_body, rule, components), []).append(dice(pred, g))
+        if gate[j]:
+            with torch.inference_mode():
+                emb = decoder.embed(val.features[j], size, chans)[0]
+        kmeans_cache: dict = {}
+        for values in variants:
+            score = 0.0
+            if gate[j]:
+                mask, _ = cluster.cluster_slice(emb, seeds[j], val.body[j], decoder.foreground_prototype_,
+                                                replace(seg.cfg.cluster, **values), kmeans_cache, j)
+                score = metrics.dice(from_slices(mask[None].float(), shapes[j], mode="mask")[0], truths[j])
+            per_slice.setdefault(tuple(values.values()), []).append(score)
     return {key: float(np.mean(v)) for key, v in per_slice.items()}
-
-
-def apply_settings(config: CLDFConfig, settings: dict) -> CLDFConfig:
-    out = CLDFConfig.from_dict(config.to_dict())
-    for key, value in settings.items():
-        section, name = key.split(".")
-        setattr(getattr(out, section), name, value)
-    return out

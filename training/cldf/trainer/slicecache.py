@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import Case, Manifest, SliceSet, load_slice_set
+from .. import atomic
+from ..manifest import Case, Manifest
+from .slice_set import SliceSet, load_slice_set
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def cache_root() -> Path:
 def cached_slice_set(manifest: Manifest, case_ids: list[str], channels: list[str], resolution: int,
                      percentiles: tuple[float, float], target_labels: list[int] | None, positive_fraction: float,
                      orientation: str = "", root: Path | None = None, progress: bool = True) -> SliceSet:
-    """`data.load_slice_set`, from the cache when it holds these cases and settings, else built into it first."""
+    """`slice_set.load_slice_set`, from the cache when it holds these cases and settings, else built into it first."""
     settings = {"version": CACHE_VERSION, "channels": list(channels), "resolution": resolution,
                 "percentiles": list(percentiles), "target_labels": target_labels,
                 "positive_fraction": positive_fraction, "orientation": orientation}
@@ -91,7 +93,7 @@ def _unchanged(index: dict, folder: Path) -> bool:
             return False
         record["stamp"], renewed = stamp, True
     if renewed:
-        _write_json(folder / "index.json", index)
+        atomic.write_json(folder / "index.json", index)
     return True
 
 
@@ -123,10 +125,9 @@ def _build(folder: Path, manifest: Manifest, cases: list[Case], settings: dict, 
     np.save(work / "case_index.npy", np.concatenate(index))
     np.save(work / "ranges.npy", np.stack(ranges))
     inputs = [{"path": p, "stamp": _stamp(Path(p)), "sha256": _sha256(Path(p))} for c in cases for p in files[c.id]]
-    _write_json(work / "index.json", {"settings": settings, "case_ids": [c.id for c in cases], "slices": counts,
+    atomic.write_json(work / "index.json", {"settings": settings, "case_ids": [c.id for c in cases], "slices": counts,
                                       "inputs": inputs})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(work, folder)
+    atomic.replace_folder(work, folder)
 
 
 class DiskSlices:
@@ -195,7 +196,4 @@ def _open(folder: Path) -> SliceSet:
                     np.load(folder / "ranges.npy"))
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+

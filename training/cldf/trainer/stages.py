@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..config import CLDFConfig, ClassifierConfig
-from ..data import AMBIGUOUS, SliceSet
-from ..defaults import TARGET_COLOR, TARGET_NAME
-from ..models import NoiseSchedule, SliceClassifier
+from ..config import ClassifierConfig, CLDFConfig
+from ..defaults import DEVICE, TARGET_COLOR, TARGET_NAME
 from ..device import autocast
+from ..models import NoiseSchedule, SliceClassifier
 from ..sides import half_images, n_halves
+from ..weak_labels import AMBIGUOUS
 from . import distributed
 from .batches import Draw, StepDraws, augment, flip, step_loader
 from .checkpoint import StopAtStepBoundary, load_checkpoint, save_checkpoint
 from .distributed import SINGLE, Ranks, any_rank, wrap
+from .slice_set import SliceSet
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class TrainRequest:
     out: Path
     config: CLDFConfig
     target_labels: list[int] | None = None
-    device: str = "auto"
+    device: str = DEVICE
     seed: int = 0
     decoder_seeds: tuple[int, ...] = (0, 1, 2)
     name: str = "bundle"

@@ -23,12 +23,11 @@ torchrun the network stages run data-parallel (`distributed`). ``--time-budget``
 a share of a wall-clock budget (`stages.BUDGET_SHARES`); each network stage is one resumable
 optimisation run (`stages.fit`).
 
-Only slice labels reach this module (`data.SliceSet`); masks never do.
+Only slice labels reach this module (`slice_set.SliceSet`); masks never do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -38,23 +37,28 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_card
-from .batches import check_intensity
-from . import distributed
-from ..config import CLDFConfig
-from ..data import SliceSet, load_manifest, split_cases, stored_orientation
+from .. import atomic
+from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_card, write_safetensors
+from ..config import CLDFConfig, apply_settings
+from ..defaults import DEVICE
+from ..device import device_name, resolve_device
+from ..images import stored_orientation
+from ..manifest import load_manifest, split_cases
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
-from ..variants import bundle_variants
-from ..device import device_name, resolve_device
 from ..sides import check_side_settings, side_labels
+from ..variants import bundle_variants
+from . import distributed, run_folder
+from .batches import check_intensity
 from .decoders import fit_decoders, safe_open_metadata
-from .select import apply_settings, select_settings
-from .volume_select import select_postprocess
-from .stages import BUDGET_SHARES, SELECT_PATIENTS, TrainRequest, cdm_stage, fit, fit_classifier
+from .run_folder import checkpoint_dir
+from .select import select_settings
+from .slice_set import SliceSet
 from .slicecache import cached_slice_set
+from .stages import BUDGET_SHARES, TrainRequest, cdm_stage, fit, fit_classifier
+from .volume_select import select_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def train(req: TrainRequest) -> Path:
     cfg = req.config
     out = Path(os.path.abspath(req.out))
     ckdir = checkpoint_dir(out)
-    _check_out(out, ckdir)
+    run_folder.check_out(out, ckdir)
     req.ranks, device = distributed.start(resolve_device(req.device))
     try:
         return _train(req, cfg, out, ckdir, device)
@@ -78,6 +82,47 @@ def train(req: TrainRequest) -> Path:
 
 
 def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: torch.device) -> Path:
+    manifest, splits, train_set = _prepare(req, cfg, ckdir, device)
+    seconds: dict[str, float] = {}
+    cdm, noisy, cam = _fit_networks(req, cfg, train_set, ckdir, device, seconds)
+    if not req.ranks.main:  # the data-parallel stages are done; process 0 goes on alone
+        return Path(req.out)
+    from .train_ame import train_ame_stage  # AME-CAM's networks only when asked for
+
+    ame, ame_card, cam_images = train_ame_stage(cfg, manifest, splits, train_set, req, device, ckdir)
+    if ame_card:
+        seconds["ame_cam"] = sum(ame_card["wall_clock_s"].values())
+    untrained_seed = req.seed + 1000
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame)
+    bundle.decoders = {v: {} for v in bundle_variants(bundle)}
+    selection, note, decoders, decoder_card = _select_and_decode(bundle, train_set, manifest, splits, req, ckdir,
+                                                                  device, cam_images, seconds)
+    cfg = bundle.config
+    card = {
+        "name": req.name,
+        "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels},
+        "untrained_cdm": {"seed": untrained_seed},
+        "training": _training_card(req, splits, device, seconds, train_set, cfg, decoder_card, ame_card),
+        "selection": selection if not note else {**(selection or {}), ("warning" if selection else "skipped"): note},
+        **req.extra_card,
+    }
+    networks = {
+        "cdm": cdm.state_dict(),
+        "noisy_classifier": noisy.state_dict(),
+        "cam_classifier": cam.state_dict(),
+        "decoders": decoders_state(decoders),
+        **({"ame_cam": ame.state_dict()} if ame is not None else {}),
+    }
+    partial = run_folder.beside(out, "partial")
+    if partial.exists():  # left by a run stopped while writing its bundle
+        shutil.rmtree(partial)
+    save_bundle(partial, cfg, networks, card)
+    run_folder.install(partial, out, ckdir, req.keep_checkpoints)
+    return Path(req.out)
+
+
+def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.device):
+    """Every check, the split and the training slices; the run is recorded only once all of them pass."""
     ranks = req.ranks
     _check_batches(cfg, ranks.world)
     for clf in (cfg.noisy_classifier, cfg.cam_classifier):
@@ -94,8 +139,8 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
         cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
     check_side_settings(cfg, req.target_labels)
-    fingerprint = run_fingerprint(req)
-    _check_run(ckdir, fingerprint, splits)
+    fingerprint = run_folder.run_fingerprint(req)
+    run_folder.check_run(ckdir, fingerprint, splits)
     torch.manual_seed(req.seed)
     log.info("loading %d training cases", len(splits["train"]))
     with distributed.main_first(ranks):  # process 0 builds the slice cache, the others then read it
@@ -107,14 +152,17 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         raise ValueError("the training split needs both positive and negative slices")
     train_set.side_labels = side_labels(cfg, manifest, splits["train"], req.target_labels)
     if ranks.main:
-        _record_run(ckdir, fingerprint, splits)  # every refusal comes before this line: nothing is written until here
-    n_in = len(cfg.data.channels)
-    schedule = NoiseSchedule(cfg.diffusion)
-    seconds: dict[str, float] = {}
+        run_folder.record_run(ckdir, fingerprint, splits)  # every refusal comes before: nothing is written until here
+    return manifest, splits, train_set
 
-    cdm = build_cdm(cfg.diffusion, n_in).to(device)
+
+def _fit_networks(req: TrainRequest, cfg: CLDFConfig, train_set: SliceSet, ckdir: Path, device: torch.device,
+                  seconds: dict[str, float]):
+    """The CDM and both classifiers (data-parallel under torchrun), frozen once trained."""
+    schedule = NoiseSchedule(cfg.diffusion)
+    cdm = build_cdm(cfg.diffusion, len(cfg.data.channels)).to(device)
     seconds["cdm"] = fit("cdm", cdm, cdm_stage(train_set, schedule, cfg, req.seed, device),
-                          cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req).seconds
+                         cfg.diffusion.steps, cfg.diffusion.lr, ckdir, device, req).seconds
     noisy, seconds["noisy_classifier"] = fit_classifier(
         "noisy_classifier", cfg.noisy_classifier, train_set, schedule, req.seed + 1, device, ckdir, req)
     cam, seconds["cam_classifier"] = fit_classifier(
@@ -122,16 +170,13 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         cfg.data.orientation)
     for net in (cdm, noisy, cam):
         net.eval().requires_grad_(False)
-    if not ranks.main:  # the data-parallel stages are done; process 0 goes on alone
-        return Path(req.out)
-    from .train_ame import train_ame_stage  # AME-CAM's networks only when asked for
+    return cdm, noisy, cam
 
-    ame, ame_card, cam_images = train_ame_stage(cfg, manifest, splits, train_set, req, device, ckdir)
-    if ame_card:
-        seconds["ame_cam"] = sum(ame_card["wall_clock_s"].values())
-    untrained_seed = req.seed + 1000
-    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame)
-    bundle.decoders = {v: {} for v in bundle_variants(bundle)}
+
+def _select_and_decode(bundle: Bundle, train_set: SliceSet, manifest, splits: dict[str, list[str]], req: TrainRequest,
+                       ckdir: Path, device: torch.device, cam_images, seconds: dict[str, float]):
+    """Settings chosen on the validation patients (when there are enough), then the pixel decoders and the
+    volume-level rules; ``bundle.config`` ends with the chosen settings."""
     selection = None
     note = _selection_note(len(splits["val"]), req.min_val_patients) if req.select else None
     if note:
@@ -139,7 +184,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     selected = req.select and len(splits["val"]) >= req.min_val_patients
     val_ids = selection_patients(splits["val"], req.select_patients, req.seed)
     if selected:
-        bundle.config = cfg = _select(bundle, train_set, manifest, val_ids, req, ckdir)
+        bundle.config = _select(bundle, train_set, manifest, val_ids, req, ckdir)
         selection = json.loads((ckdir / "selection.json").read_text())
     seconds["selection"] = selection.get("seconds", 0.0) if selection else 0.0
     t0 = time.time()
@@ -147,161 +192,29 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     seconds["decoders"] = time.time() - t0
     if selected:
         bundle.decoders = decoders
-        bundle.config = cfg = _select_postprocess(bundle, manifest, val_ids, req, ckdir)
+        bundle.config = _select_postprocess(bundle, manifest, val_ids, req, ckdir)
         selection["postprocess"] = json.loads((ckdir / "postprocess.json").read_text())
         seconds["selection"] += selection["postprocess"]["seconds"]
-
-    card = {
-        "name": req.name,
-        "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels},
-        "untrained_cdm": {"seed": untrained_seed},
-        "training": {
-            "command": req.command,
-            "manifest": str(req.manifest),
-            "split": splits,
-            "seed": req.seed,
-            "device": device_name(device),
-            "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
-            "data_card": _data_card(train_set, cfg),
-            "decoders": decoder_card,
-            **({"ame_cam": ame_card} if ame_card else {}),
-            **({"time_budget": {"minutes": req.time_budget_min, "shares": BUDGET_SHARES,
-                                "stopped_at_share": req.budget_stops}} if req.time_budget_min is not None else {}),
-            **({"processes": ranks.world} if ranks.active else {}),
-        },
-        "selection": selection if not note else {**(selection or {}), ("warning" if selected else "skipped"): note},
-        **req.extra_card,
-    }
-    networks = {
-        "cdm": cdm.state_dict(),
-        "noisy_classifier": noisy.state_dict(),
-        "cam_classifier": cam.state_dict(),
-        "decoders": decoders_state(decoders),
-        **({"ame_cam": ame.state_dict()} if ame is not None else {}),
-    }
-    partial = _beside(out, "partial")
-    if partial.exists():  # left by a run stopped while writing its bundle
-        shutil.rmtree(partial)
-    save_bundle(partial, cfg, networks, card)
-    _install(partial, out, ckdir, req.keep_checkpoints)
-    return Path(req.out)
+    return selection, note, decoders, decoder_card
 
 
-# --------------------------------------------------------------------------- the output and checkpoint folders
-def _beside(out: Path, suffix: str) -> Path:
-    """``<out>.<suffix>``: a folder beside the bundle folder, named after it."""
-    return out.parent / f"{out.name}.{suffix}"
-
-
-def checkpoint_dir(out: Path) -> Path:
-    """A run's checkpoint folder: ``<out>.checkpoints`` beside the bundle folder, or ``<out>/.checkpoints``
-    where an older version started the run (and the new folder does not exist)."""
-    out = Path(os.path.abspath(out))
-    new, old = _beside(out, "checkpoints"), out / ".checkpoints"
-    return old if old.is_dir() and not new.exists() else new
-
-
-def _check_out(out: Path, ckdir: Path) -> None:
-    """Refuse an ``out`` that training must not write into, before anything is written."""
-    base = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
-    if base != out and not base.is_dir():
-        raise ValueError(f"--out {out} lies below {base}, which is a file: choose a folder for the bundle")
-    if base == out and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: choose a folder for the bundle")
-    for where in (out.parent if out.parent.exists() else base, ckdir if ckdir.exists() else None):
-        if where is not None and not os.access(where, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write into {where}: choose an --out where you can create folders")
-    legacy = ckdir.parent == out  # a run an older version started, its checkpoints inside the bundle folder
-    if (out / "bundle.json").is_file() and not (legacy and _newer_than(ckdir, out / "bundle.json")):
-        raise ValueError(f"{out} already holds a finished bundle (bundle.json), and `cldf train` never rewrites one: "
-                         "choose another --out (`cldf tune` and `cldf ablate` change a bundle on purpose)")
-    if out.is_dir() and not legacy and any(out.iterdir()):
-        raise ValueError(f"--out {out} is a folder with other files in it, neither a bundle nor a training run: "
-                         "choose a new or empty folder")
-
-
-def _newer_than(ckdir: Path, path: Path) -> bool:
-    """Whether a checkpoint was saved after ``path`` (an older bundle the run retrains, not the run's own)."""
-    return any(p.stat().st_mtime > path.stat().st_mtime for p in ckdir.iterdir())
-
-
-def run_fingerprint(req: TrainRequest) -> dict:
-    """What defines a run (recorded in its checkpoint folder): a re-run resumes only when all of it matches."""
-    return json.loads(json.dumps({
-        "manifest_sha256": hashlib.sha256(Path(req.manifest).read_bytes()).hexdigest(),
-        "channels": list(req.config.data.channels),
-        "target_labels": req.target_labels,
+def _training_card(req: TrainRequest, splits, device: torch.device, seconds: dict[str, float], train_set: SliceSet,
+                   cfg: CLDFConfig, decoder_card: dict, ame_card: dict | None) -> dict:
+    ranks = req.ranks
+    return {
+        "command": req.command,
+        "manifest": str(req.manifest),
+        "split": splits,
         "seed": req.seed,
-        "decoder_seeds": list(req.decoder_seeds),
-        "select": req.select,
-        "select_refine": req.select_refine,
-        "select_patients": req.select_patients,
-        "config": req.config.to_dict(),
-    }))
-
-
-def run_differences(recorded: dict, current: dict) -> list[str]:
-    """``"NAME: checkpoints A, this command B"`` for each item of two `run_fingerprint` records that differs."""
-    def flat(fp: dict) -> dict:
-        items = {k: v for k, v in fp.items() if k != "config"}
-        for section, values in fp.get("config", {}).items():
-            items |= {f"setting {section}.{k}": v for k, v in values.items() if f"{section}.{k}" != "data.channels"}
-        return items
-
-    def show(d: dict, k: str) -> str:
-        return json.dumps(d[k]) if k in d else "(not recorded)"
-
-    a, b = flat(recorded), flat(current)
-    names = {"manifest_sha256": "manifest content (sha256)", "target_labels": "target labels",
-             "decoder_seeds": "decoder seeds", "select": "settings selection", "select_refine": "refinement selection"}
-    return [f"{names.get(k, k)}: checkpoints {show(a, k)}, this command {show(b, k)}"
-            for k in {**b, **a} if k not in a or k not in b or a[k] != b[k]]
-
-
-def _check_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> None:
-    """Refuse to resume checkpoints of a different run (other data, settings, seeds)."""
-    run, split = ckdir / "run.json", ckdir / "split.json"
-    recorded = {"select_patients": SELECT_PATIENTS, **json.loads(run.read_text())} if run.is_file() else None
-    diffs = run_differences(recorded, fingerprint) if recorded else []  # (runs recorded before a setting existed: its default)
-    if not diffs and split.is_file() and json.loads(split.read_text()) != splits:
-        diffs = ["patient split: differs (other data or seed?)"]
-    if diffs:
-        raise ValueError(f"{ckdir} holds the checkpoints of a different training run:\n  " + "\n  ".join(diffs)
-                         + f"\nResume it with the same command as before, or train this one into a new --out "
-                         f"(or delete {ckdir} to start over).")
-
-
-def _record_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> None:
-    """Create the checkpoint folder and record the run in it (a run an older version started: from now on)."""
-    ckdir.mkdir(parents=True, exist_ok=True)
-    for name, doc in (("run.json", fingerprint), ("split.json", splits)):
-        if not (ckdir / name).is_file():
-            _write_json(ckdir / name, doc)
-
-
-def _write_json(path: Path, doc) -> None:
-    """Write JSON atomically: a run stopped meanwhile leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
-def _install(partial: Path, out: Path, ckdir: Path, keep: bool) -> None:
-    """Move the complete bundle to ``out`` (replacing an empty folder, or the older bundle an older version's
-    run retrains) and the checkpoints out of it: kept beside it with ``keep``, else removed."""
-    if keep and ckdir.parent == out:
-        ckdir = Path(shutil.move(ckdir, _beside(out, "checkpoints")))
-    if out.exists():
-        aside = _beside(out, "replaced")
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(out, aside)
-        os.replace(partial, out)
-        shutil.rmtree(aside)
-    else:
-        os.replace(partial, out)
-    if not keep and ckdir.exists():
-        shutil.rmtree(ckdir)
+        "device": device_name(device),
+        "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
+        "data_card": _data_card(train_set, cfg),
+        "decoders": decoder_card,
+        **({"ame_cam": ame_card} if ame_card else {}),
+        **({"time_budget": {"minutes": req.time_budget_min, "shares": BUDGET_SHARES,
+                            "stopped_at_share": req.budget_stops}} if req.time_budget_min is not None else {}),
+        **({"processes": ranks.world} if ranks.active else {}),
+    }
 
 
 def selection_patients(val_ids: list[str], limit: int, seed: int) -> list[str]:
@@ -346,8 +259,7 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
     done = load_file(str(path)) if path.is_file() and safe_open_metadata(path).get("settings") == tag else {}
 
     def save(state: dict[str, torch.Tensor]) -> None:
-        save_file(state, str(path.with_suffix(".tmp")), metadata={"settings": tag})
-        os.replace(path.with_suffix(".tmp"), path)
+        write_safetensors(state, path, metadata={"settings": tag})
 
     decoders, card = fit_decoders(bundle, data, device, bundle_variants(bundle), req.decoder_seeds, done, save, ckdir,
                                   req.progress, cam_images, req.stage_seconds("decoders"))
@@ -370,7 +282,7 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
     doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
            "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
            "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}
-    _write_json(path, doc)
+    atomic.write_json(path, doc)
     return config
 
 
@@ -379,7 +291,7 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     path = ckdir / "postprocess.json"
     if not path.is_file():
         used = json.loads((ckdir / "selection.json").read_text())["seconds"]
-        _write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
+        atomic.write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
                                                 req.device, req.progress, req.select_refine,
                                                 cache=ckdir / "postprocess-volumes",
                                                 seconds=req.stage_seconds("selection") - used))
@@ -399,7 +311,7 @@ def postprocess_selection(bundle: Bundle, manifest, val_ids: list[str], target_l
             "chosen": chosen, "table": rows, **({"refine": refine_rows} if refine_rows else {})}
 
 
-def tune(bundle_dir: Path, manifest_path: Path, device: str = "auto", command: str = "", progress: bool = True,
+def tune(bundle_dir: Path, manifest_path: Path, device: str = DEVICE, command: str = "", progress: bool = True,
          refine: bool = True) -> dict:
     """Choose a bundle's post-processing rule (and, with ``refine``, SAM refinement on or off) on its recorded
     validation split and write it into bundle.json.

@@ -11,25 +11,27 @@ a. ``ame_classifier``: ``sum_k w_k BCE(logit_k, y)`` on balanced batches with th
 b. ``ame_aggregator``: the classifier frozen, the aggregation net trained with the
    region-contrastive loss on positive training slices.
 
-Only slice labels reach this module (`data.SliceSet`), as in `train`.
+Only slice labels reach this module (`slice_set.SliceSet`), as in `train`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
+from .. import atomic
 from ..ame_cam import AmeCam, multi_exit_loss, region_contrastive_loss, upsample
+from ..bundle import write_safetensors
 from ..config import CLDFConfig
-from ..data import Manifest, SliceSet
-from .slicecache import cached_slice_set
 from ..device import autocast
+from ..manifest import Manifest
 from .batches import StepDraws, augment
+from .slice_set import SliceSet
+from .slicecache import cached_slice_set
 from .stages import Stage, TrainRequest, fit
 
 
@@ -137,9 +139,7 @@ def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: C
             _save_atomic(net.classifier.state_dict(), best_path)
             record["best"] = {"step": stop, "auc": auc}
         record["history"].append([stop, auc])
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, record_path)
+        atomic.write_json(record_path, record, indent=None)
     if record["best"] is not None:
         net.classifier.load_state_dict(load_file(str(best_path)))
     return seconds, {**record, "steps_done": fitted.steps}
@@ -218,6 +218,4 @@ def _aggregator_stage(net: AmeCam, data: SliceSet, cfg: CLDFConfig, seed: int, d
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, path)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Iterable
@@ -16,30 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..bundle import Bundle
+from .. import cases, metrics
+from ..bundle import Bundle, write_safetensors
 from ..config import PostprocessConfig
-from ..data import Manifest, read_channels, target_mask
-from ..slices import from_slices, normalise, to_slices
-from ..metrics import dice, target_slice_dice
+from ..config.grids import POSTPROCESS_GRID
+from ..device import batch_for, resolve_device
+from ..manifest import Manifest
 from ..postprocess import SliceEvidence, component_sizes, components_at_least, keep_main_components, keep_slices
 from ..segment import Segmenter
-from ..device import batch_for, resolve_device
+from ..slices import from_slices
 
 log = logging.getLogger(__name__)
-
-# Chosen after everything else, on whole validation volumes: a mask that may be empty and one 3D object
-# are judged by the per-case 3D Dice (false positives on slices without target count), the product's
-# measure of a volume. "Off" first in every list: ties keep the plain pipeline.
-POSTPROCESS_GRID = {
-    "postprocess.min_similarity": [-1.0, 0.0, 0.25, 0.5, 0.75],
-    "postprocess.require_seeds": [False, True],
-    "postprocess.min_presence": [0.0, 0.1, 0.3, 0.5],
-    "postprocess.min_component_fraction": [0.0, 0.1, 0.25, 0.5, 1.0],
-}
-
 
 @dataclass
 class _ValVolume:
@@ -57,18 +46,17 @@ def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, see
     """One validation volume through the networks (or from ``cache``, where an interrupted run left it)."""
     cfg = seg.cfg.data
     case = manifest.case(cid)
-    volume, ref = read_channels({k: v for k, v in case.channels.items() if k in cfg.channels}, list(cfg.channels),
-                                cfg.orientation)
-    truth = target_mask(case.mask, target_labels, cfg.orientation)
-    normalised = normalise(volume, tuple(cfg.percentiles))
+    read = cases.read_case(case.channels, cfg)
+    truth = cases.read_truth(case.mask, target_labels, cfg, cid)  # scoring only
+    ref = read.reference
     channel = seg.cfg.refine.channel or cfg.channels[0]
-    image, spacing = normalised[list(cfg.channels).index(channel)], (ref.GetSpacing()[1], ref.GetSpacing()[0])
+    image, spacing = read.normalised[list(cfg.channels).index(channel)], (ref.GetSpacing()[1], ref.GetSpacing()[0])
     stored = cache / f"{cid}.safetensors" if cache is not None else None
     if stored is not None and stored.is_file():  # the networks' part, saved when this volume was done before
         t = load_file(str(stored))
         return _ValVolume(truth, {s: t[f"mask.{s}"].numpy().astype(bool) for s in seeds},
                           {s: SliceEvidence(*(t[f"{f}.{s}"] for f in EVIDENCE)) for s in seeds}, image, spacing)
-    slices = to_slices(normalised, cfg.resolution)
+    slices = read.slices(cfg.resolution)
     masks = {s: np.zeros(truth.shape, bool) for s in seeds}
     parts: dict[int, list[SliceEvidence]] = {s: [] for s in seeds}
     for start in range(0, len(slices), seg.batch_size):
@@ -91,9 +79,7 @@ EVIDENCE = ("similarity", "foreground_seeds", "presence")
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
 def _slice_rule(volume: _ValVolume, seed: int, cfg: PostprocessConfig) -> np.ndarray:
@@ -156,8 +142,8 @@ def _score_rules(volume: _ValVolume, rules: list[tuple], slice_keys: list[str], 
             labels, sizes = component_sizes(_slice_rule(volume, s, cfg))
             for fraction in fractions:
                 pred = components_at_least(labels, sizes, fraction) if fraction > 0 else labels > 0
-                dice_3d.setdefault((values, fraction), []).append(dice(pred, volume.truth))
-                dice_slices.setdefault((values, fraction), []).extend(target_slice_dice(pred, volume.truth))
+                dice_3d.setdefault((values, fraction), []).append(metrics.dice(pred, volume.truth))
+                dice_slices.setdefault((values, fraction), []).extend(metrics.target_slice_dice(pred, volume.truth))
 
 
 def _scores(scores: dict[str, list[float]]) -> dict[str, float]:
@@ -190,8 +176,8 @@ def select_refine(bundle: Bundle, volumes: Iterable[_ValVolume], rule: Postproce
         for masks, scores in ((coarse, plain), (refined, sharp)):
             for m in masks:
                 pred = keep_main_components(m, rule.min_component_fraction)
-                scores["3d"].append(dice(pred, v.truth))
-                scores["slices"] += target_slice_dice(pred, v.truth)
+                scores["3d"].append(metrics.dice(pred, v.truth))
+                scores["slices"] += metrics.target_slice_dice(pred, v.truth)
     rows = [{"settings": {"refine.method": "none"}, **_scores(plain)},
             {"settings": {"refine.method": "sam"}, **_scores(sharp)}]
     return sorted(rows, key=lambda r: -r["val_dice_3d"])

@@ -1,9 +1,8 @@
-"""The one source of defaults: every setting of a CLDF model bundle.
+"""Every setting of a CLDF model bundle, one dataclass per stage of the pipeline.
 
-Each stage of the pipeline has a dataclass; `CLDFConfig` groups them and is
-written into ``bundle.json``. The paper's stated values (Zeng et al. 2025) are
-the defaults; a preset lists the departures it makes and why, and a bundle
-records the settings it was trained and tuned with.
+`CLDFConfig` groups them and is written into ``bundle.json``. The defaults are the CPU recipe (64 x 64
+slices, a 1 M-parameter CDM: what `cldf train` uses without ``--preset``); the paper's scale is the
+``paper`` preset (`cldf.config.presets`). A bundle records the settings it was trained and tuned with.
 """
 
 from __future__ import annotations
@@ -153,9 +152,9 @@ class MapConfig:
     mg_timesteps: tuple[int, ...] = tuple(range(10, 201, 10))
     # Sub-stride shifts of the noisy input, one per timestep over a period x period lattice (0: none). The
     # classifier's strided convolutions make its input gradient periodic (stripes); shifting each timestep's
-    # input by another offset and shifting its gradient back averages that pattern out at no extra cost.
-    # 0 here so bundles made before the setting keep their maps; both presets use 4 (benchmarks/mg_stripes-*.md).
-    mg_shift_period: int = 0
+    # input by another offset and shifting its gradient back averages that pattern out at no extra cost
+    # (benchmarks/mg_stripes-*.md). Cards made before the setting existed load with 0 (`ADDED_LATER`).
+    mg_shift_period: int = 4
     noise_seed: int = 0
 
 
@@ -286,8 +285,10 @@ class CLDFConfig:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     noisy_classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    # clean slices, augmented; the "wide" intensity range was chosen on the brain bundle's validation patients,
+    # most of them from a site nearly absent from its training split (docs/departures.md)
     cam_classifier: ClassifierConfig = field(
-        default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True)
+        default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True, intensity="wide")
     )
     ame_cam: AmeCamConfig = field(default_factory=AmeCamConfig)
     maps: MapConfig = field(default_factory=MapConfig)
@@ -304,21 +305,56 @@ class CLDFConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLDFConfig":
-        """Rebuild from ``to_dict`` output; unknown keys are refused by name."""
-        kwargs = {}
+        """Rebuild from ``to_dict`` output; unknown keys are refused by name.
+
+        A setting the mapping lacks takes the default, or, for settings added after bundles were first
+        shipped, the value those bundles were made with (`ADDED_LATER`).
+        """
+        defaults, kwargs = cls(), {}
         for f in dataclasses.fields(cls):
             sub = d.get(f.name, {})
             if not isinstance(sub, dict):
                 raise ValueError(f"section '{f.name}' of the config must be a mapping, not {type(sub).__name__}")
-            sub_cls = type(getattr(cls(), f.name))
-            names = {g.name: g for g in dataclasses.fields(sub_cls)}
+            base = getattr(defaults, f.name)
+            names = {g.name: g for g in dataclasses.fields(base)}
             unknown = set(sub) - set(names)
             if unknown:
                 raise ValueError(f"unknown setting(s) {sorted(unknown)} in section '{f.name}' of the config")
             for k, v in sub.items():
                 _check_type(f"{f.name}.{k}", v, names[k])
-            kwargs[f.name] = sub_cls(**{k: _restore(v, names[k]) for k, v in sub.items()})
+            older = {k.split(".")[1]: v for k, v in ADDED_LATER.items() if k.split(".")[0] == f.name}
+            given = {**older, **{k: _restore(v, names[k]) for k, v in sub.items()}} if sub else {}
+            kwargs[f.name] = dataclasses.replace(base, **given)
         return cls(**kwargs)
+
+    def get(self, key: str) -> Any:
+        """A setting by its ``section.name`` key."""
+        section, name = _split_key(key, self)
+        return getattr(getattr(self, section), name)
+
+    def set(self, key: str, value: Any) -> None:
+        """Change one setting by its ``section.name`` key, type-checked (JSON lists become tuples where typed so)."""
+        section, name = _split_key(key, self)
+        f = {g.name: g for g in dataclasses.fields(getattr(self, section))}[name]
+        _check_type(key, value, f)
+        setattr(getattr(self, section), name, _restore(list(value) if isinstance(value, tuple) else value, f))
+
+
+# Settings added after bundles were first shipped: a card that lacks one was made with this value.
+ADDED_LATER: dict[str, Any] = {
+    "maps.mg_shift_period": 0,
+    "cam_classifier.intensity": "narrow",
+    "noisy_classifier.intensity": "narrow",
+}
+
+
+def _split_key(key: str, config: CLDFConfig) -> tuple[str, str]:
+    section, _, name = key.partition(".")
+    if not hasattr(config, section) or not dataclasses.is_dataclass(getattr(config, section)) \
+            or name not in {f.name for f in dataclasses.fields(getattr(config, section))}:
+        raise ValueError(f"'{key}' is not a setting; settings are SECTION.NAME as in bundle.json's 'config' "
+                         f"(sections: {', '.join(f.name for f in dataclasses.fields(config))})")
+    return section, name
 
 
 def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:
@@ -339,50 +375,3 @@ def _restore(value: Any, f: dataclasses.Field) -> Any:
     if isinstance(value, list) and "tuple" in str(f.type):
         return tuple(value)
     return value
-
-
-# The paper's scale (256x256, its decoder and schedule), for a GPU.
-PAPER = CLDFConfig(
-    data=DataConfig(resolution=256),
-    maps=MapConfig(mg_shift_period=4),
-    diffusion=DiffusionConfig(
-        channels=(64, 128, 256, 256),
-        attention_levels=(False, False, False, True),
-        num_res_blocks=2,
-        num_head_channels=64,
-        steps=50000,
-        batch_size=16,
-        lr=1e-4,
-    ),
-    noisy_classifier=ClassifierConfig(
-        channels=(64, 128, 256, 256), attention_levels=(False, False, False, True), num_res_blocks=2,
-        num_head_channels=64, steps=20000
-    ),
-    cam_classifier=ClassifierConfig(
-        channels=(64, 128, 256, 256), attention_levels=(False, False, False, False), num_res_blocks=2,
-        max_timestep=0, steps=10000,
-    ),
-    ame_cam=AmeCamConfig(widths=(64, 128, 256, 512), stem_stride=4, steps=10000, eval_every=500,
-                         aggregator_steps=2000),  # ResNet-18 widths and stem
-    features=FeatureConfig(blocks=(0, 1, 2), max_batch=2),
-    # Up to 1024 seed pixels per class and slice in each batch: with every seed pixel (~10^5 per batch at 256 x 256)
-    # the contrastive loss's N x N similarity matrix would not fit in any GPU's memory.
-    decoder=DecoderConfig(pixels_per_class=1024),
-)
-
-# What fits a 2-core CPU: 64x64 slices, a 1 M-parameter CDM. Departures from the
-# paper chosen on the validation split are listed in the README and recorded in
-# bundle.json next to these values.
-# The CAM classifier's "wide" intensity augmentation was chosen on the brain bundle's validation patients,
-# most of them from a site nearly absent from its training split (README, "Departures from the paper").
-CPU = CLDFConfig(maps=MapConfig(mg_shift_period=4),
-                 cam_classifier=ClassifierConfig(max_timestep=0, steps=1000, augment=True, intensity="wide"))
-
-PRESETS: dict[str, CLDFConfig] = {"cpu": CPU, "paper": PAPER}
-
-
-def preset(name: str) -> CLDFConfig:
-    """A fresh copy of a named preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset '{name}'; choose one of {sorted(PRESETS)}")
-    return CLDFConfig.from_dict(PRESETS[name].to_dict())
