@@ -262,9 +262,9 @@ def _edit(copy, change, reseal=False):
     path.write_text(json.dumps(card))
 
 
-@pytest.mark.parametrize("change", [
-    lambda c: c["config"]["cluster"].__setitem__("k", 3),
-    lambda c: c["config"]["cluster"].__setitem__("presence_threshold", 0.1),
+@pytest.mark.parametrize("change", [  # each a change, whatever settings selection chose
+    lambda c: c["config"]["cluster"].__setitem__("k", c["config"]["cluster"]["k"] + 1),
+    lambda c: c["config"]["cluster"].__setitem__("presence_threshold", 0.123),
     lambda c: c["config"]["seeds"].__setitem__("cam_threshold", 0.9),
     lambda c: c["config"]["data"].__setitem__("resolution", 48),
     lambda c: c["task"].__setitem__("mask_labels", [2]),
@@ -279,7 +279,7 @@ def test_an_edited_setting_is_refused_as_tampering(copy, change):
 
 def test_the_untouched_bundle_loads_and_its_id_covers_the_settings(copy):
     a = load_bundle(copy).id
-    _edit(copy, lambda c: c["config"]["cluster"].__setitem__("k", 3), reseal=True)
+    _edit(copy, lambda c: c["config"]["cluster"].__setitem__("k", c["config"]["cluster"]["k"] + 1), reseal=True)
     assert load_bundle(copy).id != a
 
 

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cldf.config import CLDFConfig, preset
-
-try:
-    from cldf.config import apply_settings
-except ImportError:  # where settings selection kept it before `cldf.config` became a package
-    from cldf.trainer.select import apply_settings
+from cldf.config import CLDFConfig, apply_settings, preset
 
 #: A winning row as settings selection writes it: every section it may change, values of the right kinds.
 ROW = {
