@@ -21,11 +21,10 @@ import SimpleITK as sitk
 
 from cldf.bundle import BundleError, correct_orientation, load_bundle, read_card, write_card
 from cldf.cli import main
-from cldf.manifest import load_manifest
-from cldf.trainer.slice_set import load_slice_set
-from cldf.images import stored_orientation
 from cldf.evaluation.demo import SAMPLE_DIR
+from cldf.manifest import load_manifest, stored_orientation
 from cldf.segment import Segmenter
+from cldf.trainer.slice_set import load_slice_set
 from cldf.volume_result import VolumeResult
 from conftest import train_tiny
 

@@ -44,9 +44,9 @@ from cldf.manifest import load_manifest, split_cases
 from cldf.maps import AmeCamMap, LayerCAM
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
-from cldf.segment import slice_presence
+from cldf.slice_maps import slice_presence
 from cldf.trainer.slice_set import load_slice_set
-from cldf.trainer.train import TrainRequest, fit_classifier
+from cldf.trainer.stages import TrainRequest, fit_classifier
 from cldf.trainer.train_ame import fit_ame_cam
 
 CPU = torch.device("cpu")

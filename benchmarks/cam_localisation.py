@@ -36,10 +36,10 @@ from cldf.manifest import load_manifest
 from cldf.maps import LayerCAM
 from cldf.models import NoiseSchedule
 from cldf.seeds import body_mask, threshold_maps
-from cldf.segment import slice_presence
 from cldf.sides import on_sides, side_labels, sided
+from cldf.slice_maps import slice_presence
 from cldf.trainer.slice_set import load_slice_set
-from cldf.trainer.train import TrainRequest, fit_classifier
+from cldf.trainer.stages import TrainRequest, fit_classifier
 
 
 def validation_slices(card: dict, cfg: CLDFConfig, resolution: int):

@@ -11,15 +11,11 @@ import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
-from .orientation import orientation_of, reorient
-
-if TYPE_CHECKING:
-    from .manifest import Case
+from .orientation import reorient
 
 
 class InputError(ValueError):
@@ -220,18 +216,3 @@ def check_values(a: np.ndarray, name: str) -> None:
     if len(np.unique(a[::3, ::3, ::3])) <= LABEL_LIKE_VALUES and len(np.unique(a)) <= LABEL_LIKE_VALUES:
         raise InputError(f"channel '{name}' looks like a label map or mask (only the values "
                          f"{', '.join(f'{v:g}' for v in np.unique(a))}), not a scan; give the scan itself")
-
-
-def stored_orientation(case: "Case", channel: str) -> str:
-    """The orientation code of a case's channel as stored (read from the header only, for files)."""
-    path = Path(case.channels[channel])
-    if path.is_dir() or not path.is_file():
-        return orientation_of(read_image(path, channel))
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return orientation_of(read_image(path, channel))  # read_image says what is wrong with it
-    return orientation_of(reader)
-

@@ -7,7 +7,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import InputError
+import SimpleITK as sitk
+
+from .images import InputError, read_image
+from .orientation import orientation_of
 
 
 @dataclass
@@ -61,6 +64,20 @@ def load_manifest(path: str | Path) -> Manifest:
             )
         )
     return Manifest(path=path, name=str(raw.get("name", path.parent.name)), cases=cases)
+
+
+def stored_orientation(case: Case, channel: str) -> str:
+    """The orientation code of a case's channel as stored (read from the header only, for files)."""
+    path = Path(case.channels[channel])
+    if path.is_dir() or not path.is_file():
+        return orientation_of(read_image(path, channel))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return orientation_of(read_image(path, channel))  # read_image says what is wrong with it
+    return orientation_of(reader)
 
 
 def split_cases(manifest: Manifest, fractions: tuple[float, float, float], seed: int) -> dict[str, list[str]]:

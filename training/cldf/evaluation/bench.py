@@ -46,7 +46,8 @@ from ..features import DiffusionFeatures, literal_feature_stack
 from ..manifest import load_manifest
 from ..maps import CDMSaliency, LayerCAM
 from ..models import NoiseSchedule
-from ..segment import Segmenter, slice_presence
+from ..segment import Segmenter
+from ..slice_maps import slice_presence
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")

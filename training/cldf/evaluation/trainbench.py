@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import preset
-from ..images import stored_orientation
-from ..manifest import load_manifest, split_cases
+from ..manifest import load_manifest, split_cases, stored_orientation
 from ..trainer.slicecache import cached_slice_set
 from .bench import cpu_name
 

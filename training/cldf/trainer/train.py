@@ -44,8 +44,7 @@ from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_ca
 from ..config import CLDFConfig, apply_settings
 from ..defaults import DEVICE
 from ..device import device_name, resolve_device
-from ..images import stored_orientation
-from ..manifest import load_manifest, split_cases
+from ..manifest import load_manifest, split_cases, stored_orientation
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
 from ..sides import check_side_settings, side_labels
