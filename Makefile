@@ -55,7 +55,7 @@ figure: $(STAMP)
 
 # README screenshots, rendered headless through vtkMRMLSliceLogic by the rendering tests.
 screenshots: $(STAMP)
-	CLDF_SCREENSHOTS_DIR=Resources/Screenshots $(VENV)/bin/pytest -q Testing/test_rendering.py
+	CLDF_SCREENSHOTS_DIR=Resources/Screenshots $(VENV)/bin/pytest -q Testing/module/test_rendering.py
 
 # A 155-slice brain volume (a real test patient resampled in z, as deep as a BraTS volume).
 bench: $(STAMP)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ast
-import sys
 import py_compile
 import re
-import tomllib
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from CLDFSegmentationLib import dependencies
 

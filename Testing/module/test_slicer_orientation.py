@@ -13,13 +13,13 @@ import pytest
 import SimpleITK as sitk
 import slicer
 
+from cldf.metrics import dice
+from cldf.orientation import orientation_of
 from CLDFSegmentationLib import CLDFSegmentationLogic
 from CLDFSegmentationLib.chart import tableColumn
 from CLDFSegmentationLib.headless import loadVolume
 from CLDFSegmentationLib.labels import markSlices
 from CLDFSegmentationLib.nodes import imageFromVolume
-from cldf.orientation import orientation_of
-from cldf.metrics import dice
 
 SPACING = (0.9, 1.1, 1.5)
 ORIGIN = (12.5, -30.0, 40.0)

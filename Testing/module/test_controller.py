@@ -16,8 +16,7 @@ import pytest
 import SimpleITK as sitk
 import slicer
 
-from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationLogic, moduleParameterNode
-from CLDFSegmentationLib import dependencies
+from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationLogic, dependencies, moduleParameterNode
 from CLDFSegmentationLib.headless import loadVolume
 
 

@@ -11,18 +11,24 @@ import torch
 import torch.nn.functional as F
 
 import cldf.trainer.train_ame as train_ame
-from cldf.ame_cam import (AmeCam, AttentionAggregator, MultiExitClassifier, multi_exit_loss, region_contrastive_loss,
-                          upsample)
+from cldf.ame_cam import (
+    AmeCam,
+    AttentionAggregator,
+    MultiExitClassifier,
+    multi_exit_loss,
+    region_contrastive_loss,
+    upsample,
+)
 from cldf.bundle import BundleError, load_bundle, read_card, write_card
 from cldf.config import AmeCamConfig, CLDFConfig
-from cldf.manifest import load_manifest
-from cldf.trainer.slice_set import load_slice_set
-from cldf.maps import AmeCamMap, build_cam
 from cldf.evaluation.evaluate import available_methods, evaluate
+from cldf.manifest import load_manifest
+from cldf.maps import AmeCamMap, build_cam
 from cldf.segment import Segmenter
-from cldf.variants import bundle_variants
 from cldf.trainer.select import select_settings
+from cldf.trainer.slice_set import load_slice_set
 from cldf.trainer.train import TrainRequest, train
+from cldf.variants import bundle_variants
 from conftest import BRAIN_BUNDLE, tiny_config
 
 

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf.weak_labels import AMBIGUOUS, weak_slice_labels
 from cldf.images import InputError, read_channels
 from cldf.manifest import load_manifest, split_cases
 from cldf.slices import from_slices, normalise, to_slices
-
+from cldf.weak_labels import AMBIGUOUS, weak_slice_labels
 from conftest import write_image
 
 

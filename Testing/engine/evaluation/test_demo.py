@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf.evaluation import demo
 from cldf.cli import main
+from cldf.evaluation import demo
 from cldf.images import InputError
 from cldf.manifest import load_manifest
-
 from conftest import BRAIN_BUNDLE, TUMOUR_CASE
 
 SAMPLE = demo.SAMPLE_DIR
@@ -179,7 +178,7 @@ def test_the_sample_data_source_points_at_the_shipped_files():
 def test_the_module_registers_the_sample_once_slicer_has_started():
     import ast
 
-    module = Path(__file__).resolve().parents[1] / "CLDFSegmentation" / "CLDFSegmentation.py"
+    module = Path(__file__).resolve().parents[3] / "CLDFSegmentation" / "CLDFSegmentation.py"
     tree = ast.parse(module.read_text(encoding="utf-8"))
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "CLDFSegmentation")
     init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")

@@ -10,7 +10,6 @@ import pytest
 import SimpleITK as sitk
 
 from cldf.cli import main
-
 from conftest import oblique_direction, write_image
 
 

@@ -79,11 +79,10 @@ def test_refuses_a_folder_that_is_not_a_bundle(tmp_path):
 
 
 def test_no_pickle_anywhere_in_the_package():
+    import re
     from pathlib import Path
 
     import cldf
-
-    import re
 
     for path in Path(cldf.__file__).parent.rglob("*.py"):
         text = path.read_text(encoding="utf-8")

@@ -70,14 +70,12 @@ def test_sub_stride_shifts_remove_the_stripes_of_a_real_mean_gradient(brain_bund
     import sys
     from pathlib import Path
 
-    import numpy as np
-
     from cldf.bundle import load_bundle
     from cldf.images import read_channels
-    from cldf.weak_labels import target_mask
     from cldf.slices import normalise, to_slices
+    from cldf.weak_labels import target_mask
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from mg_stripes import stripe_index
 
     bundle = load_bundle(brain_bundle)

@@ -22,7 +22,6 @@ from cldf.cli import main
 from cldf.images import InputError, read_channels, read_image
 from cldf.manifest import load_manifest
 from cldf.weak_labels import weak_slice_labels
-
 from conftest import oblique_direction, write_image
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file permissions

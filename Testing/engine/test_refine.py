@@ -15,11 +15,10 @@ from monai.metrics import compute_average_surface_distance
 from cldf.bundle import load_bundle
 from cldf.cli import main
 from cldf.config import CLDFConfig, RefineConfig
-from cldf.weak_labels import target_mask
-from cldf.slices import from_slices, normalise, to_slices
 from cldf.refine import WEIGHTS_SHA256, SamRefiner, check_refine_config, component_prompts, packaged_weights
 from cldf.segment import Segmenter
-
+from cldf.slices import from_slices, normalise, to_slices
+from cldf.weak_labels import target_mask
 from conftest import data_root, write_image
 
 # monai's surface distance passes an argument it has deprecated itself
@@ -176,8 +175,8 @@ def test_an_unknown_refinement_is_refused_before_any_work(tiny_bundle):
 
 
 def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_bundle, three_slices, case_paths):
-    from cldf.manifest import Case, Manifest
     from cldf.evaluation.evaluate import evaluate
+    from cldf.manifest import Case, Manifest
     from cldf.metrics import dice
 
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))
@@ -195,8 +194,8 @@ def test_the_cldf_sam_row_scores_the_masks_cldf_segment_refine_sam_writes(tiny_b
 
 def test_refinement_is_weighed_on_validation_volumes_and_ties_keep_it_off(tiny_bundle, three_slices, case_paths):
     from cldf.config import PostprocessConfig
-    from cldf.postprocess import SliceEvidence
     from cldf.metrics import dice
+    from cldf.postprocess import SliceEvidence
     from cldf.trainer.volume_select import _ValVolume, select_refine
 
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(case_paths["mask"])))

@@ -97,7 +97,9 @@ def test_the_sample_shows_the_patients_right_on_the_screens_left(mrml_scene, tmp
     k, width = int(mask.sum(axis=(1, 2)).argmax()), mask.shape[2]
     columns = np.flatnonzero(mask[k].any(axis=0))
     assert columns.max() < width // 2, "in the source's layout the tumour lies in the patient's right half"
-    x = lambda column: stored.TransformContinuousIndexToPhysicalPoint([float(column), 0.0, float(k)])[0]
+    def x(column: float) -> float:
+        return stored.TransformContinuousIndexToPhysicalPoint([float(column), 0.0, float(k)])[0]
+
     assert x(columns.mean()) < x((width - 1) / 2), "LPS: x grows towards the patient's left"
     truth = loadVolume(SAMPLE / "mask.nii.gz", "ground truth", labelmap=True)
     view = renderSlice(flair, label=truth, sliceIndex=k)

@@ -92,7 +92,7 @@ def test_tune_chooses_the_rule_on_validation_volumes_and_records_it(tiny_bundle,
 
     bundle = shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns(".checkpoints"))
     assert main(["-q", "tune", "--bundle", str(bundle), "--data", str(small_manifest), "--device", "cpu",
-                 "--no-refine"]) == 0  # refinement's choice: Testing/test_refine.py
+                 "--no-refine"]) == 0  # refinement's choice: Testing/engine/test_refine.py
     card = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
     table = card["selection"]["postprocess"]["table"]
     assert len(table) == int(np.prod([len(v) for v in POSTPROCESS_GRID.values()]))

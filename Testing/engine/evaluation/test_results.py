@@ -11,8 +11,8 @@ import SimpleITK as sitk
 
 from cldf.cli import main
 from cldf.evaluation.demo import GAP
-from cldf.evaluation.figure import COLUMNS
 from cldf.evaluation.evaluate import _slice_scores, pointing
+from cldf.evaluation.figure import COLUMNS
 from cldf.evaluation.results import cldf_is_best
 
 

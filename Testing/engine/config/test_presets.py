@@ -132,7 +132,7 @@ def test_flips_off_keeps_each_slice_on_its_side_and_every_other_draw():
     assert torch.equal(differs, mirrored)
 
 
-MODELS = Path(__file__).resolve().parents[1] / "CLDFSegmentation" / "Resources" / "Models"
+MODELS = Path(__file__).resolve().parents[3] / "CLDFSegmentation" / "Resources" / "Models"
 # sections training fixes and selection never changes (`cldf.config.grids` chooses the others)
 TRAINED = ("diffusion", "noisy_classifier", "cam_classifier", "ame_cam", "features", "saliency")
 

@@ -7,16 +7,16 @@ import json
 import pytest
 import torch
 
-from conftest import data_root, tiny_config
 from cldf.bundle import load_bundle
 from cldf.config import ClassifierConfig
-from cldf.weak_labels import AMBIGUOUS, side_slice_labels, weak_slice_labels
 from cldf.manifest import load_manifest
 from cldf.maps import LayerCAM
 from cldf.models import SliceClassifier
 from cldf.segment import Segmenter
 from cldf.sides import SidedCAM, SidedClassifier, check_sides, half_images, place_halves
 from cldf.trainer.train import TrainRequest, train
+from cldf.weak_labels import AMBIGUOUS, side_slice_labels, weak_slice_labels
+from conftest import data_root, tiny_config
 
 
 def patient_left_marker(orientation: str) -> torch.Tensor:

@@ -251,10 +251,10 @@ def test_the_post_processing_selection_resumes_after_the_last_finished_volume(ti
 def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_bundle, small_manifest, tmp_path,
                                                                            monkeypatch):
     from cldf.bundle import load_bundle
-    from cldf.manifest import load_manifest
-    from cldf.trainer.slice_set import load_slice_set
     from cldf.decoder import PixelDecoder
+    from cldf.manifest import load_manifest
     from cldf.trainer import select
+    from cldf.trainer.slice_set import load_slice_set
 
     bundle, manifest = load_bundle(tiny_bundle), load_manifest(small_manifest)
     cfg = bundle.config.data

@@ -9,7 +9,7 @@ the seeds, the features, the decoder, K-means, the gate, post-processing, refine
 
 A deliberate change records new values (then review the difference and commit the file)::
 
-    CLDF_RECORD_REGRESSION=1 .venv/bin/pytest Testing/test_regression.py
+    CLDF_RECORD_REGRESSION=1 .venv/bin/pytest Testing/engine/test_regression.py
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ import SimpleITK as sitk
 import slicer
 import vtk
 
-from CLDFSegmentationLib.headless import loadVolume
-from CLDFSegmentationLib.labels import markSlices, saveSliceLabels, sliceIndexAt, sliceLabels, writeManifest
 from cldf.manifest import load_manifest
 from cldf.trainer.slice_set import load_slice_set
 from cldf.weak_labels import weak_slice_labels
+from CLDFSegmentationLib.headless import loadVolume
+from CLDFSegmentationLib.labels import markSlices, saveSliceLabels, sliceIndexAt, sliceLabels, writeManifest
 
 
 @pytest.fixture()

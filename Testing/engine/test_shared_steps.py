@@ -20,7 +20,7 @@ from cldf.bundle import load_bundle
 from cldf.manifest import load_manifest
 from cldf.segment import Segmenter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = {"cldf.cases": {"read_case", "case_from_images", "read_truth", "scored_slices"},
           "cldf.cluster": {"cluster_slice"},
           "cldf.metrics": {"dice", "iou", "slice_dice", "target_slice_dice"}}
@@ -140,8 +140,8 @@ def test_the_product_and_selection_cluster_with_the_rule_that_ships(tiny, monkey
 def test_every_scorer_uses_the_one_dice(tiny, monkeypatch):
     import numpy as np
 
-    from cldf.evaluation.evaluate import _slice_scores
     from cldf.evaluation.demo import dice_scores
+    from cldf.evaluation.evaluate import _slice_scores
     from cldf.trainer.volume_select import _score_rules, _ValVolume
 
     monkeypatch.setattr(metrics, "slice_dice", lambda p, g: np.full(len(p), 0.125))

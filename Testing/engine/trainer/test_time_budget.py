@@ -4,7 +4,6 @@ preset (256 x 256, the paper's networks) trains to the end on real scans that wa
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
