@@ -121,6 +121,7 @@ def tiny_config():
         net.batch_size = 4
     cfg.decoder.epochs = 1
     cfg.decoder.pixels_per_class = 64
+    cfg.student.resolution, cfg.student.channels, cfg.student.steps, cfg.student.batch_size = 32, (8, 16), 8, 4
     return cfg
 
 

@@ -40,6 +40,8 @@ class RunRequest:
     refine: str | None
     keepCache: bool
     show: bool
+    segmenter: str = "bundle"  # "cldf", "student" or "bundle" (its own choice)
+    overlays: bool = True  # a student also computes the CAM and mean-gradient maps
 
 
 class CLDFSegmentationJob:
@@ -121,10 +123,11 @@ class CLDFSegmentationJob:
     def _loadEngine(self) -> None:
         """Engine only (no MRML): any thread."""
         from cldf.bundle import load_bundle  # torch is imported only when a run loads
-        from cldf.segment import Segmenter
+        from cldf.student import make_segmenter
 
         r = self._request
-        segmenter = Segmenter(load_bundle(r.card.path), r.device, r.batchSize, refine=r.refine)
+        segmenter = make_segmenter(load_bundle(r.card.path), None if r.segmenter == "bundle" else r.segmenter,
+                                   r.device, r.batchSize, overlays=r.overlays, refine=r.refine)
         self._engine = segmenter.start_images(r.images, r.decoderSeed, keep_cache=r.keepCache, reorient=True)
 
     def _createOutputs(self) -> None:

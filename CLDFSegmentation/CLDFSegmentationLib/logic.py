@@ -35,7 +35,8 @@ class CLDFSegmentationLogic:
 
     def start(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = DEVICE,
               batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
-              refine: str | None = None, keepCache: bool = True) -> CLDFSegmentationJob:
+              refine: str | None = None, keepCache: bool = True, segmenter: str = "bundle",
+              overlays: bool = True) -> CLDFSegmentationJob:
         """Check the inputs that can be checked at once and return a run that has not loaded anything yet.
 
         This reads the bundle's card (cached) and copies the input voxels; loading the bundle (verifying its
@@ -45,6 +46,9 @@ class CLDFSegmentationLogic:
         bundle's (axes permuted and flipped, no resampling), and the maps and the segmentation lie on that grid,
         in the same place; `exportLabelmap` with the input as reference writes on the input's own grid.
         ``refine``: ``"sam"`` or ``"none"`` overrides the bundle's mask refinement (None: the bundle's choice).
+        ``segmenter``: ``"cldf"``, ``"student"`` (the bundle's U-Net trained on CLDF's masks) or ``"bundle"`` (the
+        one its validation patients chose); ``overlays``: a student also computes the CAM and mean-gradient maps
+        (without them their nodes stay empty).
         ``keepCache``: keep every slice's pixel embeddings (about 0.26 MB a slice) so that the gate threshold or
         the clustering can be changed afterwards (`CLDFSegmentationJob.requestRedecision`) without the networks.
 
@@ -60,7 +64,7 @@ class CLDFSegmentationLogic:
         labels = sliceLabels(reference) if reference is not None else None  # weak labels made on this input
         images = {channel: imageFromVolume(node) for channel, node in inputVolumes.items()}
         return CLDFSegmentationJob(RunRequest(card, dict(inputVolumes), images, labels, device, batchSize,
-                                              decoderSeed, refine, keepCache, show))
+                                              decoderSeed, refine, keepCache, show, segmenter, overlays))
 
     def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = DEVICE,
                 batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,

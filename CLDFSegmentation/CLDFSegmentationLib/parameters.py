@@ -22,7 +22,7 @@ from slicer import (
 )
 
 from cldf.config.sections import ClusterConfig  # plain dataclasses and constants: no torch
-from cldf.defaults import CLUSTER_RULES, DEVICE, DEVICES, OVERLAY_OPACITY
+from cldf.defaults import CLUSTER_RULES, DEVICE, DEVICES, OVERLAY_OPACITY, SEGMENTER_CHOICES
 
 try:
     from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -49,6 +49,8 @@ class CLDFSegmentationParameterNode:
     inputVolume3: vtkMRMLScalarVolumeNode
     bundlePath: str
     device: Annotated[str, Choice(DEVICES)] = DEVICE
+    segmenter: Annotated[str, Choice(SEGMENTER_CHOICES)] = "bundle"
+    overlays: bool = True  # the student also computes the CAM and mean-gradient maps
 
     shownMap: Annotated[str, Choice(MAPS)] = "cam"
     overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = OVERLAY_OPACITY

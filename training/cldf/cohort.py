@@ -23,7 +23,7 @@ from .bundle import Bundle
 from .images import InputError
 from .manifest import Case, Manifest
 from .outputs import MARKER, write_result
-from .segment import Segmenter
+from .slice_job import VolumeSegmenter
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,12 @@ class Part:
         return cases[self.index - 1 :: self.count]
 
 
-def segment_cohort(segmenter: Segmenter, manifest: Manifest, out: Path, fmt: str = "nifti", overwrite: bool = False,
-                   part: Part = Part(), progress: bool = True, command: str = "") -> dict[str, list[str]]:
+def segment_cohort(segmenter: VolumeSegmenter, manifest: Manifest, out: Path, fmt: str = "nifti",
+                   overwrite: bool = False, part: Part = Part(), progress: bool = True, command: str = "",
+                   write_maps: bool = True) -> dict[str, list[str]]:
     """Segment this part's cases into ``out/<case id>/``, skipping complete ones; returns case ids by outcome.
+
+    ``write_maps=False``: each case's mask and slices.csv only (no cam, mean_gradient, seeds).
 
     A case that cannot be segmented (bad input) is logged and left out; the others go on.
     """
@@ -78,7 +81,7 @@ def segment_cohort(segmenter: Segmenter, manifest: Manifest, out: Path, fmt: str
             continue
         bar.set_postfix_str(case.id)
         try:
-            _segment_case(segmenter, bundle, case, folder, fmt, overwrite, command)
+            _segment_case(segmenter, bundle, case, folder, fmt, overwrite, command, write_maps)
         except (InputError, FileNotFoundError, FileExistsError) as e:  # one bad case does not stop the cohort
             log.error("case '%s': %s", case.id, e)
             counts["failed"].append(case.id)
@@ -89,14 +92,15 @@ def segment_cohort(segmenter: Segmenter, manifest: Manifest, out: Path, fmt: str
     return counts
 
 
-def _segment_case(segmenter: Segmenter, bundle: Bundle, case: Case, folder: Path, fmt: str, overwrite: bool,
-                  command: str) -> None:
+def _segment_case(segmenter: VolumeSegmenter, bundle: Bundle, case: Case, folder: Path, fmt: str, overwrite: bool,
+                  command: str, write_maps: bool) -> None:
     t0 = time.time()
     inputs = {c: case.channels[c] for c in bundle.channels}
     result = segmenter.start(inputs).run(progress=False)
+    result.has_maps = result.has_maps and write_maps
     spacing = result.reference.GetSpacing()
     summary = {"case": case.id, "slices": len(result.presence),
-               "positive_slices": int((result.presence >= bundle.config.cluster.presence_threshold).sum()),
+               "positive_slices": int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum()),
                "mask_ml": round(float(result.mask.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0, 3),
                "seconds": round(time.time() - t0, 1)}
     provenance = {"bundle": bundle.id, "inputs": {k: str(v) for k, v in inputs.items()}, "command": command,

@@ -5,6 +5,7 @@ dependencies are installed.
 """
 
 DEVICES = ("auto", "cpu", "cuda")  # "auto": CUDA when present
+SEGMENTER_CHOICES = ("bundle", "cldf", "student")  # "bundle": the one its validation patients chose
 DEVICE = "auto"  # the device every command and the Slicer module start with
 BATCH_SIZE = 8  # slices per step of a segmentation run
 TARGET_NAME = "target"  # segment name when a bundle names none

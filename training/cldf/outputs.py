@@ -35,10 +35,11 @@ class OutputError(ValueError):
     """Results that cannot be written where asked; the message says why and what to do."""
 
 
-def output_paths(out_dir: Path, fmt: str, extra: tuple[str, ...] = ()) -> dict[str, Path]:
+def output_paths(out_dir: Path, fmt: str, extra: tuple[str, ...] = (), maps: bool = True) -> dict[str, Path]:
+    """Every output file of a run; ``maps=False``: the mask alone (no cam, mean_gradient, seeds)."""
     if fmt not in FORMATS:
         raise ValueError(f"output format must be one of {sorted(FORMATS)}, not '{fmt}'")
-    names = {name: name for name in MAP_NAMES} | {name: EXTRA_FILE_NAMES[name] for name in extra}
+    names = {name: name for name in (MAP_NAMES if maps else ("mask",))} | {name: EXTRA_FILE_NAMES[name] for name in extra}
     paths = {name: out_dir / f"{file}{FORMATS[fmt]}" for name, file in names.items()}
     paths["slices"] = out_dir / "slices.csv"
     return paths
@@ -139,7 +140,8 @@ def map_to_uint8(m: np.ndarray) -> np.ndarray:
 def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", overwrite: bool = False,
                  provenance: dict[str, Any] | None = None, staging: Path | None = None,
                  also_ours: tuple[str, ...] = ()) -> dict[str, Path]:
-    """Write cam, mean_gradient, seeds, mask, any extra map (cdm_saliency), slices.csv and the marker.
+    """Write cam, mean_gradient, seeds, mask, any extra map (cdm_saliency), slices.csv and the marker (the mask
+    alone of the four when the run computed no maps, ``result.has_maps``).
 
     Maps are on the input's own voxel grid (`VolumeResult.on_input_grid`); cam, mean_gradient and
     cdm_saliency as 8-bit 0..255 for 0..1. ``staging``: a folder from `staging_folder` made before the
@@ -151,13 +153,14 @@ def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", 
             return write_result(result, out_dir, fmt, overwrite, provenance, folder, also_ours)
     result = result.on_input_grid()
     extra = tuple(result.extra)
-    paths = output_paths(staging, fmt, extra)
+    paths = output_paths(staging, fmt, extra, result.has_maps)
     arrays = {
         "cam": map_to_uint8(result.cam),
         "mean_gradient": map_to_uint8(result.mean_gradient),
         "seeds": result.seeds.astype(np.uint8),
         "mask": result.mask.astype(np.uint8),
     } | {name: map_to_uint8(m) for name, m in result.extra.items()}
+    arrays = {name: a for name, a in arrays.items() if name in paths}
     try:
         for name, array in arrays.items():
             write_volume(array, result.reference, paths[name])
@@ -168,7 +171,7 @@ def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", 
     except (OSError, RuntimeError) as e:
         raise OutputError(f"writing the results failed ({_reason(e, staging)}); nothing was written to {out_dir}") from None
     commit(staging, out_dir, overwrite, also_ours)
-    return output_paths(out_dir, fmt, extra) | {"marker": out_dir / MARKER}
+    return output_paths(out_dir, fmt, extra, result.has_maps) | {"marker": out_dir / MARKER}
 
 
 def _write_slices(result: VolumeResult, path: Path) -> None:

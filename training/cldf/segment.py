@@ -8,40 +8,35 @@ thread, so neither waits for the whole volume before showing progress.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import cases, cluster
 from .bundle import Bundle
 from .defaults import BATCH_SIZE, DEVICE
 from .device import autocast, resolve_device
 from .features import DiffusionFeatures, EncoderFeatures
-from .images import read_images
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
-from .plausibility import intensity_warnings, same_image_warnings
 from .postprocess import SliceEvidence, keep_main_components, keep_slices
 from .seeds import FOREGROUND, body_mask, fuse_seeds
+from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner, input_warnings
 from .slice_maps import SliceMaps, slice_presence
 from .slices import from_slices
 from .variants import VARIANTS
 from .volume_result import SliceCache, VolumeResult
 
 if TYPE_CHECKING:
-    from .refine import SamRefiner
+    pass
 
 log = logging.getLogger(__name__)
 
 EXTRA_MAPS = ("cdm",)
 
 
-class Segmenter:
+class Segmenter(VolumeSegmenter):
     """A bundle's networks on a device, ready to segment slices.
 
     Args:
@@ -78,19 +73,8 @@ class Segmenter:
         cdm, self.seed_source = spec.features, spec.seeds
         self.cam_source = spec.cam or self.cfg.maps.cam_method
         self._cdm = {"cdm": bundle.cdm, "encoder": bundle.noisy_classifier}[cdm] if cdm != "untrained" else bundle.untrained_cdm()
-        self.refiner = self._refiner(refine)
+        self.refiner, self.refine_channel = bundle_refiner(bundle, refine, batch_size)
         self.to(resolve_device(device))
-
-    def _refiner(self, method: str | None) -> SamRefiner | None:
-        """The SAM refiner when refinement is on, else None (`refine` loads timm and the network only then)."""
-        if method not in (None, "none", "sam"):
-            raise ValueError(f"refine must be 'none', 'sam' or None (the bundle's refine.method), not '{method}'")
-        from .refine import SamRefiner, check_refine_config
-
-        cfg = replace(self.cfg.refine, method=method or self.cfg.refine.method)
-        check_refine_config(cfg, self.bundle.channels)
-        self.refine_channel = self.bundle.channels.index(cfg.channel or self.bundle.channels[0])
-        return SamRefiner(cfg, "cpu", batch_size=self.batch_size) if cfg.method == "sam" else None
 
     def to(self, device: torch.device) -> "Segmenter":
         self.device = device
@@ -238,46 +222,22 @@ class Segmenter:
                 out[s][~keep_slices(evidence[s], self.cfg.postprocess)] = False
         return out, evidence
 
-    # ------------------------------------------------------------------ volumes
-    def start(self, inputs: dict[str, str | Path], decoder_seed: int = 0, keep_cache: bool = False) -> "SegmentationJob":
-        """Validate and read the inputs (refusing bad ones before any work), return a stepwise job.
-
-        Slices are cut along the bundle's axes (`start_images` with ``reorient``); `VolumeResult.on_input_grid`
-        maps the outputs back onto the input's own grid.
-        ``keep_cache``: also keep every slice's pixel embeddings (`SliceCache`), so the masks can be
-        re-decided for another gate threshold or clustering in a fraction of a second (`Redecider`).
-        """
-        return self.start_images(read_images(inputs, self.bundle.channels), decoder_seed, keep_cache, reorient=True)
-
-    def start_images(self, images: dict[str, sitk.Image], decoder_seed: int = 0, keep_cache: bool = False,
-                     reorient: bool = False) -> "SegmentationJob":
-        """As `start`, for images already in memory (the Slicer module's volume nodes).
-
-        ``reorient``: cut the slices along the bundle's axes (``data.orientation``): the job's arrays and
-        ``result.reference`` are then on the reoriented grid and ``result.input_reference`` is the input's.
-        Without it, slices are cut along the images' third voxel axis.
-        """
-        job = SegmentationJob(self, cases.case_from_images(images, self.cfg.data, reorient), decoder_seed, keep_cache)
-        if reorient:
-            job.result.input_reference = images[self.bundle.channels[0]]
-        return job
+    def _job(self, case: cases.CaseVolume, decoder_seed: int, keep_cache: bool) -> "SegmentationJob":
+        return SegmentationJob(self, case, decoder_seed, keep_cache)
 
 
-class SegmentationJob:
-    """One volume, segmented one batch of slices per `step()`."""
+class SegmentationJob(SliceJob):
+    """One volume through CLDF, one batch of slices per `step()`."""
 
     def __init__(self, segmenter: Segmenter, case: cases.CaseVolume, decoder_seed: int = 0, keep_cache: bool = False):
+        super().__init__(case.volume.shape[1])
         if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:
             raise ValueError(f"the bundle has no decoder with seed {decoder_seed}")
         self.segmenter = segmenter
         self.decoder_seed = decoder_seed
         cfg = segmenter.cfg.data
         volume, reference, normalised = case.volume, case.reference, case.normalised
-        card = segmenter.bundle.card.get("training", {}).get("data_card", {}).get("intensity")
-        self.warnings = (intensity_warnings(case.ranges, card, segmenter.bundle.channels)  # also shown by the Slicer module
-                         + same_image_warnings(volume, segmenter.bundle.channels))
-        for warning in self.warnings:
-            log.warning("warning: %s", warning)
+        self.warnings = input_warnings(case, segmenter.bundle)
         self.slices = case.slices(cfg.resolution)
         r = segmenter.cam_resolution
         self.cam_slices = case.slices(r) if r else None  # the CAM source's own slices
@@ -301,41 +261,6 @@ class SegmentationJob:
             r, e = cfg.resolution, segmenter.bundle.decoders[segmenter.variant][decoder_seed].cfg.hidden[-1]
             self.result.cache = SliceCache(np.zeros((z, e, r, r), np.float32), np.zeros((z, r, r), np.uint8),
                                            np.zeros((z, r, r), bool), self.result.presence)
-        self.done = 0
-        self.cancelled = False
-
-    @property
-    def total(self) -> int:
-        return self.shape[0]
-
-    @property
-    def progress(self) -> tuple[int, int]:
-        return self.done, self.total
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    def step(self) -> bool:
-        """Process the next batch; True while slices remain."""
-        if self.cancelled or self.done >= self.total:
-            return False
-        seg = self.segmenter
-        stop = min(self.done + seg.batch_size, self.total)
-        try:
-            self._run(self.done, stop)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if seg.batch_size > 1:
-                seg.batch_size //= 2
-                log.warning("CUDA out of memory: batch size halved to %d", seg.batch_size)
-            else:
-                log.warning("CUDA out of memory with one slice per batch: continuing on the CPU")
-                seg.to(torch.device("cpu"))
-            return True
-        self.done = stop
-        if self.done == self.total:
-            self._finish()
-        return self.done < self.total
 
     def _finish(self) -> None:
         """Whole-volume rule once every slice is done: keep the main 3D object(s) (`postprocess`)."""
@@ -371,11 +296,3 @@ class SegmentationJob:
         r.presence[start:stop] = maps.presence.cpu().numpy()
         for name, m in maps.extra.items():
             r.extra[name][start:stop] = from_slices(m, hw)
-
-    def run(self, progress: bool = True) -> VolumeResult:
-        """Step to the end (with a progress bar) and return the result."""
-        with tqdm(total=self.total, desc="segment", unit="slice", disable=not progress) as bar:
-            while self.step():
-                bar.update(self.done - bar.n)
-            bar.update(self.done - bar.n)
-        return self.result

@@ -38,6 +38,7 @@ class VolumeResult:
     cache: SliceCache | None = None  # with ``keep_cache``: for re-deciding the masks (`Redecider`)
     input_reference: sitk.Image | None = None  # the input as stored, when it was reoriented to the bundle's orientation
     mask_voxels: np.ndarray | None = None  # (Z,) per slice of `presence` (set by `on_input_grid`)
+    has_maps: bool = True  # False: cam, mean_gradient and seeds were not computed (a student run without maps)
 
     def on_input_grid(self) -> "VolumeResult":
         """The outputs in the input's own voxel order (they are computed in the bundle's orientation).

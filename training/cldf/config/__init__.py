@@ -18,9 +18,10 @@ from .sections import (
                        RefineConfig,
                        SaliencyConfig,
                        SeedConfig,
+                       StudentConfig,
 )
 
 __all__ = ["ADDED_LATER", "AmeCamConfig", "CLDFConfig", "CPU", "ClassifierConfig", "ClusterConfig", "DataConfig",
            "DecoderConfig", "DiffusionConfig", "FeatureConfig", "MapConfig", "PAPER", "PRESETS", "PostprocessConfig",
-           "RECIPES", "RefineConfig", "SaliencyConfig", "SeedConfig", "apply_overrides", "apply_settings",
+           "RECIPES", "RefineConfig", "SaliencyConfig", "SeedConfig", "StudentConfig", "apply_overrides", "apply_settings",
            "parse_override", "preset"]

@@ -27,3 +27,6 @@ POSTPROCESS_GRID = {
     "postprocess.min_presence": [0.0, 0.1, 0.3, 0.5],
     "postprocess.min_component_fraction": [0.0, 0.1, 0.25, 0.5, 1.0],
 }
+
+# The student's whole-volume rule, chosen on whole validation volumes like the pipeline's ("off" first).
+STUDENT_RULES = [0.0, 0.1, 0.25, 0.5]

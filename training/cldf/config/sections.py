@@ -279,6 +279,41 @@ class RefineConfig:
 
 
 @dataclass
+class StudentConfig:
+    """The student: a 2D U-Net trained on the pipeline's masks of the training patients (`cldf.student`).
+
+    Attributes:
+        enabled: `cldf train` trains it (and validation decides whether the bundle segments with it).
+        segmenter: what ``cldf segment`` uses unless told: ``"cldf"`` (maps, features, clustering) or
+            ``"student"`` (one forward pass per slice); chosen on the validation patients.
+        resolution: square slice size the student sees (the pseudo-masks are made on the scan's grid, so the
+            student may see finer slices than the CLDF networks).
+        context: neighbouring slices on each side given as extra channels (0: 2D; 1: 2.5D, three slices).
+        channels: the U-Net's widths, one per level.
+        steps, batch_size, lr: AdamW steps, slices per step, learning rate.
+        threshold: probability above which a pixel is target.
+        refine: ``"sam"``: LiteMedSAM sharpens the student's masks on the scan's grid, as ``refine.method`` does
+            the pipeline's; ``"none"``: it does not. Chosen on the validation patients.
+        min_component_fraction: the student's whole-volume rule (`postprocess.keep_main_components`), chosen on
+            the validation patients like the pipeline's.
+        seed: initialisation, batches and augmentation.
+    """
+
+    enabled: bool = True
+    segmenter: str = "cldf"
+    resolution: int = 128
+    context: int = 0
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    threshold: float = 0.5
+    refine: str = "none"
+    min_component_fraction: float = 0.0
+    seed: int = 0
+
+
+@dataclass
 class CLDFConfig:
     """Every setting of a bundle, grouped by stage."""
 
@@ -299,6 +334,7 @@ class CLDFConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

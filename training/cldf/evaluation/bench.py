@@ -6,7 +6,11 @@ a BraTS volume), each in a fresh process:
 - ``fast``, ``fast-all``, ``literal``: the diffusion-feature paths (below);
 - ``layercam``: the CAM alone; ``cdm-saliency``: CDM saliency (Hu et al. 2023) alone;
 - ``cldf-volume``: the whole of `cldf segment` on the volume (maps, gate,
-  features, decoder, K-means, back to the input grid).
+  features, decoder, K-means, back to the input grid); ``cldf-volume-sam`` with LiteMedSAM;
+- ``student-volume``: the bundle's student on the volume, as `cldf segment --segmenter student --no-maps`
+  runs it (with the student's own refinement setting); ``student-volume-maps``: the same with the CAM and
+  mean-gradient overlays; ``student-cohort``: `cldf segment --data` with the student and ``--no-maps`` on
+  `COHORT_COPIES` copies of the volume, outputs written (volumes per hour).
 
 The feature paths turn the same slices into the final pixel embeddings (every slice is
 treated as positive by `fast-all`; `fast` keeps only the slices the classifier
@@ -51,7 +55,9 @@ from ..slice_maps import slice_presence
 
 BATCH = 8
 FEATURE_PATHS = ("fast", "fast-all", "literal")
-PATHS = FEATURE_PATHS + ("layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")
+STUDENT_PATHS = ("student-volume", "student-volume-maps", "student-cohort")
+PATHS = FEATURE_PATHS + ("layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam") + STUDENT_PATHS
+COHORT_COPIES = 4
 
 
 def embed_fast(bundle: Bundle, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
@@ -124,6 +130,8 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
     ``fast`` embeds only the slices the classifier judges positive (as `cldf segment`
     does); ``fast-all`` and ``literal`` embed every slice.
     """
+    if path in STUDENT_PATHS:
+        return _student_path(path, bundle, device, inputs)
     if path in ("cldf-volume", "cldf-volume-sam"):
         start = time.perf_counter()
         Segmenter(bundle, str(device), BATCH, refine="sam" if path.endswith("sam") else "none").start(inputs).run(progress=False)
@@ -145,6 +153,24 @@ def _run_path(path: str, bundle: Bundle, x_all: torch.Tensor, device: torch.devi
         fn(bundle, x_all[i : i + step].to(device))
     _sync(device)
     return time.perf_counter() - start
+
+
+def _student_path(path: str, bundle: Bundle, device: torch.device, inputs: dict[str, str]) -> float:
+    from ..cohort import segment_cohort
+    from ..student import make_segmenter
+
+    seg = make_segmenter(bundle, "student", str(device), BATCH, overlays=path == "student-volume-maps")
+    start = time.perf_counter()
+    if path != "student-cohort":
+        seg.start(inputs).run(progress=False)
+        return time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "manifest.json"
+        manifest.write_text(json.dumps({"name": "bench", "cases": [{"id": f"copy-{i}", "channels": inputs}
+                                                                   for i in range(COHORT_COPIES)]}))
+        start = time.perf_counter()
+        segment_cohort(seg, load_manifest(manifest), Path(tmp) / "out", progress=False, write_maps=False)
+        return time.perf_counter() - start
 
 
 def measure(path: str, bundle_dir: str, slices: torch.Tensor, device: str, inputs: dict[str, str] | None = None) -> dict:
@@ -256,13 +282,15 @@ def run_bench(bundle: Path | None = None, data: Path | None = None, case: str | 
     unknown = [p for p in paths if p not in PATHS]
     if unknown or not {"fast", "literal"} <= set(paths):
         raise ValueError(f"paths must include fast and literal and come from {', '.join(PATHS)}; got {paths}")
-    if slices:
-        paths = tuple(p for p in paths if not p.startswith("cldf-volume"))  # the whole volume is not a slice subset
+    if slices:  # the whole volume is not a slice subset
+        paths = tuple(p for p in paths if not p.startswith("cldf-volume") and p not in STUDENT_PATHS)
     bundle_dir = Path(bundle) if bundle is not None else default_bundle()
     if scale is not None:
         channels = load_bundle(bundle_dir).channels if (bundle_dir / "bundle.json").is_file() else ["FLAIR", "T1"]
         bundle_dir = random_bundle(scale, channels, Path(tempfile.mkdtemp(prefix="cldf-bench-")))
     b = load_bundle(bundle_dir)
+    if b.student is None:
+        paths = tuple(p for p in paths if p not in STUDENT_PATHS)
     dev = resolve_device(device)
     tmp = tempfile.TemporaryDirectory()
     case_id, x, files = load_case_slices(b, data, case, Path(tmp.name), depth)
@@ -342,11 +370,29 @@ def summarise(results: dict[str, dict], device: torch.device) -> dict:
     if "cldf-volume-sam" in results:
         lines.append(f"whole volume with `cldf segment --refine sam` (cldf-volume-sam): "
                      f"{results['cldf-volume-sam']['seconds']:.1f} s")
+    lines += _student_notes(results)
     if not all(r["rss_exact"] for r in results.values()):
         lines.append("(the RSS high-water mark could not be reset: RSS increases are lower bounds)")
     print("\n" + "\n".join(rows) + "\n\n" + "\n".join(lines))
     return {**results, "speedup": speedup, "memory_ratio": memory, "memory_measure": key,
             "table": rows, "notes": lines}
+
+
+def _student_notes(results: dict[str, dict]) -> list[str]:
+    """The student's whole-volume time, its speed-up over the shipped CLDF + SAM run, and the cohort rate."""
+    lines = []
+    student, sam = results.get("student-volume"), results.get("cldf-volume-sam")
+    if student:
+        lines.append(f"whole volume with the student (student-volume): {student['seconds']:.1f} s, "
+                     f"peak RSS {student['peak_rss_mib']:.0f} MiB"
+                     + (f"; {_ratio(sam['seconds'], student['seconds']):.1f}x faster than cldf-volume-sam" if sam else ""))
+    if "student-volume-maps" in results:
+        lines.append(f"the same with the CAM and mean-gradient overlays: {results['student-volume-maps']['seconds']:.1f} s")
+    if "student-cohort" in results:
+        seconds = results["student-cohort"]["seconds"]
+        lines.append(f"cohort with the student (`cldf segment --data ... --no-maps`, {COHORT_COPIES} volumes, outputs "
+                     f"written): {3600 * COHORT_COPIES / seconds:.0f} volumes per hour")
+    return lines
 
 
 def write_speed_report(report: dict, path: Path) -> None:
@@ -366,7 +412,11 @@ def write_speed_report(report: dict, path: Path) -> None:
         "- literal: the paper-literal feature stack, one slice at a time, every slice;",
         "- layercam: the CAM alone; cdm-saliency: CDM saliency (Q, R, tau, s from the bundle) alone;",
         "- cldf-volume: the whole `cldf segment` run (maps, gate, features, decoder, K-means, resampling back);",
-        "- cldf-volume-sam: the same with `--refine sam` (LiteMedSAM on the scan's own grid, slices with a mask only).",
+        "- cldf-volume-sam: the same with `--refine sam` (LiteMedSAM on the scan's own grid, slices with a mask only);",
+        "- student-volume: `cldf segment --segmenter student --no-maps` (the student U-Net, one pass per slice); "
+        "student-volume-maps: with the CAM and mean-gradient overlays; student-cohort: a cohort run of "
+        f"{COHORT_COPIES} copies of the volume with the student (s/slice over one volume's slices: divide by "
+        f"{COHORT_COPIES} per volume).",
         "",
         *report["table"],
         "",

@@ -13,7 +13,9 @@ CDM), `encoder-features` and the ablations `layercam+cl`, `mg+cl`, `ame-cam+cl` 
 `ame-cam+mg+cl` (decoders trained on those seeds) are masks made as the product makes
 them (slices judged negative stay empty, the bundle's slice gate for all) for every
 shipped decoder seed, reported as means over seeds; `cldf+sam` is `cldf` refined
-with LiteMedSAM on the scan's grid, as `cldf segment --refine sam` makes it.
+with LiteMedSAM on the scan's grid, as `cldf segment --refine sam` makes it;
+`student` and `student+sam` are the bundle's student network (trained on the
+pipeline's masks of the training patients), unrefined and refined the same way.
 HD95 is in millimetres; an empty prediction on a positive slice scores the
 slice's diagonal. Ground truth is read here for scoring only.
 """
@@ -31,7 +33,7 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from tqdm.auto import tqdm
 
-from .. import atomic, cases, metrics
+from .. import atomic, cases, metrics, student
 from ..bundle import Bundle
 from ..defaults import DEVICE
 from ..device import resolve_device
@@ -51,7 +53,8 @@ DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "ame-cam+cl"
                    "ame-cam+mg+cl": "ame-cam-fused", "cldf-untrained": "untrained", "encoder-features": "encoder",
                    "cldf": "cdm"}
 REFINED = "cldf+sam"  # CLDF's masks refined with LiteMedSAM (`refine`)
-METHODS = BASELINES + tuple(DECODER_METHODS) + (REFINED,)
+STUDENT_METHODS = ("student", "student+sam")  # the bundle's student network, unrefined and refined
+METHODS = BASELINES + tuple(DECODER_METHODS) + (REFINED,) + STUDENT_METHODS
 
 
 def available_methods(bundle: Bundle) -> tuple[str, ...]:
@@ -63,6 +66,8 @@ def _missing(bundle: Bundle, method: str) -> str | None:
     """What ``method`` needs and the bundle lacks, or None."""
     if method == "ame-cam" and bundle.ame_cam is None:
         return "AME-CAM networks (train with --set ame_cam.enabled=true)"
+    if method in STUDENT_METHODS and bundle.student is None:
+        return f"a student network (add one with `cldf student --bundle {bundle.path}`)"
     variant = DECODER_METHODS.get(method)
     if variant is not None and variant not in bundle.decoders:
         return f"decoders '{variant}' (add them with `cldf ablate --bundle {bundle.path}`)"
@@ -115,7 +120,7 @@ def evaluate(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_lab
     segs = {"cldf": Segmenter(bundle, device, batch_size, maps=maps, refine="none")}
     segs |= {m: Segmenter(bundle, device, batch_size, variant=v, refine="none") for m, v in DECODER_METHODS.items()
              if m in methods and m != "cldf"}
-    refiner = _refiner(bundle, device, batch_size) if REFINED in methods else None
+    refiner = _refiner(bundle, device, batch_size) if {REFINED, "student+sam"} & set(methods) else None
     per_case = {}
     pooled: dict[str, dict[int, SliceScores]] = defaultdict(lambda: defaultdict(lambda: SliceScores([], [], [], [], [], [], [])))
     hits: dict[str, list[bool]] = defaultdict(list)
@@ -222,7 +227,22 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
         for s, m in by_seed.items():
             by_seed[s] = keep_main_components(m, cfg.postprocess.min_component_fraction)
     masks.update(decoded)
+    masks.update(_student_masks(bundle, read, seg.device, methods, refiner))
     return {m: masks[m] for m in methods}, maps, gt, ref.GetSpacing()
+
+
+def _student_masks(bundle: Bundle, read: cases.CaseVolume, device, methods, refiner) -> dict[str, dict[int, np.ndarray]]:
+    """The ``student`` and ``student+sam`` rows (one network: one "seed"), with the student's whole-volume rule."""
+    wanted = [m for m in STUDENT_METHODS if m in methods]
+    if not wanted:
+        return {}
+    raw = {"student": student.raw_mask(bundle, read, device)}
+    if "student+sam" in wanted:
+        ref = read.reference
+        channel = read.normalised[bundle.channels.index(bundle.config.refine.channel or bundle.channels[0])]
+        raw["student+sam"] = refiner.refine(channel, raw["student"], (ref.GetSpacing()[1], ref.GetSpacing()[0]))
+    rule = bundle.config.student.min_component_fraction
+    return {m: {0: keep_main_components(raw[m].astype(bool), rule)} for m in wanted}
 
 
 def _threshold(maps: np.ndarray, threshold: str | float) -> np.ndarray:

@@ -21,13 +21,14 @@ LABELS = {
     "fusion": "fusion (CAM AND MG)", "cdm": "CDM saliency", "layercam+cl": "LayerCAM+CL", "mg+cl": "MG+CL",
     "ame-cam+cl": "AME-CAM+CL", "ame-cam+mg+cl": "AME-CAM+MG+CL",
     "cldf-untrained": "CLDF, untrained CDM", "encoder-features": "CLDF, classifier-encoder features", "cldf": "CLDF",
-    "cldf+sam": "CLDF + SAM refinement",
+    "cldf+sam": "CLDF + SAM refinement", "student": "student (U-Net on CLDF's masks)",
+    "student+sam": "student + SAM refinement",
 }
 CAM_LABELS = {"layercam": "LayerCAM", "gradcam": "GradCAM", "ame-cam": "AME-CAM"}
 #: the rows the shipped CLDF is compared against for "best"; the Table 2 rows (untrained CDM, encoder features)
 #: stand beside it
 COMPARED = BASELINES + ("layercam+cl", "mg+cl", "ame-cam+cl", "ame-cam+mg+cl")
-SHIPPED = ("cldf", "cldf+sam")
+SHIPPED = ("cldf", "cldf+sam", "student", "student+sam")
 
 
 def task_column(card: dict, split: str) -> dict:
@@ -40,11 +41,19 @@ def task_column(card: dict, split: str) -> dict:
     methods = metrics["methods"]
     slices = int(next(iter(methods.values()))["n_slices"])
     config = card.get("config", {})
-    shipped = "cldf+sam" if config.get("refine", {}).get("method") == "sam" else "cldf"
+    shipped = shipped_row(config)
     return {"bundle": card.get("name"), "task": card.get("task", {}).get("target", TARGET_NAME), "dataset": dataset,
             "split": split, "cases": metrics["cases"], "positive_slices": slices, "command": metrics.get("command"),
             "methods": methods, "per_case": metrics.get("per_case", {}), "shipped": shipped,
             "cam_source": config.get("maps", {}).get("cam_method", "layercam")}
+
+
+def shipped_row(config: dict) -> str:
+    """The row of the segmenter a bundle's config ships: CLDF or its student, refined with SAM or not."""
+    student = config.get("student", {})
+    if student.get("segmenter") == "student":
+        return "student+sam" if student.get("refine") == "sam" else "student"
+    return "cldf+sam" if config.get("refine", {}).get("method") == "sam" else "cldf"
 
 
 def build_results(bundle_dirs: list[Path], split: str = "test") -> dict:
@@ -105,7 +114,8 @@ def markdown(results: dict) -> str:
     n = len(cols)
     lines.append("Chosen on the validation patients, per task: " + "; ".join(
         f"{c['task']}: {CAM_LABELS.get(c['cam_source'], c['cam_source'])} seeds, "
-        f"{'SAM-refined' if c['shipped'] == 'cldf+sam' else 'unrefined'} masks" for c in cols)
+        f"{'SAM-refined' if c['shipped'].endswith('+sam') else 'unrefined'} masks"
+        f"{' of the student' if c['shipped'].startswith('student') else ''}" for c in cols)
         + ". The AME-CAM+MG+CL row is CLDF itself where AME-CAM is the chosen source (—).")
     lines.append("")
     lines.append(f"The shipped CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "

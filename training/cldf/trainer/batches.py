@@ -115,12 +115,16 @@ def augment(x: torch.Tensor, d: StepDraws, intensity: str = "narrow", flips: boo
     ``"narrow"``: scale 0.8-1.2 and shift +-0.1; ``"wide"``: a gamma of 0.67-1.5 first, then scale
     0.6-1.4 and shift +-0.5. The name is checked once, before training (`check_intensity`).
     """
+    x = intensity_change(flip(x, d, flips), d, intensity)
+    shifts = d.randint(-4, 5, 2)
+    return torch.stack([xi.roll(tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)]).clamp(-1.0, 1.0)
+
+
+def intensity_change(x: torch.Tensor, d: StepDraws, intensity: str = "narrow") -> torch.Tensor:
+    """Per-channel gamma, scale and shift of ``(B, C, H, W)`` slices in [-1, 1] (`INTENSITY`), not clipped."""
     log_gamma, scale, shift = INTENSITY[intensity]
     c = x.shape[1]
-    x = flip(x, d, flips)
     if log_gamma:
         gamma = torch.exp(2 * log_gamma * d.rand(c, 1, 1) - log_gamma)
         x = ((x + 1) / 2).clamp(0, 1) ** gamma * 2 - 1
-    x = x * (1 - scale + 2 * scale * d.rand(c, 1, 1)) + (2 * shift * d.rand(c, 1, 1) - shift)
-    shifts = d.randint(-4, 5, 2)
-    return torch.stack([xi.roll(tuple(s.tolist()), dims=(-2, -1)) for xi, s in zip(x, shifts)]).clamp(-1.0, 1.0)
+    return x * (1 - scale + 2 * scale * d.rand(c, 1, 1)) + (2 * shift * d.rand(c, 1, 1) - shift)

@@ -34,8 +34,8 @@ from .slice_set import SliceSet
 log = logging.getLogger(__name__)
 
 # Each stage's share of ``--time-budget``, in proportion to what it takes on the paper's preset.
-BUDGET_SHARES = {"cdm": 0.45, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
-                 "ame_aggregator": 0.02, "selection": 0.1, "decoders": 0.12}
+BUDGET_SHARES = {"cdm": 0.42, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
+                 "ame_aggregator": 0.02, "selection": 0.1, "decoders": 0.1, "student": 0.05}
 SELECT_PATIENTS = 24  # selection's cost and memory stop growing with the cohort here
 MIN_VAL_PATIENTS = 2  # settings selection needs this many validation patients
 

@@ -14,8 +14,12 @@ too); the folder records what defines the run, and a re-run that differs is refu
    for each variant in `variants.VARIANTS`: CLDF, CLDF on a randomly initialised
    CDM, and the ablations with seeds from the CAM or the mean gradient alone.
 5. The bundle: weights, settings, split, command, device, wall-clock; written into
-   ``<out>.partial`` and moved to ``<out>`` once complete. A finished bundle is never
-   rewritten, and its checkpoints are removed unless asked to keep them.
+   ``<out>.partial`` and moved to ``<out>`` once complete (after the student).
+6. Student (``student.enabled``): the finished pipeline segments the training patients where
+   their slice labels say the target is, a U-Net trains on those masks, and the validation
+   patients decide whether the bundle segments with it (`train_student`).
+
+A finished bundle is never rewritten, and its checkpoints are removed unless asked to keep them.
 
 Slices come from the slice cache (`slicecache`) through a DataLoader (`batches`), and features
 that grow with the cohort wait on disk (`tensorstore`), so memory does not grow with it. Under
@@ -116,6 +120,12 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     if partial.exists():  # left by a run stopped while writing its bundle
         shutil.rmtree(partial)
     save_bundle(partial, cfg, networks, card)
+    if cfg.student.enabled:  # the last stage: a U-Net on the finished pipeline's masks (`train_student`)
+        from .train_student import train_student
+
+        bundle = load_bundle(partial)
+        bundle.config.student = cfg.student  # as asked, not the card's copy of it
+        train_student(bundle, manifest, req, ckdir)
     run_folder.install(partial, out, ckdir, req.keep_checkpoints)
     return Path(req.out)
 

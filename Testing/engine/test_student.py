@@ -1,0 +1,141 @@
+"""The student: a U-Net trained on the pipeline's masks of the training patients, segmenting in one pass per slice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from cldf.bundle import BundleError, load_bundle
+from cldf.cli import main
+from cldf.config import StudentConfig
+from cldf.student import StudentSegmenter, make_segmenter, student_slices
+from cldf.trainer.batches import StepDraws
+from cldf.trainer.train_student import augment_pair
+
+
+@pytest.fixture()
+def copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def inputs(case_paths) -> dict:
+    return {"FLAIR": case_paths["FLAIR"], "T1": case_paths["T1"]}
+
+
+def test_training_adds_a_student_weighed_against_the_pipeline_on_validation(tiny_bundle):
+    card = json.loads((tiny_bundle / "bundle.json").read_text())
+    assert "student.safetensors" in card["files"]
+    student = card["student"]
+    assert student["validation_cases"] == card["training"]["split"]["val"]
+    assert {r["segmenter"] for r in student["table"]} == {"cldf", "student"}  # no SAM rows: select_refine is off
+    best = student["table"][0]
+    assert best["score"] == max(r["score"] for r in student["table"])
+    assert card["config"]["student"]["segmenter"] == student["chosen"]["student.segmenter"]
+    assert student["slices_with_pseudo_mask"] > 0 and student["slices_without"] > 0
+
+
+def test_student_segments_on_the_input_grid_the_same_twice(tiny_bundle, case_paths):
+    bundle = load_bundle(tiny_bundle)
+    first = StudentSegmenter(bundle, "cpu", 4, maps=False).start(inputs(case_paths)).run(progress=False)
+    again = StudentSegmenter(load_bundle(tiny_bundle), "cpu", 4, maps=False).start(inputs(case_paths)).run(progress=False)
+    reference = sitk.ReadImage(str(case_paths["FLAIR"]))
+    assert first.mask.shape == sitk.GetArrayFromImage(reference).shape
+    np.testing.assert_array_equal(first.mask, again.mask)
+    assert not first.has_maps and not first.cam.any() and not first.mean_gradient.any()
+    assert ((first.presence >= 0) & (first.presence <= 1)).all()
+
+
+def test_the_overlays_are_computed_only_when_asked_for(tiny_bundle, case_paths):
+    bundle = load_bundle(tiny_bundle)
+    plain = StudentSegmenter(bundle, "cpu", 4, maps=False).start(inputs(case_paths)).run(progress=False)
+    with_maps = StudentSegmenter(bundle, "cpu", 4, maps=True).start(inputs(case_paths)).run(progress=False)
+    assert with_maps.has_maps and with_maps.cam.any() and with_maps.mean_gradient.any()
+    np.testing.assert_array_equal(plain.mask, with_maps.mask)  # the maps do not change the student's mask
+
+
+def test_the_segmenter_is_the_bundles_unless_named(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    chosen = bundle.config.student.segmenter
+    assert type(make_segmenter(bundle, device="cpu")).__name__ == {"cldf": "Segmenter", "student": "StudentSegmenter"}[chosen]
+    assert isinstance(make_segmenter(bundle, "student", "cpu"), StudentSegmenter)
+    with pytest.raises(ValueError, match="segmenter must be one of"):
+        make_segmenter(bundle, "unet", "cpu")
+    with pytest.raises(ValueError, match="extra maps"):
+        make_segmenter(bundle, "student", "cpu", extra_maps=("cdm",))
+
+
+def test_a_bundle_without_a_student_says_how_to_get_one(copy, case_paths, tmp_path, capsys):
+    card = json.loads((copy / "bundle.json").read_text())
+    (copy / "student.safetensors").unlink()
+    card["files"].pop("student.safetensors")
+    card.pop("student")
+    from cldf.bundle import write_card
+
+    write_card(copy / "bundle.json", card)
+    code = main(["-q", "segment", "--bundle", str(copy), "--input", f"FLAIR={case_paths['FLAIR']}",
+                 "--input", f"T1={case_paths['T1']}", "--out", str(tmp_path / "out"), "--segmenter", "student"])
+    assert code == 2 and "cldf student --bundle" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tampered_student_is_refused(copy):
+    data = bytearray((copy / "student.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "student.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="student.safetensors does not match"):
+        load_bundle(copy)
+
+
+def test_cli_student_run_writes_the_mask_and_without_maps_nothing_else(tiny_bundle, case_paths, tmp_path):
+    args = ["-q", "segment", "--bundle", str(tiny_bundle), "--input", f"FLAIR={case_paths['FLAIR']}",
+            "--input", f"T1={case_paths['T1']}", "--segmenter", "student"]
+    assert main([*args, "--out", str(tmp_path / "maps")]) == 0
+    assert main([*args, "--out", str(tmp_path / "fast"), "--no-maps"]) == 0
+    assert {p.name for p in (tmp_path / "maps").iterdir()} >= {"cam.nii.gz", "mean_gradient.nii.gz", "mask.nii.gz"}
+    assert {p.name for p in (tmp_path / "fast").iterdir()} == {"mask.nii.gz", "slices.csv", "cldf-result.json"}
+    marker = json.loads((tmp_path / "fast" / "cldf-result.json").read_text())
+    assert marker["segmenter"] == "student" and marker["files"] == ["mask.nii.gz", "slices.csv"]
+    masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f / "mask.nii.gz"))) for f in ("maps", "fast")]
+    np.testing.assert_array_equal(*masks)
+
+
+def test_neighbouring_slices_become_channels_and_repeat_at_the_ends():
+    volume = np.arange(3, dtype=np.float32)[None, :, None, None] * np.ones((2, 3, 8, 8), np.float32) / 3
+    x = student_slices(volume, StudentConfig(resolution=8, context=1))
+    assert x.shape == (3, 6, 8, 8)
+    # slice 0's neighbours: slice 0 again (below the first), then slice 1; channels of each slice together
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([0, 0, 0, 0, 1, 1]) / 3)
+    assert torch.allclose(x[2, :, 0, 0], torch.tensor([1, 1, 2, 2, 2, 2]) / 3)
+
+
+def test_augmentation_moves_slices_and_targets_together():
+    y = torch.zeros(4, 32, 32)
+    y[:, 8:20, 10:24] = 1
+    x = (y * 2 - 1)[:, None].repeat(1, 2, 1, 1)
+    for step in range(5):
+        d = StepDraws(0, step, lambda g: torch.randint(4, (4,), generator=g))
+        xa, ya = augment_pair(x, y, d, flips=True)
+        assert ya.sum() > 0.8 * y.sum()
+        for i in range(4):
+            inside, outside = xa[i, 0][ya[i] > 0], xa[i, 0][ya[i] == 0]
+            assert inside.mean() > outside.mean() + 0.5  # the bright square is where the target went
+
+
+def test_cldf_student_retrains_a_bundles_student_with_the_settings_given(copy, small_manifest, capsys):
+    assert main(["-q", "student", "--bundle", str(copy), "--data", str(small_manifest), "--device", "cpu",
+                 "--set", "student.steps=3"]) == 0
+    card = json.loads((copy / "bundle.json").read_text())
+    assert card["config"]["student"]["steps"] == 3 and card["student"]["steps"] == 3
+    assert card["student"]["command"].startswith("cldf -q student")
+    assert not (copy.parent / "bundle.student-checkpoints").exists()
+    load_bundle(copy)
+    assert main(["-q", "student", "--bundle", str(copy), "--data", str(small_manifest), "--device", "cpu",
+                 "--set", "diffusion.steps=3"]) == 2
+    assert "student settings only" in capsys.readouterr().err
