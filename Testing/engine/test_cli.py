@@ -193,10 +193,12 @@ def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_man
     assert cli.PATHS == bench.PATHS
     out = tmp_path / "speed.md"
     report = bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", depth=7,
-                             paths=("fast", "literal", "cldf-volume"), out=out)
+                             paths=("fast", "literal", "cldf-volume", "cldf-volume-sam", "student-volume",
+                                    "student-cohort"), out=out)
     assert report["slices"] == 7 and report["cldf-volume"]["seconds"] > 0
     text = out.read_text(encoding="utf-8")
     assert "resampled to 7 slices" in text and "| cldf-volume |" in text and "whole volume" in text
+    assert "| student-volume |" in text and "faster than cldf-volume-sam" in text and "volumes per hour" in text
     assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["depth"] == 7
     with pytest.raises(ValueError, match="must include fast and literal"):
         bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", paths=("layercam",))

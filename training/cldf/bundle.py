@@ -27,13 +27,14 @@ from . import atomic
 from .ame_cam import AmeCam
 from .card import FORMAT_VERSION, BundleError, parse_card, seal
 from .config import CLDFConfig
+from .cpf_cte import CpfCte
 from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm
 from .orientation import check_orientation
 from .sides import check_sides, on_sides, sided
 
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
-OPTIONAL_FILES = ("ame_cam", "student")  # required only when bundle.json lists them
+OPTIONAL_FILES = ("ame_cam", "student", "cpf_cte")  # required only when bundle.json lists them
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Bundle:
     decoders: dict[str, dict[int, PixelDecoder]] = field(default_factory=dict)
     ame_cam: AmeCam | None = None  # AME-CAM networks, when the bundle has ame_cam.safetensors
     student: torch.nn.Module | None = None  # the student U-Net, when the bundle has student.safetensors
+    cpf_cte: CpfCte | None = None  # the CPF-CTE classifier, when the bundle has cpf_cte.safetensors
 
     @property
     def channels(self) -> list[str]:
@@ -248,6 +250,9 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         from .student import build_student  # MONAI's networks only for bundles that have a student
 
         nets["student"] = student = build_student(config.student, n_in)
+    cpf = None
+    if "cpf_cte.safetensors" in card["files"]:
+        nets["cpf_cte"] = cpf = CpfCte(config.cpf_cte, n_in, config.data.resolution)
     for name, net in nets.items():
         net.load_state_dict(_read_weights(root / f"{name}.safetensors", net))
         net.eval().requires_grad_(False)
@@ -255,7 +260,7 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         decoders = _load_decoders(root / "decoders.safetensors", config)
     except (RuntimeError, ValueError, KeyError) as e:
         raise BundleError(f"decoders.safetensors does not fit the decoders in bundle.json: {e}") from None
-    return Bundle(root, config, card, cdm, noisy, cam, decoders, ame, student)
+    return Bundle(root, config, card, cdm, noisy, cam, decoders, ame, student, cpf)
 
 
 def _read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -241,6 +241,20 @@ def cmd_student(args, argv) -> int:
     return 0
 
 
+def cmd_cpf_cte(args, argv) -> int:
+    from .config import parse_override
+    from .trainer.train_cpf_cte import add_cpf_cte
+
+    settings = dict(parse_override(o) for o in args.set)
+    card = add_cpf_cte(args.bundle, args.data, args.device, settings, "cldf " + shlex.join(argv),
+                       progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, replace=args.replace)
+    auc = f", validation AUC {card['validation_auc']:.3f}" if "validation_auc" in card else ""
+    print(f"CPF-CTE trained for {card['steps']} steps{auc}, and its decoders (cpf-cte-seeds) for "
+          f"{len(card['decoders']['final_loss'])} seed(s), in {card['wall_clock_s']['total']:.0f} s; "
+          f"written into {args.bundle}")
+    return 0
+
+
 def cmd_tune(args, argv) -> int:
     from .trainer.train import tune
 
@@ -299,7 +313,7 @@ def cmd_bench(args, argv) -> int:
 
 
 COMMANDS = {"train": cmd_train, "segment": cmd_segment, "evaluate": cmd_evaluate, "results": cmd_results,
-            "figure": cmd_figure, "ablate": cmd_ablate, "tune": cmd_tune, "student": cmd_student, "card": cmd_card, "demo": cmd_demo,
+            "figure": cmd_figure, "ablate": cmd_ablate, "cpf-cte": cmd_cpf_cte, "tune": cmd_tune, "student": cmd_student, "card": cmd_card, "demo": cmd_demo,
             "bench": cmd_bench}
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def parse_inputs(items: list[str]) -> dict[str, str]:
     return out
 
 
-PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam")  # as cldf.evaluation.bench.PATHS
+PATHS = ("fast", "fast-all", "literal", "layercam", "cdm-saliency", "cldf-volume", "cldf-volume-sam",
+         "student-volume", "student-volume-maps", "student-cohort")  # as cldf.evaluation.bench.PATHS
 
 
 def _bundle_data_device(p: argparse.ArgumentParser, data_help: str) -> None:
@@ -223,6 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                     help="stop the student's training at its share of this wall-clock budget")
     st.add_argument("--keep-checkpoints", action="store_true", help="keep <bundle>.student-checkpoints afterwards")
+
+    cp = sub.add_parser("cpf-cte", help="add CPF-CTE (a ViT patch classifier) as a map source to a finished bundle",
+                        description="Train the CPF-CTE classifier (Context Patch Fusion with Class Token Enhancement: "
+                                    "a small ViT, BiLSTMs along the patch rows and columns, one token per class, "
+                                    "top-k pooled patch scores) on the bundle's recorded training split and slice "
+                                    "labels, then the pixel decoders seeded by its map ('cpf-cte-seeds', the "
+                                    "cpf-cte+cl row) for the bundle's decoder seeds; both are written into the "
+                                    "bundle ('cpf_cte.safetensors', 'config.cpf_cte', 'cpf_cte'), the rest stays. "
+                                    "Resumes from <bundle>.cpf-cte-checkpoints when run again.")
+    _bundle_data_device(cp, "the dataset manifest the bundle was trained on")
+    cp.add_argument("--set", action="append", default=[], metavar="cpf_cte.KEY=VALUE",
+                    help="a CPF-CTE setting instead of the bundle's (repeatable), e.g. cpf_cte.steps=500")
+    cp.add_argument("--replace", action="store_true", help="train again and replace the bundle's CPF-CTE network")
+    cp.add_argument("--keep-checkpoints", action="store_true", help="keep <bundle>.cpf-cte-checkpoints afterwards")
 
     u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "

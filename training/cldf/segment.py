@@ -25,7 +25,7 @@ from .seeds import FOREGROUND, body_mask, fuse_seeds
 from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner, input_warnings
 from .slice_maps import SliceMaps, slice_presence
 from .slices import from_slices
-from .variants import VARIANTS
+from .variants import OWN_NETWORKS, VARIANTS
 from .volume_result import SliceCache, VolumeResult
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class Segmenter(VolumeSegmenter):
         variant: a key of `VARIANTS`: ``"cdm"`` (CLDF), ``"untrained"`` (a random CDM, for comparison),
             ``"cam-seeds"`` or ``"mg-seeds"`` (decoders trained on seeds from one map, the ablations),
             ``"encoder"`` (features of the noisy classifier's encoder instead of the CDM's),
-            ``"ame-cam-seeds"`` / ``"ame-cam-fused"`` (seeds from AME-CAM alone / with the mean gradient).
+            ``"ame-cam-seeds"`` / ``"ame-cam-fused"`` (seeds from AME-CAM alone / with the mean gradient),
+            ``"cpf-cte-seeds"`` (seeds from the CPF-CTE map alone).
         maps: extra per-slice maps to compute besides CAM and mean gradient (``"cdm"``: CDM saliency).
         refine: ``"sam"`` sharpens the final mask on the scan's own grid with LiteMedSAM (`refine`),
             ``"none"`` does not; None: the bundle's ``refine.method``.
@@ -95,9 +96,9 @@ class Segmenter(VolumeSegmenter):
 
     def _build_cam(self, method: str):
         b, cfg = self.bundle, self.cfg
-        cam = build_cam(method, b.cam_classifier.to(self.device), cfg.maps.cam_layers, cfg.maps.gradcam_layer,
-                        b.ame_cam.to(self.device) if b.ame_cam is not None else None)
-        return cam if method == "ame-cam" else b.on_sides(cam)  # AME-CAM has its own classifier, on whole slices
+        own = {name: net.to(self.device) for name in OWN_NETWORKS.values() if (net := getattr(b, name)) is not None}
+        cam = build_cam(method, b.cam_classifier.to(self.device), cfg.maps.cam_layers, cfg.maps.gradcam_layer, **own)
+        return cam if method in OWN_NETWORKS else b.on_sides(cam)  # AME-CAM and CPF-CTE: own classifiers, whole slices
 
     @property
     def cam_resolution(self) -> int | None:
@@ -136,11 +137,12 @@ class Segmenter(VolumeSegmenter):
 
     def presence(self, x: torch.Tensor, method: str | None = None) -> torch.Tensor:
         """``(N,)`` probabilities that ``(N, C, R, R)`` clean slices hold the target, by a CAM source's classifier."""
-        if (method or self.cfg.maps.cam_method) != "ame-cam":
+        method = method or self.cfg.maps.cam_method
+        if method not in OWN_NETWORKS:
             return slice_presence(self.bundle.slice_classifier, x, self.device)
         if len(x) == 0:
             return torch.zeros(0)
-        return torch.cat([self.cam_map(b.to(self.device), None, "ame-cam")[1].float().cpu() for b in x.split(16)])
+        return torch.cat([self.cam_map(b.to(self.device), None, method)[1].float().cpu() for b in x.split(16)])
 
     def cam_map(self, x: torch.Tensor, x_cam: torch.Tensor | None = None,
                 method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

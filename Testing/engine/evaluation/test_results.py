@@ -82,3 +82,26 @@ def test_the_shipped_row_is_the_refined_one_when_the_bundle_refines():
 def test_a_case_without_positive_slices_points_nowhere_and_does_not_fail():
     maps = np.random.default_rng(0).random((4, 8, 8))
     assert pointing(maps, np.zeros((4, 8, 8), bool), np.array([], dtype=np.int64)) == []
+
+
+def test_the_shipped_row_follows_the_segmenter_the_bundle_chose():
+    from cldf.evaluation.results import shipped_row
+
+    assert shipped_row({"refine": {"method": "sam"}}) == "cldf+sam"
+    assert shipped_row({"refine": {"method": "none"}, "student": {"segmenter": "cldf"}}) == "cldf"
+    assert shipped_row({"refine": {"method": "sam"}, "student": {"segmenter": "student", "refine": "none"}}) == "student"
+    assert shipped_row({"student": {"segmenter": "student", "refine": "sam"}}) == "student+sam"
+
+
+def test_recording_some_methods_again_keeps_the_other_rows_of_the_same_cases():
+    from cldf.cli import _merged_metrics
+
+    first = _merged_metrics(None, "cldf evaluate A", ["c1", "c2"], "p", {"cldf": {"dice": 0.5}},
+                            {"c1": {"cldf": {"dice_3d": 0.4}}, "c2": {"cldf": {"dice_3d": 0.6}}})
+    both = _merged_metrics(first, "cldf evaluate B", ["c1", "c2"], "p", {"student": {"dice": 0.7}},
+                           {"c1": {"student": {"dice_3d": 0.8}}, "c2": {"student": {"dice_3d": 0.9}}})
+    assert both["methods"] == {"cldf": {"dice": 0.5}, "student": {"dice": 0.7}}
+    assert both["per_case"]["c1"] == {"cldf": {"dice_3d": 0.4}, "student": {"dice_3d": 0.8}}
+    assert both["commands"] == {"cldf": "cldf evaluate A", "student": "cldf evaluate B"}
+    other = _merged_metrics(both, "cldf evaluate C", ["c3"], "p", {"student": {"dice": 0.1}}, {"c3": {}})
+    assert other["methods"] == {"student": {"dice": 0.1}} and "commands" not in other  # other cases: all replaced

@@ -9,6 +9,7 @@ from .sections import (
                        ClassifierConfig,
                        CLDFConfig,
                        ClusterConfig,
+                       CpfCteConfig,
                        DataConfig,
                        DecoderConfig,
                        DiffusionConfig,
@@ -21,7 +22,7 @@ from .sections import (
                        StudentConfig,
 )
 
-__all__ = ["ADDED_LATER", "AmeCamConfig", "CLDFConfig", "CPU", "ClassifierConfig", "ClusterConfig", "DataConfig",
-           "DecoderConfig", "DiffusionConfig", "FeatureConfig", "MapConfig", "PAPER", "PRESETS", "PostprocessConfig",
+__all__ = ["ADDED_LATER", "AmeCamConfig", "CLDFConfig", "CPU", "ClassifierConfig", "ClusterConfig", "CpfCteConfig",
+           "DataConfig", "DecoderConfig", "DiffusionConfig", "FeatureConfig", "MapConfig", "PAPER", "PRESETS", "PostprocessConfig",
            "RECIPES", "RefineConfig", "SaliencyConfig", "SeedConfig", "StudentConfig", "apply_overrides", "apply_settings",
            "parse_override", "preset"]

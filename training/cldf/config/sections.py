@@ -140,10 +140,46 @@ class AmeCamConfig:
 
 
 @dataclass
+class CpfCteConfig:
+    """CPF-CTE (Context Patch Fusion with Class Token Enhancement): a small ViT whose patch classifier gives a map.
+
+    Trained by `cldf train` when ``enabled`` or when ``maps.cam_method`` is ``"cpf-cte"``, or added to a
+    finished bundle by `cldf cpf-cte`; its weights go into ``cpf_cte.safetensors`` (`cldf.cpf_cte`).
+
+    Attributes:
+        enabled: train the CPF-CTE network even when another CAM method is selected.
+        patch: side of the non-overlapping square patches (the bundle's resolution must be a multiple of it);
+            the map has one value per patch before it is upsampled to the slice.
+        width: embedding width of the tokens (even: the BiLSTMs' two directions share it).
+        depth: transformer blocks of the encoder.
+        heads: attention heads (``width`` must divide by it).
+        mlp_ratio: hidden width of each block's MLP, in multiples of ``width``.
+        top_k: a slice's class score is the mean of its ``top_k`` most confident patches.
+        steps: AdamW steps on balanced batches (half positive, half negative slices).
+        batch_size: slices per step.
+        lr: AdamW learning rate.
+        augment: `batches.augment` with the CAM classifier's intensity range and flips (False: its flips only).
+    """
+
+    enabled: bool = False
+    patch: int = 8
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 2
+    top_k: int = 4
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-4
+    augment: bool = True
+
+
+@dataclass
 class MapConfig:
     """Class activation and mean-gradient maps (DESIGN steps 3 and 4).
 
-    ``cam_method``: ``"layercam"``, ``"gradcam"`` (of the CAM classifier) or ``"ame-cam"`` (`AmeCamConfig`).
+    ``cam_method``: ``"layercam"``, ``"gradcam"`` (of the CAM classifier), ``"ame-cam"`` (`AmeCamConfig`) or
+    ``"cpf-cte"`` (`CpfCteConfig`).
     """
 
     cam_method: str = "layercam"
@@ -326,6 +362,7 @@ class CLDFConfig:
         default_factory=lambda: ClassifierConfig(max_timestep=0, steps=1000, augment=True, intensity="wide")
     )
     ame_cam: AmeCamConfig = field(default_factory=AmeCamConfig)
+    cpf_cte: CpfCteConfig = field(default_factory=CpfCteConfig)
     maps: MapConfig = field(default_factory=MapConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     seeds: SeedConfig = field(default_factory=SeedConfig)

@@ -6,11 +6,12 @@ where the target covers more than the bundle's ``positive_fraction``; plus a
 precision on positive slices (share of predicted pixels on the target; the
 `fusion` row is CLDF's foreground seeds) and, for the maps, the pointing game
 (share of positive slices whose map maximum lies on the target).
-Maps are thresholded per slice with Otsu (`gradcam`, `layercam`, `scorecam`, `ame-cam`, `mg`, and `cdm`, the CDM
-saliency map of Hu et al. 2023, with the bundle's saliency threshold); `fusion` is CAM AND MG with the
+Maps are thresholded per slice with Otsu (`gradcam`, `layercam`, `scorecam`, `ame-cam`, `cpf-cte`, the
+target patch map of the CPF-CTE ViT classifier, `mg`, and `cdm`, the CDM saliency map of Hu et al. 2023,
+with the bundle's saliency threshold); `fusion` is CAM AND MG with the
 bundle's seed thresholds; `cldf`, `cldf-untrained` (a randomly initialised
-CDM), `encoder-features` and the ablations `layercam+cl`, `mg+cl`, `ame-cam+cl` and
-`ame-cam+mg+cl` (decoders trained on those seeds) are masks made as the product makes
+CDM), `encoder-features` and the ablations `layercam+cl`, `mg+cl`, `ame-cam+cl`,
+`ame-cam+mg+cl` and `cpf-cte+cl` (decoders trained on those seeds) are masks made as the product makes
 them (slices judged negative stay empty, the bundle's slice gate for all) for every
 shipped decoder seed, reported as means over seeds; `cldf+sam` is `cldf` refined
 with LiteMedSAM on the scan's grid, as `cldf segment --refine sam` makes it;
@@ -46,12 +47,12 @@ from ..seeds import FOREGROUND, threshold_maps
 from ..segment import Segmenter
 from ..slices import from_slices
 
-MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "cdm")  # one map, thresholded per slice
-BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "mg", "fusion", "cdm")
+MAP_METHODS = ("gradcam", "layercam", "scorecam", "ame-cam", "cpf-cte", "mg", "cdm")  # one map, thresholded per slice
+BASELINES = ("gradcam", "layercam", "scorecam", "ame-cam", "cpf-cte", "mg", "fusion", "cdm")
 # methods that cluster a decoder's embeddings, and the decoder variant each uses
 DECODER_METHODS = {"layercam+cl": "cam-seeds", "mg+cl": "mg-seeds", "ame-cam+cl": "ame-cam-seeds",
-                   "ame-cam+mg+cl": "ame-cam-fused", "cldf-untrained": "untrained", "encoder-features": "encoder",
-                   "cldf": "cdm"}
+                   "ame-cam+mg+cl": "ame-cam-fused", "cpf-cte+cl": "cpf-cte-seeds", "cldf-untrained": "untrained",
+                   "encoder-features": "encoder", "cldf": "cdm"}
 REFINED = "cldf+sam"  # CLDF's masks refined with LiteMedSAM (`refine`)
 STUDENT_METHODS = ("student", "student+sam")  # the bundle's student network, unrefined and refined
 METHODS = BASELINES + tuple(DECODER_METHODS) + (REFINED,) + STUDENT_METHODS
@@ -66,6 +67,8 @@ def _missing(bundle: Bundle, method: str) -> str | None:
     """What ``method`` needs and the bundle lacks, or None."""
     if method == "ame-cam" and bundle.ame_cam is None:
         return "AME-CAM networks (train with --set ame_cam.enabled=true)"
+    if method in ("cpf-cte", "cpf-cte+cl") and bundle.cpf_cte is None:
+        return f"a CPF-CTE network and its decoders (add both with `cldf cpf-cte --bundle {bundle.path} --data MANIFEST`)"
     if method in STUDENT_METHODS and bundle.student is None:
         return f"a student network (add one with `cldf student --bundle {bundle.path}`)"
     variant = DECODER_METHODS.get(method)
@@ -197,7 +200,7 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
     decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS
                if m in methods or (m == "cldf" and REFINED in methods)}
-    sources = tuple({segs[m].cam_source for m in decoded} | ({"ame-cam"} & set(methods)))
+    sources = tuple({segs[m].cam_source for m in decoded} | ({"ame-cam", "cpf-cte"} & set(methods)))
     fusion = np.zeros(gt.shape, bool)
     for start in range(0, len(slices), seg.batch_size):
         stop = min(start + seg.batch_size, len(slices))

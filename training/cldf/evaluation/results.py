@@ -17,17 +17,18 @@ from .evaluate import BASELINES, METHODS
 
 #: row labels, in the paper's order
 LABELS = {
-    "gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM", "ame-cam": "AME-CAM", "mg": "MG",
+    "gradcam": "GradCAM", "layercam": "LayerCAM", "scorecam": "ScoreCAM", "ame-cam": "AME-CAM", "cpf-cte": "CPF-CTE",
+    "mg": "MG",
     "fusion": "fusion (CAM AND MG)", "cdm": "CDM saliency", "layercam+cl": "LayerCAM+CL", "mg+cl": "MG+CL",
-    "ame-cam+cl": "AME-CAM+CL", "ame-cam+mg+cl": "AME-CAM+MG+CL",
+    "ame-cam+cl": "AME-CAM+CL", "ame-cam+mg+cl": "AME-CAM+MG+CL", "cpf-cte+cl": "CPF-CTE+CL",
     "cldf-untrained": "CLDF, untrained CDM", "encoder-features": "CLDF, classifier-encoder features", "cldf": "CLDF",
     "cldf+sam": "CLDF + SAM refinement", "student": "student (U-Net on CLDF's masks)",
     "student+sam": "student + SAM refinement",
 }
-CAM_LABELS = {"layercam": "LayerCAM", "gradcam": "GradCAM", "ame-cam": "AME-CAM"}
+CAM_LABELS = {"layercam": "LayerCAM", "gradcam": "GradCAM", "ame-cam": "AME-CAM", "cpf-cte": "CPF-CTE"}
 #: the rows the shipped CLDF is compared against for "best"; the Table 2 rows (untrained CDM, encoder features)
 #: stand beside it
-COMPARED = BASELINES + ("layercam+cl", "mg+cl", "ame-cam+cl", "ame-cam+mg+cl")
+COMPARED = BASELINES + ("layercam+cl", "mg+cl", "ame-cam+cl", "ame-cam+mg+cl", "cpf-cte+cl")
 SHIPPED = ("cldf", "cldf+sam", "student", "student+sam")
 
 

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from ..ame_cam import AmeCam
+from ..cpf_cte import CpfCte
 from ..models import SliceClassifier
 from .ame import AmeCamMap
 from .base import ActivationRecorder, normalise_per_slice
+from .cpf import CpfCteMap
 
 
 class _CAM:
@@ -67,12 +69,12 @@ class LayerCAM(_CAM):
         return F.relu((F.relu(grads) * acts).sum(dim=1))
 
 
-CAM_METHODS = ("layercam", "gradcam", "ame-cam")
+CAM_METHODS = ("layercam", "gradcam", "ame-cam", "cpf-cte")
 
 
 def build_cam(method: str, classifier: SliceClassifier, layers: Sequence[int], gradcam_layer: int,
-              ame_cam: AmeCam | None = None) -> _CAM | AmeCamMap:
-    """The bundle's CAM source; ``"ame-cam"`` needs the bundle's AME-CAM networks (``ame_cam``)."""
+              ame_cam: AmeCam | None = None, cpf_cte: CpfCte | None = None) -> _CAM | AmeCamMap | CpfCteMap:
+    """The bundle's CAM source; ``"ame-cam"`` and ``"cpf-cte"`` need the bundle's networks of that name."""
     if method == "layercam":
         return LayerCAM(classifier, layers)
     if method == "gradcam":
@@ -82,4 +84,9 @@ def build_cam(method: str, classifier: SliceClassifier, layers: Sequence[int], g
             raise ValueError("CAM method 'ame-cam' needs AME-CAM networks, and this bundle has none "
                              "(no ame_cam.safetensors); train one with --set ame_cam.enabled=true")
         return AmeCamMap(ame_cam)
+    if method == "cpf-cte":
+        if cpf_cte is None:
+            raise ValueError("CAM method 'cpf-cte' needs a CPF-CTE network, and this bundle has none "
+                             "(no cpf_cte.safetensors); add one with `cldf cpf-cte --bundle BUNDLE --data MANIFEST`")
+        return CpfCteMap(cpf_cte)
     raise ValueError(f"unknown CAM method '{method}'; choose one of {CAM_METHODS}")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from .. import atomic
+from ..config import CLDFConfig
 from .stages import SELECT_PATIENTS, TrainRequest
 
 
@@ -87,6 +88,8 @@ def check_run(ckdir: Path, fingerprint: dict, splits: dict[str, list[str]]) -> N
     """Refuse to resume checkpoints of a different run (other data, settings, seeds)."""
     run, split = ckdir / "run.json", ckdir / "split.json"
     recorded = {"select_patients": SELECT_PATIENTS, **json.loads(run.read_text())} if run.is_file() else None
+    if recorded is not None:  # a settings section added since the run was recorded: it ran with the defaults
+        recorded["config"] = {**json.loads(json.dumps(CLDFConfig().to_dict())), **recorded.get("config", {})}
     diffs = run_differences(recorded, fingerprint) if recorded else []  # (runs recorded before a setting existed: its default)
     if not diffs and split.is_file() and json.loads(split.read_text()) != splits:
         diffs = ["patient split: differs (other data or seed?)"]

@@ -1,8 +1,8 @@
 """Choosing the departures from the paper on the validation split (never on the test split).
 
 The grid below lists every setting the bundle may change from the paper's
-values, the CAM source among them (LayerCAM, and AME-CAM when the bundle has
-its networks; the slice gate is the chosen source's classifier). Decoders are trained on training-split seeds for each seed rule and
+values, the CAM source among them (LayerCAM, and AME-CAM and CPF-CTE when the bundle
+has their networks; the slice gate is the chosen source's classifier). Decoders are trained on training-split seeds for each seed rule and
 optimiser (three decoder seeds each); every clustering variant is then scored
 by positive-slice Dice on the validation patients, as a mean over decoder
 seeds. The winner goes into the bundle; the whole table goes into bundle.json.
@@ -34,15 +34,17 @@ from ..manifest import Manifest
 from ..seeds import FOREGROUND, body_mask, fuse_seeds
 from ..segment import Segmenter
 from ..slices import from_slices
+from ..variants import OWN_NETWORKS
 from .slice_set import SliceSet
 from .tensorstore import TensorStore
 
 log = logging.getLogger(__name__)
 
 def cam_sources(bundle: Bundle) -> list[str]:
-    """CAM sources to choose among: the bundle's own first (ties keep it), AME-CAM when it has the networks."""
+    """CAM sources to choose among: the bundle's own first (ties keep it), then AME-CAM and CPF-CTE where it has
+    their networks."""
     own = bundle.config.maps.cam_method
-    return list(dict.fromkeys([own, *(["ame-cam"] if bundle.ame_cam is not None else [])]))
+    return list(dict.fromkeys([own, *(m for m, name in OWN_NETWORKS.items() if getattr(bundle, name) is not None)]))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """One network's training: the request of a `cldf train` run, a stage's batches and loss, the resumable loop.
 
-Every network stage of `train` and `train_ame` is a `Stage` (which slices a step draws, and its
+Every network stage of `train`, `train_ame` and `train_cpf_cte` is a `Stage` (which slices a step draws, and its
 loss) run by `fit`: AdamW, checkpointed in the run's checkpoint folder at least every minute and
 at the end, resumed from there, stopped at a step boundary by Ctrl-C or by its share of
 ``--time-budget`` (`BUDGET_SHARES`). Only slice labels reach this module; masks never do.
@@ -34,8 +34,8 @@ from .slice_set import SliceSet
 log = logging.getLogger(__name__)
 
 # Each stage's share of ``--time-budget``, in proportion to what it takes on the paper's preset.
-BUDGET_SHARES = {"cdm": 0.42, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
-                 "ame_aggregator": 0.02, "selection": 0.1, "decoders": 0.1, "student": 0.05}
+BUDGET_SHARES = {"cdm": 0.40, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
+                 "ame_aggregator": 0.02, "cpf_cte": 0.02, "selection": 0.1, "decoders": 0.1, "student": 0.05}
 SELECT_PATIENTS = 24  # selection's cost and memory stop growing with the cohort here
 MIN_VAL_PATIENTS = 2  # settings selection needs this many validation patients
 

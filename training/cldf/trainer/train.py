@@ -8,7 +8,8 @@ too); the folder records what defines the run, and a re-run that differs is refu
 2. Noisy classifier: p(y | x_t, t) for the mean-gradient map.
 3. CAM classifier: p(y | x) on clean slices, also the slice gate at inference.
    With ``ame_cam.enabled`` (or ``maps.cam_method="ame-cam"``) also AME-CAM's
-   multi-exit classifier and aggregator (`train_ame`).
+   multi-exit classifier and aggregator (`train_ame`); with ``cpf_cte.enabled`` (or
+   ``maps.cam_method="cpf-cte"``) the CPF-CTE ViT classifier (`train_cpf_cte`).
 4. Pixel decoders: seeds from the maps of positive training slices, diffusion
    features at the seeds, supervised contrastive training, one decoder per seed,
    for each variant in `variants.VARIANTS`: CLDF, CLDF on a randomly initialised
@@ -91,12 +92,16 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     if not req.ranks.main:  # the data-parallel stages are done; process 0 goes on alone
         return Path(req.out)
     from .train_ame import train_ame_stage  # AME-CAM's networks only when asked for
+    from .train_cpf_cte import train_cpf_cte_stage
 
     ame, ame_card, cam_images = train_ame_stage(cfg, manifest, splits, train_set, req, device, ckdir)
     if ame_card:
         seconds["ame_cam"] = sum(ame_card["wall_clock_s"].values())
+    cpf, cpf_card = train_cpf_cte_stage(cfg, manifest, splits, train_set, req, device, ckdir)
+    if cpf_card:
+        seconds["cpf_cte"] = cpf_card["wall_clock_s"]["classifier"]
     untrained_seed = req.seed + 1000
-    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame)
+    bundle = Bundle(None, cfg, {"untrained_cdm": {"seed": untrained_seed}}, cdm, noisy, cam, {}, ame, cpf_cte=cpf)
     bundle.decoders = {v: {} for v in bundle_variants(bundle)}
     selection, note, decoders, decoder_card = _select_and_decode(bundle, train_set, manifest, splits, req, ckdir,
                                                                   device, cam_images, seconds)
@@ -105,7 +110,8 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         "name": req.name,
         "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels},
         "untrained_cdm": {"seed": untrained_seed},
-        "training": _training_card(req, splits, device, seconds, train_set, cfg, decoder_card, ame_card),
+        "training": _training_card(req, splits, device, seconds, train_set, cfg, decoder_card,
+                                   {"ame_cam": ame_card, "cpf_cte": cpf_card}),
         "selection": selection if not note else {**(selection or {}), ("warning" if selection else "skipped"): note},
         **req.extra_card,
     }
@@ -115,6 +121,7 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         "cam_classifier": cam.state_dict(),
         "decoders": decoders_state(decoders),
         **({"ame_cam": ame.state_dict()} if ame is not None else {}),
+        **({"cpf_cte": cpf.state_dict()} if cpf is not None else {}),
     }
     partial = run_folder.beside(out, "partial")
     if partial.exists():  # left by a run stopped while writing its bundle
@@ -208,7 +215,7 @@ def _select_and_decode(bundle: Bundle, train_set: SliceSet, manifest, splits: di
 
 
 def _training_card(req: TrainRequest, splits, device: torch.device, seconds: dict[str, float], train_set: SliceSet,
-                   cfg: CLDFConfig, decoder_card: dict, ame_card: dict | None) -> dict:
+                   cfg: CLDFConfig, decoder_card: dict, own_cams: dict[str, dict | None]) -> dict:
     ranks = req.ranks
     return {
         "command": req.command,
@@ -219,7 +226,7 @@ def _training_card(req: TrainRequest, splits, device: torch.device, seconds: dic
         "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
         "data_card": _data_card(train_set, cfg),
         "decoders": decoder_card,
-        **({"ame_cam": ame_card} if ame_card else {}),
+        **{name: card for name, card in own_cams.items() if card},  # AME-CAM's and CPF-CTE's, when trained
         **({"time_budget": {"minutes": req.time_budget_min, "shares": BUDGET_SHARES,
                             "stopped_at_share": req.budget_stops}} if req.time_budget_min is not None else {}),
         **({"processes": ranks.world} if ranks.active else {}),
