@@ -139,3 +139,15 @@ def test_cldf_student_retrains_a_bundles_student_with_the_settings_given(copy, s
     assert main(["-q", "student", "--bundle", str(copy), "--data", str(small_manifest), "--device", "cpu",
                  "--set", "diffusion.steps=3"]) == 2
     assert "student settings only" in capsys.readouterr().err
+
+
+def test_evaluate_gives_the_student_rows_alone(tiny_bundle, small_manifest):
+    from cldf.evaluation.evaluate import evaluate
+    from cldf.manifest import load_manifest
+
+    bundle = load_bundle(tiny_bundle)
+    test = bundle.card["training"]["split"]["test"]
+    report = evaluate(bundle, load_manifest(small_manifest), test, [1], "cpu", methods=("student", "student+sam"),
+                      progress=False)
+    assert set(report["methods"]) == {"student", "student+sam"}
+    assert all(0 <= r["dice_3d"] <= 1 for r in report["methods"].values())

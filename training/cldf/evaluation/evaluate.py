@@ -221,7 +221,7 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
     masks = {m: {0: _threshold(a, thresholds.get(m, "otsu"))} for m, a in maps.items()}
     if "fusion" in methods:
         masks["fusion"] = {0: fusion}
-    if refiner is not None:  # before the whole-volume rule, as `cldf segment --refine sam` does
+    if REFINED in methods:  # before the whole-volume rule, as `cldf segment --refine sam` does
         channel = normalised[bundle.channels.index(cfg.refine.channel or bundle.channels[0])]
         spacing = (ref.GetSpacing()[1], ref.GetSpacing()[0])
         coarse = decoded["cldf"]
