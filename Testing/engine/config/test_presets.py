@@ -143,7 +143,8 @@ def test_each_shipped_bundle_was_trained_with_the_recipe_named_after_it(name):
     shipped, recipe = CLDFConfig.from_dict(card["config"]).to_dict(), preset(name).to_dict()
     for section in TRAINED:
         assert shipped[section] == recipe[section], section
-    for section, chosen in (("data", {"orientation"}), ("maps", {"cam_method"})):  # set from the data / selection
+    chosen_by_student = {"segmenter", "refine", "min_component_fraction"}  # the student's validation (`train_student`)
+    for section, chosen in (("data", {"orientation"}), ("maps", {"cam_method"}), ("student", chosen_by_student)):
         assert {k: v for k, v in shipped[section].items() if k not in chosen} == \
                {k: v for k, v in recipe[section].items() if k not in chosen}, section
 
