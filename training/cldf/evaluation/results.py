@@ -119,7 +119,7 @@ def markdown(results: dict) -> str:
         f"{' of the student' if c['shipped'].startswith('student') else ''}" for c in cols)
         + ". The AME-CAM+MG+CL row is CLDF itself where AME-CAM is the chosen source (—).")
     lines.append("")
-    lines.append(f"The shipped CLDF has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
+    lines.append(f"The shipped segmenter (CLDF or its student) has the best mean Dice of all compared rows ({', '.join(results['compared_rows'])}) "
                  f"on {len(results['cldf_best_on'])} of {n} tasks"
                  + (f": {', '.join(results['cldf_best_on'])}." if results["cldf_best_on"] else "."))
     lines.append("")
