@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cldf.config import CpfCteConfig
-from cldf.cpf_cte import ContextFusion, CpfCte, cpf_cte_loss, top_k_pool
+from cldf.cpf_cte import ContextFusion, CpfCte, cpf_cte_loss, local_attention_mask, top_k_pool
 from cldf.maps import CpfCteMap, build_cam, normalise_per_slice
 
 SMALL = CpfCteConfig(patch=8, width=16, depth=1, heads=2, top_k=3)
@@ -63,12 +63,32 @@ def test_the_context_fusion_carries_a_patch_along_its_row_and_its_column_only():
     assert torch.equal(reached, expected), reached
 
 
-def test_every_patch_token_sees_the_whole_slice_through_attention_and_context(net, x):
+def _reach(net: CpfCte, x: torch.Tensor) -> torch.Tensor:
+    """``(4, 4)``: which patch tokens move when the top-left patch of the first slice changes."""
     changed = x.clone()
-    changed[0, :, :8, :8] = 1.0  # the top-left patch only
+    changed[0, :, :8, :8] = 1.0
     with torch.no_grad():
-        moved = (net.tokens(changed) - net.tokens(x))[0].abs().sum(-1)
-    assert torch.all(moved > 0)
+        return ((net.tokens(changed) - net.tokens(x))[0].abs().sum(-1) > 1e-6).view(4, 4)
+
+
+def test_local_attention_keeps_a_patch_in_its_neighbourhood_row_and_column(net, x):
+    reached = _reach(net, x)  # one block of radius 1, then the row and column BiLSTMs
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[:2, :] = expected[:, :2] = True
+    assert torch.equal(reached, expected), reached
+
+
+def test_global_attention_carries_a_patch_everywhere_as_in_the_paper(x):
+    torch.manual_seed(0)
+    net = CpfCte(CpfCteConfig(**{**SMALL.__dict__, "attention_radius": 0}), 2, 32).eval()
+    assert net.attention_mask is None and torch.all(_reach(net, x))
+
+
+def test_the_attention_mask_lets_each_patch_see_its_neighbours_only():
+    mask = local_attention_mask((3, 3), 1)
+    assert mask.shape == (9, 9) and not mask[4].any()  # the centre's neighbourhood is the whole 3 x 3 grid
+    assert mask[0].view(3, 3).tolist() == [[False, False, True], [False, False, True], [True, True, True]]
+    assert local_attention_mask((3, 3), 2).sum() == 0 and local_attention_mask((3, 3), 0) is None
 
 
 def test_class_token_enhancement_gives_each_class_its_own_embedding(x):
@@ -100,11 +120,13 @@ def test_the_loss_scores_the_background_as_present_on_every_slice_and_the_target
     assert cpf_cte_loss(all_target, torch.tensor([1])) > cpf_cte_loss(torch.tensor([[0.9, 0.95]]), torch.tensor([1]))
 
 
-def test_a_training_step_reaches_every_part_of_the_network(x):
+@pytest.mark.parametrize("radius", [0, 1])
+def test_a_training_step_reaches_every_part_of_the_network(x, radius):
     torch.manual_seed(0)
-    net = CpfCte(SMALL, 2, 32)
+    net = CpfCte(CpfCteConfig(**{**SMALL.__dict__, "attention_radius": radius}), 2, 32)
+    assert net.cls_token.shape[1] == (1 if radius == 0 else 0)  # the paper's class token with global attention
     cpf_cte_loss(net(x).scores, torch.tensor([1, 0, 1])).backward()
-    silent = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    silent = [name for name, p in net.named_parameters() if p.numel() and not p.grad.abs().sum() > 0]
     assert not silent, silent
 
 
@@ -112,6 +134,7 @@ def test_a_training_step_reaches_every_part_of_the_network(x):
                                                  ("width", 15, "cpf_cte.width must be an even number"),
                                                  ("heads", 3, "cpf_cte.heads must divide cpf_cte.width 16"),
                                                  ("depth", 0, "cpf_cte.depth and cpf_cte.mlp_ratio"),
+                                                 ("attention_radius", -1, "cpf_cte.attention_radius must be 0"),
                                                  ("top_k", 17, "cpf_cte.top_k must be between 1 and the 16 patches")])
 def test_unbuildable_settings_are_refused_by_name(field, value, message):
     cfg = CpfCteConfig(**{**SMALL.__dict__, field: value})

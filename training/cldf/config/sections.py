@@ -154,6 +154,11 @@ class CpfCteConfig:
         depth: transformer blocks of the encoder.
         heads: attention heads (``width`` must divide by it).
         mlp_ratio: hidden width of each block's MLP, in multiples of ``width``.
+        attention_radius: each patch token attends to the patches at most this many grid steps away (1: its 8
+            neighbours; the encoder then has no class token); 0: global attention and the ViT's class token, as
+            in the paper. Trained from scratch on a few hundred slices, global attention lets patches far from
+            the target carry the slice's evidence (on the brain bundle's validation patients its map never
+            pointed at the tumour); local attention keeps the evidence where the target is.
         top_k: a slice's class score is the mean of its ``top_k`` most confident patches.
         steps: AdamW steps on balanced batches (half positive, half negative slices).
         batch_size: slices per step.
@@ -167,6 +172,7 @@ class CpfCteConfig:
     depth: int = 4
     heads: int = 4
     mlp_ratio: int = 2
+    attention_radius: int = 1
     top_k: int = 4
     steps: int = 1500
     batch_size: int = 32
