@@ -18,7 +18,8 @@ def copy(tiny_bundle, tmp_path):
 def test_card_lists_channels_hashes_split_and_settings(tiny_bundle):
     card = read_card(tiny_bundle)
     assert card["channels"] == ["FLAIR", "T1"]
-    assert set(card["files"]) == {"cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors", "decoders.safetensors"}
+    assert set(card["files"]) == {"cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
+                                  "decoders.safetensors", "student.safetensors"}
     assert all(len(h) == 64 for h in card["files"].values())
     assert card["training"]["split"]["test"] and card["config"]["diffusion"]["num_train_timesteps"] == 1000
     assert card["training"]["wall_clock_s"]["total"] > 0 and card["training"]["device"].startswith("cpu")
