@@ -14,7 +14,7 @@ from cldf.cli import main
 from cldf.trainer.train import BUDGET_SHARES
 
 BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
-                "decoders.safetensors"}
+                "decoders.safetensors", "student.safetensors"}
 
 
 def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(small_manifest, tmp_path):

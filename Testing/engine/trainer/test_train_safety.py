@@ -22,7 +22,7 @@ TINY = ("--target", "1", "--channels", "FLAIR,T1", "--device", "cpu", "--decoder
         "--set", "data.resolution=32", "--set", "diffusion.batch_size=2", "--set", "noisy_classifier.steps=3",
         "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32")
 BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
-                "decoders.safetensors"}
+                "decoders.safetensors", "student.safetensors"}
 
 
 def train_args(manifest: Path, out: Path, *extra: str, steps: int = 3) -> list[str]:

@@ -69,11 +69,12 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
     net.eval().requires_grad_(False)
     bundle.student = net
     t1 = time.time()
-    chosen, rows = choose_student(bundle, manifest, split.get("val", []), req.target_labels, req.device,
+    val_ids = split.get("val", []) if req.select else []  # without selection the pipeline stays the segmenter
+    chosen, rows = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
                                   ckdir / "student-validation", req.progress, req.select_refine)
     seconds["validation"] = time.time() - t1
     card = {**_data_card(data), "steps": fitted.steps, "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()},
-            "validation_cases": split.get("val", []), "chosen": chosen, "table": rows,
+            "validation_cases": val_ids, "chosen": chosen, "table": rows,
             "metric": "mean of the per-case 3D Dice and the Dice over every slice holding any target, "
                       "validation patients"}
     config = bundle.config
