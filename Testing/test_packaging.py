@@ -93,7 +93,7 @@ def test_the_engine_imports_neither_slicer_nor_qt():
 
 #: engine modules the Slicer module may import at load time, before torch and the rest are installed
 TORCH_FREE = {"cldf.defaults", "cldf.atomic", "cldf.config", "cldf.config.sections", "cldf.config.overrides",
-              "cldf.config.presets"}
+              "cldf.config.presets", "cldf.config.map_sources", "cldf.config.final_stages"}
 
 
 def test_torch_is_imported_lazily_by_the_module_and_library():

@@ -29,7 +29,7 @@ from .card import FORMAT_VERSION, BundleError, parse_card, seal
 from .config import CLDFConfig
 from .cpf_cte import CpfCte
 from .decoder import PixelDecoder
-from .models import NoiseSchedule, SliceClassifier, build_cdm
+from .models import NoiseSchedule, SliceClassifier, build_cdm, build_student
 from .orientation import check_orientation
 from .sides import check_sides, on_sides, sided
 
@@ -247,8 +247,6 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
         nets["ame_cam"] = ame = AmeCam(config.ame_cam, n_in)
     student = None
     if "student.safetensors" in card["files"]:
-        from .student import build_student  # MONAI's networks only for bundles that have a student
-
         nets["student"] = student = build_student(config.student, n_in)
     cpf = None
     if "cpf_cte.safetensors" in card["files"]:

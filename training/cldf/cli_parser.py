@@ -100,6 +100,15 @@ def _bundle_data_device(p: argparse.ArgumentParser, data_help: str) -> None:
     p.add_argument("--device", choices=DEVICES, default=DEVICE)
 
 
+def _added_stage(p: argparse.ArgumentParser, section: str, example: str) -> None:
+    """The options of a command that adds one stage's network to a finished bundle (`cldf student`, `cldf cpf-cte`)."""
+    _bundle_data_device(p, "the dataset manifest the bundle was trained on")
+    p.add_argument("--set", action="append", default=[], metavar=f"{section}.KEY=VALUE",
+                   help=f"a {section} setting instead of the bundle's (repeatable), e.g. {example}")
+    folder = section.replace("_", "-")
+    p.add_argument("--keep-checkpoints", action="store_true", help=f"keep <bundle>.{folder}-checkpoints afterwards")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cldf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -218,12 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "patients and write it into the bundle ('student.safetensors', 'config.student', "
                                     "'student'). For bundles made without it; `cldf train` does this itself. "
                                     "Resumes from <bundle>.student-checkpoints when run again.")
-    _bundle_data_device(st, "the dataset manifest the bundle was trained on")
-    st.add_argument("--set", action="append", default=[], metavar="student.KEY=VALUE",
-                    help="a student setting instead of the bundle's (repeatable), e.g. student.steps=1000")
+    _added_stage(st, "student", "student.steps=1000")
     st.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                     help="stop the student's training at its share of this wall-clock budget")
-    st.add_argument("--keep-checkpoints", action="store_true", help="keep <bundle>.student-checkpoints afterwards")
 
     cp = sub.add_parser("cpf-cte", help="add CPF-CTE (a ViT patch classifier) as a map source to a finished bundle",
                         description="Train the CPF-CTE classifier (Context Patch Fusion with Class Token Enhancement: "
@@ -233,11 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "cpf-cte+cl row) for the bundle's decoder seeds; both are written into the "
                                     "bundle ('cpf_cte.safetensors', 'config.cpf_cte', 'cpf_cte'), the rest stays. "
                                     "Resumes from <bundle>.cpf-cte-checkpoints when run again.")
-    _bundle_data_device(cp, "the dataset manifest the bundle was trained on")
-    cp.add_argument("--set", action="append", default=[], metavar="cpf_cte.KEY=VALUE",
-                    help="a CPF-CTE setting instead of the bundle's (repeatable), e.g. cpf_cte.steps=500")
+    _added_stage(cp, "cpf_cte", "cpf_cte.steps=500")
     cp.add_argument("--replace", action="store_true", help="train again and replace the bundle's CPF-CTE network")
-    cp.add_argument("--keep-checkpoints", action="store_true", help="keep <bundle>.cpf-cte-checkpoints afterwards")
 
     u = sub.add_parser("tune", help="choose a bundle's post-processing rule and refinement on its validation split",
                        description="Segment the bundle's recorded validation patients and choose, by per-case 3D Dice, "

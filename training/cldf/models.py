@@ -7,7 +7,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder, Diff
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
-from .config import ClassifierConfig, DiffusionConfig
+from .config import ClassifierConfig, DiffusionConfig, StudentConfig
 
 
 def build_cdm(cfg: DiffusionConfig, in_channels: int) -> DiffusionModelUNet:
@@ -76,3 +76,15 @@ class NoiseSchedule:
         bad = [t for t in timesteps if not 0 <= t < self.num_train_timesteps]
         if bad:
             raise ValueError(f"{what}: timesteps {bad} are outside the schedule's 0..{self.num_train_timesteps - 1}")
+
+
+def build_student(cfg: StudentConfig, n_channels: int) -> torch.nn.Module:
+    """The student (`cldf.student`), MONAI's residual U-Net: ``(B, C * (2 context + 1), R, R)`` slices ->
+    ``(B, 1, R, R)`` logits."""
+    from monai.networks.nets import UNet
+
+    if cfg.resolution % 2 ** (len(cfg.channels) - 1):
+        raise ValueError(f"student.resolution {cfg.resolution} must be divisible by {2 ** (len(cfg.channels) - 1)} "
+                         f"for a U-Net of {len(cfg.channels)} levels")
+    return UNet(spatial_dims=2, in_channels=n_channels * (2 * cfg.context + 1), out_channels=1,
+                channels=tuple(cfg.channels), strides=(2,) * (len(cfg.channels) - 1), num_res_units=1, norm="batch")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.networks.nets import UNet
 
 from . import cases
 from .bundle import Bundle
@@ -21,15 +20,6 @@ from .postprocess import keep_main_components
 from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner, input_warnings
 from .slices import from_slices, to_slices
 from .volume_result import VolumeResult
-
-
-def build_student(cfg: StudentConfig, n_channels: int) -> torch.nn.Module:
-    """MONAI's residual U-Net: ``(B, C * (2 context + 1), R, R)`` slices -> ``(B, 1, R, R)`` logits."""
-    if cfg.resolution % 2 ** (len(cfg.channels) - 1):
-        raise ValueError(f"student.resolution {cfg.resolution} must be divisible by {2 ** (len(cfg.channels) - 1)} "
-                         f"for a U-Net of {len(cfg.channels)} levels")
-    return UNet(spatial_dims=2, in_channels=n_channels * (2 * cfg.context + 1), out_channels=1,
-                channels=tuple(cfg.channels), strides=(2,) * (len(cfg.channels) - 1), num_res_units=1, norm="batch")
 
 
 def student_slices(normalised: np.ndarray, cfg: StudentConfig) -> torch.Tensor:

@@ -27,9 +27,10 @@ from ..config import StudentConfig
 from ..config.grids import STUDENT_RULES
 from ..device import batch_for, resolve_device
 from ..manifest import Manifest
+from ..models import build_student
 from ..postprocess import keep_main_components
 from ..segment import SegmentationJob, Segmenter
-from ..student import build_student, raw_mask, student_slices
+from ..student import raw_mask, student_slices
 from .batches import StepDraws, flip, intensity_change
 from .pseudo_masks import PseudoMask, pipeline_id, pseudo_masks
 from .slice_set import SliceSet
