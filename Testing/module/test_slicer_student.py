@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
 
-from cldf.bundle import load_bundle
+from cldf.bundle import load_bundle, write_card
 from cldf.student import StudentSegmenter
 from CLDFSegmentationLib import CLDFSegmentationLogic
 from CLDFSegmentationLib.headless import loadVolume
@@ -49,13 +52,15 @@ def test_the_panel_offers_the_segmenters_and_refuses_others(mrml_scene):
         parameters.segmenter = "unet"
 
 
-def test_a_bundle_without_a_student_is_refused_before_any_node_is_added(volumes, brain_bundle):
-    if load_bundle(brain_bundle).student is not None:
-        pytest.skip("the shipped brain bundle has a student")
+def test_a_bundle_without_a_student_is_refused_before_any_node_is_added(volumes, tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    card = json.loads((bundle / "bundle.json").read_text())
+    (bundle / "student.safetensors").unlink()
+    card["files"].pop("student.safetensors")
+    write_card(bundle / "bundle.json", card)
     before = {n.GetID() for n in slicer.util.getNodes("*").values()}
-    job = CLDFSegmentationLogic().start(volumes, brain_bundle, device="cpu", refine="none", segmenter="student")
+    job = CLDFSegmentationLogic().start(volumes, bundle, device="cpu", refine="none", segmenter="student")
     with pytest.raises(ValueError, match="cldf student"):
         job.run()
     assert {n.GetID() for n in slicer.util.getNodes("*").values()} == before
-
-

@@ -39,6 +39,12 @@ class CaseVolume:
     ranges: np.ndarray
     normalised: np.ndarray
 
+    @property
+    def in_plane_spacing(self) -> tuple[float, float]:
+        """``(row, column)`` spacing in mm, as the refinement takes it."""
+        x, y = self.reference.GetSpacing()[:2]
+        return y, x
+
     def slices(self, resolution: int) -> torch.Tensor:
         """``(Z, C, resolution, resolution)`` network input."""
         return to_slices(self.normalised, resolution)

@@ -245,7 +245,7 @@ class SegmentationJob(SliceJob):
         self.cam_slices = case.slices(r) if r else None  # the CAM source's own slices
         # refinement works on the scan's own grid: one normalised channel and the in-plane (row, column) spacing
         self.refine_image = normalised[segmenter.refine_channel] if segmenter.refiner is not None else None
-        self.spacing = (reference.GetSpacing()[1], reference.GetSpacing()[0])
+        self.spacing = case.in_plane_spacing
         self.shape = volume.shape[1:]
         z, y, x = self.shape
         self.result = VolumeResult(

@@ -100,7 +100,7 @@ class StudentJob(SliceJob):
         self.map_slices = case.slices(segmenter.cfg.data.resolution) if segmenter.maps is not None else None
         self.refine_image = case.normalised[segmenter.refine_channel] if segmenter.refiner is not None else None
         reference = case.reference
-        self.spacing = (reference.GetSpacing()[1], reference.GetSpacing()[0])
+        self.spacing = case.in_plane_spacing
         self.shape = case.volume.shape[1:]
         self.result = VolumeResult(
             reference, cam=np.zeros(self.shape, np.float32), mean_gradient=np.zeros(self.shape, np.float32),

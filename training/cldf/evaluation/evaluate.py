@@ -223,7 +223,7 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
         masks["fusion"] = {0: fusion}
     if REFINED in methods:  # before the whole-volume rule, as `cldf segment --refine sam` does
         channel = normalised[bundle.channels.index(cfg.refine.channel or bundle.channels[0])]
-        spacing = (ref.GetSpacing()[1], ref.GetSpacing()[0])
+        spacing = read.in_plane_spacing
         coarse = decoded["cldf"]
         decoded[REFINED] = dict(zip(coarse, refiner.refine_many(channel, list(coarse.values()), spacing)))
     for by_seed in decoded.values():  # the product's whole-volume rule, as `cldf segment` applies it
@@ -241,9 +241,8 @@ def _student_masks(bundle: Bundle, read: cases.CaseVolume, device, methods, refi
         return {}
     raw = {"student": student.raw_mask(bundle, read, device)}
     if "student+sam" in wanted:
-        ref = read.reference
         channel = read.normalised[bundle.channels.index(bundle.config.refine.channel or bundle.channels[0])]
-        raw["student+sam"] = refiner.refine(channel, raw["student"], (ref.GetSpacing()[1], ref.GetSpacing()[0]))
+        raw["student+sam"] = refiner.refine(channel, raw["student"], read.in_plane_spacing)
     rule = bundle.config.student.min_component_fraction
     return {m: {0: keep_main_components(raw[m].astype(bool), rule)} for m in wanted}
 

@@ -50,7 +50,7 @@ def figure_rows(bundle_dir: Path, manifest_path: Path, split: str = "test", rows
         hw = volume.shape[2:]
         mask = from_slices(seg.masks(x, maps, (0,))[0], hw, mode="mask")
         if seg.refiner is not None:
-            spacing = (ref.GetSpacing()[1], ref.GetSpacing()[0])
+            spacing = read.in_plane_spacing
             mask = seg.refiner.refine(normalised[seg.refine_channel][z : z + 1], mask, spacing)
         back = {name: from_slices(m, hw)[0] for name, m in
                 (("cam", maps.cam), ("mg", maps.mean_gradient), ("cdm", maps.extra["cdm"]))}

@@ -30,6 +30,7 @@ from ..manifest import Manifest
 from ..models import build_student
 from ..postprocess import keep_main_components
 from ..segment import SegmentationJob, Segmenter
+from ..slices import to_slices
 from ..student import raw_mask, student_slices
 from .batches import StepDraws, flip, intensity_change
 from .pseudo_masks import PseudoMask, pipeline_id, pseudo_masks
@@ -111,8 +112,6 @@ def student_set(bundle: Bundle, manifest: Manifest, targets: dict[str, PseudoMas
 
 def _resize(volume: torch.Tensor, resolution: int) -> torch.Tensor:
     """``(1, Z, Y, X)`` mask -> ``(Z, R, R)`` on the student's slices (padded square as `to_slices` pads)."""
-    from ..slices import to_slices
-
     return to_slices(volume.numpy() * 2 - 1, resolution)[:, 0] * 0.5 + 0.5
 
 
@@ -207,8 +206,7 @@ def _validation_case(bundle: Bundle, manifest: Manifest, cid: str, target_labels
 def _sam(refiner, read: cases.CaseVolume, mask: np.ndarray) -> np.ndarray:
     """LiteMedSAM on a mask, as a student run with ``student.refine = "sam"`` applies it."""
     refiner, channel = refiner
-    spacing = (read.reference.GetSpacing()[1], read.reference.GetSpacing()[0])
-    return refiner.refine(read.normalised[channel], mask.astype(np.uint8), spacing).astype(bool)
+    return refiner.refine(read.normalised[channel], mask.astype(np.uint8), read.in_plane_spacing).astype(bool)
 
 
 def _data_card(data: SliceSet) -> dict:

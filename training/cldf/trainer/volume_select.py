@@ -48,9 +48,8 @@ def _val_volume(seg: Segmenter, manifest: Manifest, cid: str, target_labels, see
     case = manifest.case(cid)
     read = cases.read_case(case.channels, cfg)
     truth = cases.read_truth(case.mask, target_labels, cfg, cid)  # scoring only
-    ref = read.reference
     channel = seg.cfg.refine.channel or cfg.channels[0]
-    image, spacing = read.normalised[list(cfg.channels).index(channel)], (ref.GetSpacing()[1], ref.GetSpacing()[0])
+    image, spacing = read.normalised[list(cfg.channels).index(channel)], read.in_plane_spacing
     stored = cache / f"{cid}.safetensors" if cache is not None else None
     if stored is not None and stored.is_file():  # the networks' part, saved when this volume was done before
         t = load_file(str(stored))
