@@ -113,6 +113,13 @@ def sample_cohort(folder: Path) -> Path:
     return path
 
 
+# A student stage of seconds, for every test that trains one (through `train` or the command line's `--set`).
+# (fewer steps or a smaller rate leave a speckled mask, and SAM then prompts each of its thousands of specks)
+TINY_STUDENT_SETTINGS = {"student.resolution": 32, "student.channels": [8, 16], "student.steps": 40,
+                         "student.lr": 0.01, "student.batch_size": 4}
+TINY_STUDENT = tuple(a for k, v in TINY_STUDENT_SETTINGS.items() for a in ("--set", f"{k}={json.dumps(v, separators=(',', ':'))}"))
+
+
 def tiny_config():
     cfg = preset("cpu")
     cfg.data.resolution = 32
@@ -121,7 +128,8 @@ def tiny_config():
         net.batch_size = 4
     cfg.decoder.epochs = 1
     cfg.decoder.pixels_per_class = 64
-    cfg.student.resolution, cfg.student.channels, cfg.student.steps, cfg.student.batch_size = 32, (8, 16), 8, 4
+    for key, value in TINY_STUDENT_SETTINGS.items():
+        cfg.set(key, value)
     return cfg
 
 

@@ -23,6 +23,9 @@ from .nodes import COMPLETE, earlierOutputs, removeNodes, writeSlices
 from .runoutputs import CLDFSegmentationResult, createOutputs
 from .segmentations import addSegmentSlices, setSegmentMask
 
+STUDENT_NOT_REDECIDED = ("this mask is the student network's: it has no presence gate or clusters to decide again. "
+                         "Choose the 'cldf' segmenter and press Segment to tune them")
+
 LOADING, SEGMENTING, FINISHED, CANCELLED = "loading model", "segmenting", "finished", "cancelled"
 
 
@@ -102,6 +105,13 @@ class CLDFSegmentationJob:
         """The bundle's ``(ClusterConfig, PostprocessConfig)``: how the masks were decided."""
         cfg = self._engine.segmenter.cfg
         return cfg.cluster, cfg.postprocess
+
+    @property
+    def byStudent(self) -> bool:
+        """True when the bundle's student network made the mask: it has no gate or clusters to decide again."""
+        from cldf.student import StudentJob
+
+        return isinstance(self._engine, StudentJob)
 
     @property
     def engineResult(self):
@@ -258,6 +268,8 @@ class CLDFSegmentationJob:
         from the run's cache (no network), on a worker thread; `pollRedecision` shows the newest once ready."""
         if not self.finished or self.result is None:
             raise RuntimeError("only a finished run can be re-decided")
+        if self.byStudent:
+            raise RuntimeError(STUDENT_NOT_REDECIDED)
         with self._lock:
             self._asked += 1
             token = self._asked

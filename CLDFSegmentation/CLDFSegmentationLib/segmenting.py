@@ -11,7 +11,7 @@ import logging
 from dataclasses import replace
 
 from . import display
-from .job import LOADING
+from .job import LOADING, STUDENT_NOT_REDECIDED
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class Segmenting:
         if not self.redecidable():
             c.panel.showError("The embeddings of this segmentation are not in memory (they are not saved with "
                               "the scene): press Segment to run it again, then change the threshold.")
+            return
+        if self.lastJob.byStudent:
+            c.panel.showError(STUDENT_NOT_REDECIDED[0].upper() + STUDENT_NOT_REDECIDED[1:] + ".")
             return
         p = c.parameters
         cluster, postprocess = self.lastJob.decision

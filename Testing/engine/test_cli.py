@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from cldf.cli import main
-from conftest import oblique_direction, write_image
+from conftest import TINY_STUDENT, oblique_direction, write_image
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_evaluate_reports_every_method(tiny_bundle, small_manifest, tmp_path, ca
     assert recorded["methods"]["cldf"]["dice"] == report["methods"]["cldf"]["dice"]
     assert recorded["command"].startswith("cldf ") and recorded["cases"] == report["cases"]
     assert list(report["methods"]) == ["gradcam", "layercam", "scorecam", "mg", "fusion", "cdm", "layercam+cl",
-                                       "mg+cl", "cldf-untrained", "encoder-features", "cldf", "cldf+sam"]
+                                       "mg+cl", "cldf-untrained", "encoder-features", "cldf", "cldf+sam", "student",
+                                       "student+sam"]
     cldf = report["methods"]["cldf"]
     assert sorted(cldf["by_seed"]) == ["0", "1"] and 0 <= cldf["dice"] <= 1 and cldf["n_slices"] > 0
     for method, r in report["methods"].items():  # pointing only for maps; precision for every row
@@ -149,7 +150,8 @@ def test_train_resumes_instead_of_starting_over(small_manifest, tmp_path, monkey
     args = ["-q", "train", "--data", str(small_manifest), "--target", "1", "--channels", "FLAIR,T1",
             "--out", str(out), "--device", "cpu", "--decoder-seeds", "0", "--set", "data.resolution=32",
             "--set", "diffusion.steps=3", "--set", "noisy_classifier.steps=3", "--set", "cam_classifier.steps=3",
-            "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32", "--no-refine-selection"]
+            "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32", "--no-refine-selection",
+            *TINY_STUDENT]
 
     def stop(*a, **k):
         raise KeyboardInterrupt

@@ -60,13 +60,14 @@ def summary(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory) -> dict:
-    """`cldf segment` on the sample as a user runs it (the bundle's refinement on), seeded, on the CPU."""
+    """`cldf segment` on the sample as a user runs it (the bundle's refinement on), seeded, on the CPU, with the
+    CLDF pipeline (the bundle segments with its student by default: `--segmenter cldf` keeps every stage checked)."""
     sample = json.loads((SAMPLE_DIR / "manifest.json").read_text(encoding="utf-8"))["cases"][0]
     out = tmp_path_factory.mktemp("regression") / "out"
     inputs = [arg for name, file in sample["channels"].items() for arg in ("--input", f"{name}={SAMPLE_DIR / file}")]
     torch.manual_seed(0)  # the bundle's own seeds drive every random step; this only fixes anything left over
     assert main(["-q", "segment", "--bundle", str(BRAIN_BUNDLE), *inputs, "--out", str(out), "--device", "cpu",
-                 "--decoder-seed", "0"]) == 0
+                 "--decoder-seed", "0", "--segmenter", "cldf"]) == 0
     found = {"bundle": load_bundle(BRAIN_BUNDLE).id, **summary(out)}
     if RECORDING:
         RECORD.write_text(json.dumps(found, indent=1) + "\n", encoding="utf-8")

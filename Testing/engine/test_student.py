@@ -130,9 +130,9 @@ def test_augmentation_moves_slices_and_targets_together():
 
 def test_cldf_student_retrains_a_bundles_student_with_the_settings_given(copy, small_manifest, capsys):
     assert main(["-q", "student", "--bundle", str(copy), "--data", str(small_manifest), "--device", "cpu",
-                 "--set", "student.steps=3"]) == 0
+                 "--set", "student.steps=41"]) == 0
     card = json.loads((copy / "bundle.json").read_text())
-    assert card["config"]["student"]["steps"] == 3 and card["student"]["steps"] == 3
+    assert card["config"]["student"]["steps"] == 41 and card["student"]["steps"] == 41
     assert card["student"]["command"].startswith("cldf -q student")
     assert not (copy.parent / "bundle.student-checkpoints").exists()
     load_bundle(copy)

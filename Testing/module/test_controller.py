@@ -18,6 +18,7 @@ import slicer
 
 from CLDFSegmentationLib import CLDFSegmentationController, CLDFSegmentationLogic, dependencies, moduleParameterNode
 from CLDFSegmentationLib.headless import loadVolume
+from conftest import TINY_STUDENT
 
 
 class RecordingPanel:
@@ -360,7 +361,7 @@ def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module,
 
 TINY_TRAINING = ("--set data.resolution=32 --set diffusion.steps=3 --set noisy_classifier.steps=3 "
                  "--set cam_classifier.steps=3 --set decoder.epochs=1 --set decoder.pixels_per_class=32 "
-                 "--decoder-seeds 0 --no-select")  # seconds, not hours
+                 "--decoder-seeds 0 --no-select " + " ".join(TINY_STUDENT))  # seconds, not hours
 
 
 def fill_train_section(parameters, manifest: Path, out: Path, extra: str = TINY_TRAINING) -> None:

@@ -64,3 +64,12 @@ def test_a_bundle_without_a_student_is_refused_before_any_node_is_added(volumes,
     with pytest.raises(ValueError, match="cldf student"):
         job.run()
     assert {n.GetID() for n in slicer.util.getNodes("*").values()} == before
+
+
+def test_a_students_mask_is_not_decided_again_and_says_how_to_tune_one(volumes, tiny_bundle):
+    job = CLDFSegmentationLogic().start(volumes, tiny_bundle, device="cpu", refine="none", segmenter="student",
+                                        overlays=False)
+    job.run()
+    assert job.byStudent
+    with pytest.raises(RuntimeError, match="no presence gate or clusters.*'cldf' segmenter"):
+        job.requestRedecision(*job.decision)

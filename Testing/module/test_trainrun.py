@@ -10,10 +10,11 @@ import time
 import pytest
 
 from CLDFSegmentationLib.trainrun import TrainingRun, trainCommand
+from conftest import TINY_STUDENT
 
 TINY = ("--set", "data.resolution=32", "--set", "diffusion.steps=400", "--set", "noisy_classifier.steps=3",
         "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32",
-        "--decoder-seeds", "0", "--no-select")
+        "--decoder-seeds", "0", "--no-select", *TINY_STUDENT)
 
 
 def child_env() -> dict:

@@ -17,11 +17,12 @@ from safetensors.torch import load_file
 
 from cldf.config import preset
 from cldf.trainer.train import _check_batches
+from conftest import TINY_STUDENT
 
 TINY = ("--target", "1", "--channels", "FLAIR,T1", "--device", "cpu", "--decoder-seeds", "0", "--no-select",
         "--set", "data.resolution=32", "--set", "diffusion.batch_size=4", "--set", "noisy_classifier.batch_size=4",
         "--set", "cam_classifier.batch_size=4", "--set", "noisy_classifier.steps=3", "--set", "cam_classifier.steps=3",
-        "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32")
+        "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32", *TINY_STUDENT)
 NETWORKS = ("cdm", "noisy_classifier", "cam_classifier")
 
 

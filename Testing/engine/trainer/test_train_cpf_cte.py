@@ -177,6 +177,7 @@ def test_cldf_train_trains_cpf_cte_when_enabled(small_manifest, tmp_path):
                              decoder_seeds=(0,), select=False, progress=False))
     card = read_card(out)
     assert "cpf_cte.safetensors" in card["files"] and card["training"]["cpf_cte"]["steps"] == 4
-    assert card["training"]["wall_clock_s"]["cpf_cte"] > 0
+    clock = card["training"]["wall_clock_s"]  # four tiny steps can round to 0.0 s
+    assert clock["cpf_cte"] == card["training"]["cpf_cte"]["wall_clock_s"]["classifier"] >= 0
     b = load_bundle(out)
     assert b.cpf_cte is not None and "cpf-cte-seeds" in b.decoders

@@ -17,10 +17,12 @@ import pytest
 
 import cldf.trainer.train as train_module
 from cldf.cli import main
+from conftest import TINY_STUDENT
 
 TINY = ("--target", "1", "--channels", "FLAIR,T1", "--device", "cpu", "--decoder-seeds", "0",
         "--set", "data.resolution=32", "--set", "diffusion.batch_size=2", "--set", "noisy_classifier.steps=3",
-        "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32")
+        "--set", "cam_classifier.steps=3", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32",
+        *TINY_STUDENT)
 BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
                 "decoders.safetensors", "student.safetensors"}
 
@@ -121,8 +123,6 @@ def test_keep_checkpoints_keeps_them_beside_the_bundle_and_too_few_validation_pa
     assert any(r.levelname == "WARNING" and r.getMessage() == skipped for r in caplog.records)
 
 
-@pytest.mark.xfail(reason="open: with the student stage, resuming a run that keeps its checkpoints inside the bundle "
-                          "folder (an older version's layout) ends interrupted; under investigation", strict=False)
 def test_a_run_an_older_version_started_resumes_from_its_checkpoints_inside_the_folder(
         small_manifest, tmp_path, monkeypatch, capsys):
     out = tmp_path / "b"

@@ -70,7 +70,7 @@ def _missing(bundle: Bundle, method: str) -> str | None:
     if method in ("cpf-cte", "cpf-cte+cl") and bundle.cpf_cte is None:
         return f"a CPF-CTE network and its decoders (add both with `cldf cpf-cte --bundle {bundle.path} --data MANIFEST`)"
     if method in STUDENT_METHODS and bundle.student is None:
-        return f"a student network (add one with `cldf student --bundle {bundle.path}`)"
+        return f"a student network (add one with `cldf student --bundle {bundle.path} --data MANIFEST`)"
     variant = DECODER_METHODS.get(method)
     if variant is not None and variant not in bundle.decoders:
         return f"decoders '{variant}' (add them with `cldf ablate --bundle {bundle.path}`)"
@@ -188,20 +188,30 @@ def _refiner(bundle: Bundle, device: str, batch_size: int):
 def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle: Bundle, target_labels, methods, seeds,
                 refiner=None):
     case = manifest.case(cid)
+    read = cases.read_case(case.channels, bundle.config.data)
+    gt = cases.read_truth(case.mask, target_labels, bundle.config.data, cid)
+    masks, maps = {}, {}
+    if any(m not in STUDENT_METHODS for m in methods):  # the student's rows alone need no maps
+        masks, maps = _pipeline_masks(segs, read, gt.shape, bundle, methods, seeds, refiner)
+    masks.update(_student_masks(bundle, read, segs["cldf"].device, methods, refiner))
+    return {m: masks[m] for m in methods}, maps, gt, read.reference.GetSpacing()
+
+
+def _pipeline_masks(segs: dict[str, Segmenter], read: cases.CaseVolume, shape: tuple[int, ...], bundle: Bundle,
+                    methods, seeds, refiner) -> tuple[dict, dict]:
+    """Every row but the student's: the maps (thresholded per slice) and the masks of the decoder methods."""
     cfg = bundle.config
-    read = cases.read_case(case.channels, cfg.data)
-    gt = cases.read_truth(case.mask, target_labels, cfg.data, cid)
-    normalised, ref, slices = read.normalised, read.reference, read.slices(cfg.data.resolution)
+    normalised, slices = read.normalised, read.slices(cfg.data.resolution)
     seg = segs["cldf"]
     cams = {"gradcam": bundle.on_sides(GradCAM(bundle.cam_classifier, [cfg.maps.gradcam_layer])),
             "layercam": bundle.on_sides(LayerCAM(bundle.cam_classifier, cfg.maps.cam_layers)),
             "scorecam": bundle.on_sides(ScoreCAM(bundle.cam_classifier, cfg.maps.gradcam_layer))}
-    hw = gt.shape[1:]
-    maps = {m: np.zeros(gt.shape, np.float32) for m in MAP_METHODS if m in methods}
-    decoded = {m: {s: np.zeros(gt.shape, bool) for s in seeds} for m in DECODER_METHODS
+    hw = shape[1:]
+    maps = {m: np.zeros(shape, np.float32) for m in MAP_METHODS if m in methods}
+    decoded = {m: {s: np.zeros(shape, bool) for s in seeds} for m in DECODER_METHODS
                if m in methods or (m == "cldf" and REFINED in methods)}
     sources = tuple({segs[m].cam_source for m in decoded} | ({"ame-cam", "cpf-cte"} & set(methods)))
-    fusion = np.zeros(gt.shape, bool)
+    fusion = np.zeros(shape, bool)
     for start in range(0, len(slices), seg.batch_size):
         stop = min(start + seg.batch_size, len(slices))
         x, ids = slices[start:stop].to(seg.device), torch.arange(start, stop)
@@ -230,8 +240,7 @@ def _case_masks(segs: dict[str, Segmenter], manifest: Manifest, cid: str, bundle
         for s, m in by_seed.items():
             by_seed[s] = keep_main_components(m, cfg.postprocess.min_component_fraction)
     masks.update(decoded)
-    masks.update(_student_masks(bundle, read, seg.device, methods, refiner))
-    return {m: masks[m] for m in methods}, maps, gt, ref.GetSpacing()
+    return masks, maps
 
 
 def _student_masks(bundle: Bundle, read: cases.CaseVolume, device, methods, refiner) -> dict[str, dict[int, np.ndarray]]:

@@ -77,7 +77,8 @@ class TrainRequest:
 class Stage:
     """A network stage's batches and loss; ``loss(net, images, labels, draws)`` sees this process's share.
 
-    ``parallel=False``: the loss couples the slices of a batch, so one process trains on it whole.
+    ``parallel=False``: one process trains on each batch whole, because the loss couples a batch's slices or
+    because the stage runs after the data-parallel ones, in process 0 alone.
     """
 
     data: SliceSet

@@ -84,7 +84,8 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
         config.set(key, value)
     if req.command:
         card["command"] = req.command
-    add_network(bundle.path, "student", net.state_dict(), config=config.to_dict(), student=card)
+    settings = {**bundle.card["config"], "student": config.to_dict()["student"]}  # the card's other settings stay
+    add_network(bundle.path, "student", net.state_dict(), config=settings, student=card)
     return card
 
 
@@ -133,7 +134,7 @@ def student_stage(data: SliceSet, cfg: StudentConfig, flips: bool, device: torch
         x, y = augment_pair(x, y, d, flips)
         return loss_fn(net(x.to(device)), y[:, None].to(device))
 
-    return Stage(data, draw, cfg.seed, loss)
+    return Stage(data, draw, cfg.seed, loss, parallel=False)  # trained by process 0 alone, after the parallel stages
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, d: StepDraws, flips: bool) -> tuple[torch.Tensor, torch.Tensor]:
