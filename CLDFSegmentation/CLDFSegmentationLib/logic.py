@@ -68,9 +68,10 @@ class CLDFSegmentationLogic:
 
     def process(self, inputVolumes: dict, bundlePath: str | os.PathLike, device: str = DEVICE,
                 batchSize: int = BATCH_SIZE, decoderSeed: int = 0, show: bool = True,
-                refine: str | None = None) -> CLDFSegmentationResult:
+                refine: str | None = None, segmenter: str = "bundle", overlays: bool = True) -> CLDFSegmentationResult:
         """`start` and step to the end."""
-        return self.start(inputVolumes, bundlePath, device, batchSize, decoderSeed, show, refine).run()
+        return self.start(inputVolumes, bundlePath, device, batchSize, decoderSeed, show, refine,
+                          segmenter=segmenter, overlays=overlays).run()
 
     @staticmethod
     def exportLabelmap(segmentation, referenceVolume, path: str | os.PathLike, overwrite: bool = False) -> Path:

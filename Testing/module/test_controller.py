@@ -82,6 +82,7 @@ def module(mrml_scene, slab_files, brain_bundle):
     parameters = moduleParameterNode(mrml_scene)
     parameters.bundlePath = str(brain_bundle)
     parameters.device = "cpu"
+    parameters.segmenter = "cldf"  # its gate, clusters and maps (the student's panel: test_slicer_student)
     volumes = {c: loadVolume(slab_files[c], c) for c in ("FLAIR", "T1")}
     panel = RecordingPanel()
     controller = CLDFSegmentationController(parameters, UnrefinedLogic(), panel, READY)
@@ -412,7 +413,7 @@ def test_no_call_holds_the_main_thread_for_100_ms_with_sam_refinement(mrml_scene
     from CLDFSegmentationLib.sampledata import SAMPLE_DIR, SAMPLE_FILES
 
     parameters = moduleParameterNode(mrml_scene)
-    parameters.bundlePath, parameters.device = str(brain_bundle), "cpu"
+    parameters.bundlePath, parameters.device, parameters.segmenter = str(brain_bundle), "cpu", "cldf"
     for i, channel in enumerate(("FLAIR", "T1")):
         parameters.setInputVolume(i, loadVolume(SAMPLE_DIR / SAMPLE_FILES[channel][0], channel))
     panel = RecordingPanel()

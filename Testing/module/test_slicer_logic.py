@@ -66,7 +66,7 @@ def _ijk_to_ras(node):
 
 def test_outputs_and_the_exported_label_map_have_the_exact_geometry_of_an_oblique_input(inputs, brain_bundle, tmp_path):
     flair = inputs["FLAIR"]
-    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu")  # the bundle's own SAM refinement
+    job = CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", segmenter="cldf")  # with its SAM
     result = job.run()
     mask = job.engineResult.mask
     assert mask.any(), "the shipped bundle finds the tumour in these slices"
@@ -194,7 +194,8 @@ def test_an_error_on_the_worker_reaches_the_main_thread_and_leaves_no_nodes(whol
         raise MemoryError("no memory left for this batch")
 
     monkeypatch.setattr(SegmentationJob, "step", broken)
-    job = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=4)
+    job = CLDFSegmentationLogic().start(whole_volume, brain_bundle, device="cpu", refine="none", batchSize=4,
+                                        segmenter="cldf")  # the pipeline's step fails
     job.startInBackground()
     with pytest.raises(MemoryError, match="no memory left"):
         while job.poll():
@@ -240,7 +241,7 @@ def test_outputs_are_named_coloured_placed_under_the_study_and_record_their_prov
     study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
     for node in inputs.values():
         sh.CreateItem(study, node)
-    result = CLDFSegmentationLogic().process(inputs, brain_bundle, device="cpu", refine="none")
+    result = CLDFSegmentationLogic().process(inputs, brain_bundle, device="cpu", refine="none", segmenter="cldf")
     card = json.loads((brain_bundle / "bundle.json").read_text(encoding="utf-8"))
     assert result.camVolume.GetName() == "FLAIR CAM"
     assert result.meanGradientVolume.GetName() == "FLAIR mean gradient"
