@@ -34,7 +34,8 @@ def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(s
     assert {"cdm", "noisy_classifier"} <= set(stopped) and "cam_classifier" not in stopped  # 1 step: done
     for name in ("cdm", "noisy_classifier"):  # each stopped at a step boundary soon after its share
         assert 0 < stopped[name] < 1_000_000
-        assert 6.0 * BUDGET_SHARES[name] <= training["wall_clock_s"][name] < 6.0 * BUDGET_SHARES[name] + 10.0
+        share_s = 6.0 * BUDGET_SHARES[name]  # the card keeps wall-clocks to 0.1 s: a share of 2.4 s can read 2.4
+        assert share_s - 0.05 <= training["wall_clock_s"][name] < share_s + 10.0
     load_bundle(out)
 
 
