@@ -23,8 +23,8 @@ from .nodes import COMPLETE, earlierOutputs, removeNodes, writeSlices
 from .runoutputs import CLDFSegmentationResult, createOutputs
 from .segmentations import addSegmentSlices, setSegmentMask
 
-STUDENT_NOT_REDECIDED = ("this mask is the student network's: it has no presence gate or clusters to decide again. "
-                         "Choose the 'cldf' segmenter and press Segment to tune them")
+STUDENT_NOT_REDECIDED = ("This mask is the student network's: it has no presence gate or clusters to decide again. "
+                         "Choose the 'cldf' segmenter and press Segment to tune them.")
 
 LOADING, SEGMENTING, FINISHED, CANCELLED = "loading model", "segmenting", "finished", "cancelled"
 
@@ -109,9 +109,7 @@ class CLDFSegmentationJob:
     @property
     def byStudent(self) -> bool:
         """True when the bundle's student network made the mask: it has no gate or clusters to decide again."""
-        from cldf.student import StudentJob
-
-        return isinstance(self._engine, StudentJob)
+        return self._engine.kind == "student"
 
     @property
     def engineResult(self):

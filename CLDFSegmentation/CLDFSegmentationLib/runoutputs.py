@@ -57,10 +57,9 @@ def createOutputs(engineJob, card, inputNodes: dict, images: dict, labels: np.nd
     reference = inputNodes[first]
     grid = _engineGrid(reference, images[first], engineJob.result.reference)
     segmentation = newSegmentation(grid, f"{reference.GetName()} {card.target}", card.target, card.color)
-    student = not hasattr(engineJob, "decoder_seed")  # a `cldf.student.StudentJob`
     provenance = {"Bundle": bundle.id, "BundlePath": str(bundle.path), "Device": str(segmenter.device),
-                  "Segmenter": "student" if student else "cldf",
-                  **({} if student else {"DecoderSeed": engineJob.decoder_seed}),
+                  "Segmenter": engineJob.kind,
+                  **({"DecoderSeed": engineJob.decoder_seed} if engineJob.kind == "cldf" else {}),
                   "NoiseSeed": bundle.config.maps.noise_seed,
                   "Versions": f"cldf {__version__}, torch {torch.__version__}"}
     orientation = "" if grid is reference else bundle.config.data.orientation

@@ -135,7 +135,7 @@ class Segmenting:
                               "the scene): press Segment to run it again, then change the threshold.")
             return
         if self.lastJob.byStudent:
-            c.panel.showError(STUDENT_NOT_REDECIDED[0].upper() + STUDENT_NOT_REDECIDED[1:] + ".")
+            c.panel.showError(STUDENT_NOT_REDECIDED)
             return
         p = c.parameters
         cluster, postprocess = self.lastJob.decision

@@ -151,3 +151,26 @@ def test_evaluate_gives_the_student_rows_alone(tiny_bundle, small_manifest):
                       progress=False)
     assert set(report["methods"]) == {"student", "student+sam"}
     assert all(0 <= r["dice_3d"] <= 1 for r in report["methods"].values())
+
+
+def test_a_pipeline_that_finds_nothing_leaves_the_bundle_without_a_student(copy, small_manifest, tmp_path, caplog):
+    from cldf.bundle import update_card
+    from cldf.manifest import load_manifest
+    from cldf.trainer.stages import TrainRequest
+    from cldf.trainer.train import _student_stage
+
+    card = json.loads((copy / "bundle.json").read_text())
+    config = {**card["config"], "postprocess": {**card["config"]["postprocess"], "min_similarity": 1.01},  # no mask kept
+              "student": {**card["config"]["student"], "segmenter": "cldf"}}  # as `cldf train` leaves it
+    files = {k: v for k, v in card["files"].items() if k != "student.safetensors"}
+    (copy / "student.safetensors").unlink()
+    update_card(copy, config=config, files=files, student={})
+    cfg = load_bundle(copy).config
+    req = TrainRequest(manifest=small_manifest, out=copy, config=cfg, device="cpu", progress=False,
+                       target_labels=card["task"]["mask_labels"])
+    with caplog.at_level("WARNING"):
+        _student_stage(copy, cfg, load_manifest(small_manifest), req, tmp_path / "checkpoints")
+    assert "nothing to train a student on" in caplog.text and "segments with the pipeline" in caplog.text
+    bundle = load_bundle(copy)  # installed, sealed, and segmenting with the pipeline
+    assert "nothing to train a student on" in bundle.card["student"]["skipped"]
+    assert bundle.student is None and bundle.config.student.segmenter == "cldf"

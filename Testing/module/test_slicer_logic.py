@@ -254,6 +254,7 @@ def test_outputs_are_named_coloured_placed_under_the_study_and_record_their_prov
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
         assert node.GetAttribute("CLDF.Bundle").startswith("brain-mri-flair-t1@")
         assert node.GetAttribute("CLDF.Device") == "cpu" and node.GetAttribute("CLDF.DecoderSeed") == "0"
+        assert node.GetAttribute("CLDF.Segmenter") == "cldf"
         assert "torch" in node.GetAttribute("CLDF.Versions")
 
 

@@ -33,6 +33,8 @@ def test_the_student_fills_the_segmentation_and_leaves_the_overlays_empty_unless
     fast = CLDFSegmentationLogic().start(volumes, tiny_bundle, device="cpu", refine="none", segmenter="student",
                                          overlays=False).run()
     assert not slicer.util.arrayFromVolume(fast.camVolume).any()
+    for node in fast.nodes:  # the provenance says which segmenter made the mask
+        assert node.GetAttribute("CLDF.Segmenter") == "student" and node.GetAttribute("CLDF.DecoderSeed") is None
     engine = StudentSegmenter(load_bundle(tiny_bundle), "cpu", refine="none", maps=False)
     expected = engine.start({c: case_paths[c] for c in ("FLAIR", "T1")}).run(progress=False).on_input_grid().mask
     np.testing.assert_array_equal(exported(fast, volumes["FLAIR"], tmp_path / "mask.nii.gz"), expected > 0)

@@ -91,7 +91,7 @@ def cmd_segment(args, argv) -> int:
         job = _segmenter(args, bundle, extra).start(inputs, args.decoder_seed)
         result = job.run(progress=not args.quiet)
         result.has_maps = result.has_maps and not args.no_maps
-        provenance = {"bundle": bundle.id, "segmenter": _segmenter_name(args, bundle),
+        provenance = {"bundle": bundle.id, "segmenter": job.kind,
                       "inputs": {k: str(v) for k, v in inputs.items()}, "command": "cldf " + shlex.join(argv)}
         paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
     n_pos = int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum())

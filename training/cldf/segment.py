@@ -231,6 +231,8 @@ class Segmenter(VolumeSegmenter):
 class SegmentationJob(SliceJob):
     """One volume through CLDF, one batch of slices per `step()`."""
 
+    kind = "cldf"
+
     def __init__(self, segmenter: Segmenter, case: cases.CaseVolume, decoder_seed: int = 0, keep_cache: bool = False):
         super().__init__(case.volume.shape[1])
         if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:

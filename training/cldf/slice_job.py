@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class SliceJob:
     """Steps over ``total`` slices in batches of ``segmenter.batch_size``; ``result`` fills in as it goes."""
 
+    kind: str  # which segmenter makes the mask: "cldf" (the pipeline) or "student"
     segmenter: object  # has ``batch_size`` and ``to(device)``
     result: VolumeResult
     warnings: list[str]

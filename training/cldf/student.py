@@ -92,6 +92,8 @@ class StudentJob(SliceJob):
     zero unless the segmenter computes the maps.
     """
 
+    kind = "student"
+
     def __init__(self, segmenter: StudentSegmenter, case: cases.CaseVolume):
         super().__init__(case.volume.shape[1])
         self.segmenter = segmenter

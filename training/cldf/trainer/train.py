@@ -128,13 +128,23 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
         shutil.rmtree(partial)
     save_bundle(partial, cfg, networks, card)
     if cfg.student.enabled:  # the last stage: a U-Net on the finished pipeline's masks (`train_student`)
-        from .train_student import train_student
-
-        bundle = load_bundle(partial)
-        bundle.config.student = cfg.student  # as asked, not the card's copy of it
-        train_student(bundle, manifest, req, ckdir)
+        _student_stage(partial, cfg, manifest, req, ckdir)
     run_folder.install(partial, out, ckdir, req.keep_checkpoints)
     return Path(req.out)
+
+
+def _student_stage(partial: Path, cfg: CLDFConfig, manifest, req: TrainRequest, ckdir: Path) -> None:
+    """The student on the finished bundle; a pipeline that found the target nowhere leaves the bundle without one
+    (warned and noted in the card) rather than losing the rest of the run."""
+    from .train_student import NothingToLearn, train_student
+
+    bundle = load_bundle(partial)
+    bundle.config.student = cfg.student  # as asked, not the card's copy of it
+    try:
+        train_student(bundle, manifest, req, ckdir)
+    except NothingToLearn as err:
+        log.warning("no student: %s; the bundle segments with the pipeline", err)
+        update_card(partial, student={"skipped": str(err)})
 
 
 def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.device):

@@ -45,6 +45,10 @@ SAM_MARGIN = 0.02
 CHOSEN_ON_VALIDATION = ("segmenter", "refine", "min_component_fraction")
 
 
+class NothingToLearn(ValueError):
+    """The pipeline left every training slice empty: no student can be trained on its masks."""
+
+
 def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: Path) -> dict:
     """Make the pseudo-masks, train (or resume) the student, choose on validation; written into the bundle's folder
     once all of it is done (``bundle.config.student`` may differ from the card's: the card then takes it).
@@ -60,7 +64,8 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
     seconds = {"pseudo_masks": time.time() - t0}
     data = student_set(bundle, manifest, targets)
     if not (data.labels.flatten(1).any(dim=1)).any():
-        raise ValueError("the pipeline found the target on no training slice: there is nothing to train a student on")
+        raise NothingToLearn("the pipeline found the target on no training slice: there is nothing to train a student "
+                             "on (check the bundle's validation scores; more training patients or steps may help)")
     with torch.random.fork_rng():  # the same initialisation however the run got here
         torch.manual_seed(cfg.seed)
         net = build_student(cfg, len(bundle.channels))
