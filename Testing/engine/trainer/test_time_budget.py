@@ -36,6 +36,8 @@ def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(s
         assert 0 < stopped[name] < 1_000_000
         share_s = 6.0 * BUDGET_SHARES[name]  # the card keeps wall-clocks to 0.1 s: a share of 2.4 s can read 2.4
         assert share_s - 0.05 <= training["wall_clock_s"][name] < share_s + 10.0
+    student = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["student"]
+    assert student["cases_with_pseudo_masks"] == 1 < student["training_cases"]  # its share ends after the first case
     load_bundle(out)
 
 

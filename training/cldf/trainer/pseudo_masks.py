@@ -13,6 +13,8 @@ import copy
 import hashlib
 import json
 import logging
+import math
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,8 +55,12 @@ def pipeline_id(bundle: Bundle) -> str:
 
 
 def pseudo_masks(bundle: Bundle, manifest: Manifest, case_ids: list[str], target_labels: list[int] | None,
-                 device: str, folder: Path, progress: bool = True) -> dict[str, PseudoMask]:
-    """Every case's `PseudoMask`, from ``folder`` where made before by this bundle, else made and saved there."""
+                 device: str, folder: Path, progress: bool = True, seconds: float = math.inf) -> dict[str, PseudoMask]:
+    """Every case's `PseudoMask`, from ``folder`` where made before by this bundle, else made and saved there.
+
+    Once ``seconds`` have passed (a share of ``--time-budget``) no further case is made, the first one aside:
+    the cases made so far are returned, with a warning.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tag = {"pipeline": pipeline_id(bundle), "target_labels": target_labels}
     tag_file = folder / "made-by.json"
@@ -64,9 +70,13 @@ def pseudo_masks(bundle: Bundle, manifest: Manifest, case_ids: list[str], target
             old.unlink()
     atomic.write_json(tag_file, tag)
     seg = Segmenter(label_gated(bundle), device)
-    out = {}
+    out, start = {}, time.monotonic()
     for cid in tqdm(case_ids, desc="pseudo-masks", unit="case", disable=not progress):
         path = folder / f"{cid}.npz"
+        if not path.is_file() and out and time.monotonic() - start > seconds:
+            log.warning("pseudo-masks: the student's share of the time budget is spent; it trains on the %d of %d "
+                        "training cases made so far", len(out), len(case_ids))
+            break
         if not path.is_file():
             made = _pseudo_mask(seg, manifest, cid, target_labels)
             with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 # hundredths of a second): the student keeps it only when it gains more than this on the validation score.
 SAM_MARGIN = 0.02
 CHOSEN_ON_VALIDATION = ("segmenter", "refine", "min_component_fraction")
+PSEUDO_MASK_SHARE = 0.5  # of the student's share of --time-budget: the rest trains it
 
 
 class NothingToLearn(ValueError):
@@ -60,7 +61,7 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
     device = resolve_device(req.device)
     t0 = time.time()
     targets = pseudo_masks(bundle, manifest, split["train"], req.target_labels, req.device,
-                           ckdir / "student-pseudo-masks", req.progress)
+                           ckdir / "student-pseudo-masks", req.progress, req.stage_seconds("student") * PSEUDO_MASK_SHARE)
     seconds = {"pseudo_masks": time.time() - t0}
     data = student_set(bundle, manifest, targets)
     if not (data.labels.flatten(1).any(dim=1)).any():
@@ -80,7 +81,8 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
     chosen, rows = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
                                   ckdir / "student-validation", req.progress, req.select_refine)
     seconds["validation"] = time.time() - t1
-    card = {**_data_card(data), "steps": fitted.steps, "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()},
+    card = {**_data_card(data), "training_cases": len(split["train"]),
+            "cases_with_pseudo_masks": len(targets), "steps": fitted.steps, "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()},
             "validation_cases": val_ids, "chosen": chosen, "table": rows,
             "metric": "mean of the per-case 3D Dice and the Dice over every slice holding any target, "
                       "validation patients"}
