@@ -97,6 +97,20 @@ def test_a_label_map_given_as_a_channel_is_refused(inputs, slab_files, brain_bun
     refused(inputs, brain_bundle, "channel 'T1' looks like a label map", added)
 
 
+@pytest.mark.parametrize("kind,message", [
+    ("one slice", r"channel 'FLAIR' is a single 2D slice .size \(\d+, \d+, 1\)."),  # what Slicer makes of a PNG
+    ("vector", "channel 'FLAIR' has 3 components per voxel; give one scalar volume per channel"),  # e.g. an RGB image
+])
+def test_a_volume_that_is_not_a_3d_scalar_volume_is_refused_before_any_node(inputs, brain_bundle, added, kind, message):
+    scan = slicer.util.arrayFromVolume(inputs["FLAIR"])
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode" if kind == "one slice" else
+                                              "vtkMRMLVectorVolumeNode", kind)
+    slicer.util.updateVolumeFromArray(node, scan[:1] if kind == "one slice" else np.stack([scan] * 3, -1))
+    node.CopyOrientation(inputs["FLAIR"])
+    inputs["FLAIR"] = node
+    refused(inputs, brain_bundle, message, added)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_a_volume_with_a_nan_or_an_infinite_voxel_is_refused(inputs, brain_bundle, added, value):
     array = slicer.util.arrayFromVolume(inputs["T1"]).astype(np.float32)

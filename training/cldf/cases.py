@@ -18,7 +18,6 @@ import torch
 from .config import DataConfig
 from .images import InputError, read_images, stack_channels
 from .manifest import Manifest
-from .orientation import reorient
 from .slices import normalise, robust_range, to_slices
 from .weak_labels import target_mask
 
@@ -57,7 +56,7 @@ def case_from_images(images: dict[str, sitk.Image], data: DataConfig, reorient_t
     along the images' third voxel axis.
     """
     code = data.orientation if reorient_to_bundle else ""
-    volume, reference = stack_channels({n: reorient(im, code) for n, im in images.items()}, list(data.channels))
+    volume, reference = stack_channels(images, list(data.channels), code)
     ranges = robust_range(volume, tuple(data.percentiles))
     return CaseVolume(volume, reference, ranges, normalise(volume, tuple(data.percentiles), ranges))
 

@@ -41,8 +41,7 @@ def read_channels(paths: dict[str, str | Path], channels: list[str],
     Returns:
         ``(C, Z, Y, X)`` float32 array and the first channel's image (the reference grid).
     """
-    images = read_images(paths, channels)
-    return stack_channels({n: reorient(im, orientation) for n, im in images.items()}, channels)
+    return stack_channels(read_images(paths, channels), channels, orientation)
 
 
 def read_images(paths: dict[str, str | Path], channels: list[str]) -> dict[str, sitk.Image]:
@@ -121,18 +120,21 @@ def _check_nifti_data(path: Path, name: str) -> None:
                              "replace them (e.g. by the background value) first")
 
 
-def stack_channels(images: dict[str, sitk.Image], channels: list[str]) -> tuple[np.ndarray, sitk.Image]:
-    """Check images already in memory (one per channel) and stack them in the bundle's order.
+def stack_channels(images: dict[str, sitk.Image], channels: list[str],
+                   orientation: str = "") -> tuple[np.ndarray, sitk.Image]:
+    """Check images already in memory (one per channel), reorient them to ``orientation`` (``""``: as stored)
+    and stack them in the bundle's order. Every check comes first: nothing a library may raise on runs before.
 
     Returns:
         ``(C, Z, Y, X)`` float32 array and the first channel's image (the reference grid).
     """
     check_channel_names(list(images), channels)
-    ref = images[channels[0]]
     for name in channels:
         check_volume(images[name], name)
         if name != channels[0]:
-            check_same_grid(ref, images[name], channels[0], name)
+            check_same_grid(images[channels[0]], images[name], channels[0], name)
+    images = {name: reorient(images[name], orientation) for name in channels}
+    ref = images[channels[0]]
     arrays = []
     for name in channels:
         a = sitk.GetArrayViewFromImage(images[name])
@@ -156,8 +158,11 @@ def check_channel_names(given: list[str], channels: list[str]) -> None:
 
 def check_volume(image: sitk.Image, name: str) -> None:
     """A 3D scalar volume with a usable voxel grid."""
+    if image.GetDimension() == 2:
+        raise InputError(f"channel '{name}' is a 2D image; a 3D volume (a stack of axial slices) is needed")
     if image.GetDimension() != 3:
-        raise InputError(f"channel '{name}' is {image.GetDimension()}D; a 3D volume (a stack of axial slices) is needed")
+        raise InputError(f"channel '{name}' is {image.GetDimension()}D (several volumes in one file); give each "
+                         "channel as its own 3D volume (a stack of axial slices)")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"channel '{name}' has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
