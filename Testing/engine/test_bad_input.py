@@ -418,7 +418,8 @@ def test_a_failure_while_writing_keeps_the_earlier_results_whole(tiny_bundle, ca
     code = _segment(tiny_bundle, inputs, out, "--overwrite")
     err = capsys.readouterr().err
     if isinstance(failure, KeyboardInterrupt):
-        assert code == 130
+        assert code == 130 and "interrupted; nothing half-written was kept. Run the same command again to start " \
+                               "over." in err
     else:
         assert code == 2 and "no space left on the disk" in err and f"nothing was written to {out}" in err
     assert _listing(out) == before

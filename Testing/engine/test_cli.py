@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,3 +206,17 @@ def test_bench_resamples_the_volume_and_writes_the_report(tiny_bundle, small_man
     assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["depth"] == 7
     with pytest.raises(ValueError, match="must include fast and literal"):
         bench.run_bench(tiny_bundle, small_manifest, None, device="cpu", paths=("layercam",))
+
+
+@pytest.mark.parametrize("flags", [[], ["-v"]])
+def test_library_notes_are_printed_only_when_asked_for_and_warnings_stand_out(flags):
+    """The torchvision note (beside a CPU-only torch) is a debug line; warnings carry their level."""
+    code = ("import logging, sys; from cldf.cli import _log_to_stderr; _log_to_stderr(False, '-v' in sys.argv); "
+            "from cldf.refine import _import_builder; _import_builder(); "
+            "logging.getLogger('cldf').warning('intensities unlike the training scans')")
+    run = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1] == "warning: intensities unlike the training scans"
+    torchvision = [line for line in lines if "torchvision" in line]
+    assert not torchvision if not flags else all("LiteMedSAM does not need them" in t for t in torchvision)

@@ -45,6 +45,21 @@ def test_a_killed_cohort_run_resumes_and_writes_only_the_rest(tiny_bundle, small
     assert all(int(r["slices"]) > 0 and float(r["mask_ml"]) >= 0 and float(r["seconds"]) > 0 for r in rows)
 
 
+def test_ctrl_c_in_a_cohort_run_says_that_running_it_again_resumes(tiny_bundle, small_manifest, tmp_path):
+    out = tmp_path / "cohort"
+    cmd = [sys.executable, "-m", "cldf", "-q", "segment", "--bundle", str(tiny_bundle), "--data", str(small_manifest),
+           "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not _complete(out) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted; nothing half-written was kept. Run the same command again: the cases already written are " \
+           "kept and skipped." in err and "cldf train" not in err and "Traceback" not in err
+
+
 def test_parts_together_equal_one_run_byte_for_byte(tiny_bundle, small_manifest, tmp_path):
     assert _run(tiny_bundle, small_manifest, tmp_path / "one") == 0
     assert _run(tiny_bundle, small_manifest, tmp_path / "parts", "--part", "1/2") == 0

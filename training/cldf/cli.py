@@ -10,9 +10,36 @@ import sys
 from .cli_parser import build_parser, parse_inputs
 
 
+class _Messages(logging.Formatter):
+    """Progress as plain lines; warnings and errors start with their level, so they stand out."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.lower()}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _log_to_stderr(quiet: bool, verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Messages("%(message)s"))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, handlers=[handler])
+    if verbose:  # the libraries' own debug chatter stays out even then
+        for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "fsspec"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
+
+
+def _resume_hint(args) -> str:
+    """What running the interrupted command again does."""
+    if args.command in ("student", "cpf-cte"):
+        return f"Run the same command again to resume from <bundle>.{args.command}-checkpoints."
+    if args.command == "segment" and getattr(args, "data", None) is not None:
+        return "Run the same command again: the cases already written are kept and skipped."
+    return "Run the same command again to start over."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    _log_to_stderr(args.quiet, args.verbose)
     from .bundle import BundleError
     from .images import InputError
 
@@ -26,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cldf {args.command}: interrupted; nothing half-written was kept. "
-              "`cldf train` resumes from its checkpoints when run again.", file=sys.stderr)
+        print(f"cldf {args.command}: interrupted; nothing half-written was kept. {_resume_hint(args)}",
+              file=sys.stderr)
         return 130
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("cldf.evaluation"):

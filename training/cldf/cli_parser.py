@@ -111,7 +111,8 @@ def _added_stage(p: argparse.ArgumentParser, section: str, example: str) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cldf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no progress messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="also the libraries' notes (e.g. on torchvision)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model bundle from volumes and slice labels",

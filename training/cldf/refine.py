@@ -137,7 +137,7 @@ def _allow_torchvision_without_compiled_ops() -> None:
     except RuntimeError as error:
         if "torchvision::" not in str(error):
             raise
-    log.info("torchvision's compiled operators do not load beside this torch build; LiteMedSAM does not need them")
+    log.debug("torchvision's compiled operators do not load beside this torch build; LiteMedSAM does not need them")
     for name, schema in _TORCHVISION_UNGUARDED_OPS.items():
         if not hasattr(torch.ops.torchvision, name):
             torch.library.define(f"torchvision::{name}", schema)
