@@ -7,12 +7,23 @@ segmentations, and a slice view rendered through `vtkMRMLSliceLogic`.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import slicer
 import vtk
 from vtk.util import numpy_support
+
+
+@contextlib.contextmanager
+def _vtkErrorsHidden():
+    shown = vtk.vtkObject.GetGlobalWarningDisplay()
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        vtk.vtkObject.SetGlobalWarningDisplay(shown)
 
 
 def setUpScene(scene=None):
@@ -27,7 +38,8 @@ def setUpScene(scene=None):
     app.SetMRMLScene(scene)
     colors = slicer.vtkSlicerColorLogic()
     colors.SetMRMLApplicationLogic(app)
-    colors.SetMRMLScene(scene)
+    with _vtkErrorsHidden():  # the wheel has no default color files, which only the application has; said as an ERR
+        colors.SetMRMLScene(scene)
     segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
     segmentations.SetMRMLApplicationLogic(app)
     segmentations.SetMRMLScene(scene)

@@ -7,6 +7,8 @@ written there: they are the README's screenshots.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,13 @@ def test_the_sample_shows_the_patients_right_on_the_screens_left(mrml_scene, tmp
     sitk.WriteImage(image, str(tmp_path / "left.nii.gz"))
     marker = loadVolume(tmp_path / "left.nii.gz", "patient's left", labelmap=True)
     assert screen_columns(renderSlice(flair, label=marker, sliceIndex=k)).min() > middle, "left: the screen's right"
+
+
+def test_a_headless_start_prints_no_error_line_and_has_the_colour_tables():
+    code = ("import slicer; from CLDFSegmentationLib.headless import setUpScene; scene = setUpScene(); "
+            "print(scene.GetNumberOfNodesByClass('vtkMRMLColorTableNode'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=REPO / "CLDFSegmentation")
+    assert run.returncode == 0, run.stderr
+    assert "ERR|" not in run.stderr and "WARN|" not in run.stderr, run.stderr
+    assert int(run.stdout.split()[-1]) > 10  # the logic still made its colour tables (Labels, Grey, ...)
