@@ -46,6 +46,7 @@ class Training:
         try:
             if not _chosen(p.trainManifest) or not _chosen(p.trainOutput):
                 raise ValueError("choose the manifest (e.g. from Save labels and manifest...) and an output folder")
+            _checkPatients(p.trainManifest)
             channels = [ch.strip() for ch in p.trainChannels.split(",") if ch.strip()]
             args = trainCommand(p.trainManifest, p.trainOutput, channels, p.trainTarget, p.trainName,
                                 p.trainTargetName or "target", device=p.device, extra=tuple(shlex.split(p.trainExtra)))
@@ -78,6 +79,17 @@ class Training:
         if self.run is not None:
             self.run.cancel()
         self.controller.refresh()
+
+
+def _checkPatients(manifestPath: Path) -> None:
+    """Too few patients for any split is refused here; `cldf train` checks the split it makes before any work."""
+    from cldf.manifest import MIN_TRAIN_PATIENTS, load_manifest
+
+    manifest = load_manifest(manifestPath)
+    if len(manifest.cases) < MIN_TRAIN_PATIENTS:
+        raise ValueError(f"{manifestPath} holds {len(manifest.cases)} labelled patient(s); training needs at least "
+                         f"{MIN_TRAIN_PATIENTS} with slices labelled positive and negative (and more for validation "
+                         "and testing): label more volumes and save the manifest again")
 
 
 def _chosen(path: Path) -> bool:

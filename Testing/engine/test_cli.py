@@ -220,3 +220,18 @@ def test_library_notes_are_printed_only_when_asked_for_and_warnings_stand_out(fl
     assert lines[-1] == "warning: intensities unlike the training scans"
     torchvision = [line for line in lines if "torchvision" in line]
     assert not torchvision if not flags else all("LiteMedSAM does not need them" in t for t in torchvision)
+
+
+@pytest.mark.parametrize("cases", [1, 2])
+def test_training_on_too_few_patients_is_refused_before_any_work(small_manifest, tmp_path, capsys, cases):
+    doc = json.loads(small_manifest.read_text(encoding="utf-8"))
+    doc["cases"] = [{k: v for k, v in c.items() if k != "split"} for c in doc["cases"][:cases]]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+    out = tmp_path / "bundle"
+    assert main(["-q", "train", "--data", str(manifest), "--out", str(out), "--channels", "FLAIR,T1",
+                 "--target", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the training split holds 1 patient(s) (TCGA_" in err  # 60 % of 1 or 2 patients: 1
+    assert f"of the manifest's {cases}; training needs at least 2 patients" in err and "add patients" in err
+    assert not out.exists() and not list(tmp_path.glob("bundle.*"))  # no checkpoint folder either

@@ -358,6 +358,10 @@ def test_slices_labelled_in_the_panel_become_a_manifest_cldf_train_reads(module,
     m.controller.labelSlices(0, 10)
     expected[10] = 0
     np.testing.assert_array_equal(tableColumn(table, "slice label"), expected)
+    fill_train_section(m.parameters, tmp_path / "manifest.json", tmp_path / "one-volume")  # one labelled volume
+    m.controller.trainOrCancel()
+    assert "holds 1 labelled patient(s); training needs at least 2" in m.panel.errors[-1]
+    assert m.controller.training.run is None and not (tmp_path / "one-volume").exists()
 
 
 TINY_TRAINING = ("--set data.resolution=32 --set diffusion.steps=3 --set noisy_classifier.steps=3 "

@@ -12,6 +12,8 @@ import SimpleITK as sitk
 from .images import InputError, read_image
 from .orientation import orientation_of
 
+MIN_TRAIN_PATIENTS = 2  # one patient's slices teach a classifier that patient, not the target
+
 
 @dataclass
 class Case:
@@ -98,3 +100,16 @@ def split_cases(manifest: Manifest, fractions: tuple[float, float, float], seed:
     splits["val"] += free[n_train : n_train + n_val]
     splits["test"] += free[n_train + n_val :]
     return {k: sorted(v) for k, v in splits.items()}
+
+
+def check_training_split(splits: dict[str, list[str]], manifest: Manifest) -> None:
+    """Enough training patients, said before any work (the slice labels are checked once read)."""
+    train = splits["train"]
+    if len(train) >= MIN_TRAIN_PATIENTS:
+        return
+    held = f"{len(train)} patient(s)" + (f" ({', '.join(train)})" if train else "")
+    raise InputError(f"{manifest.path}: the training split holds {held} of the manifest's {len(manifest.cases)}; "
+                     f"training needs at least {MIN_TRAIN_PATIENTS} patients with slices labelled positive and "
+                     "negative (and 2 or more validation patients to choose its settings): add patients to the "
+                     "manifest; unless a case's \"split\" says otherwise, 60 % of them train, 15 % validate and "
+                     "25 % test")
