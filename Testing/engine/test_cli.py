@@ -235,3 +235,19 @@ def test_training_on_too_few_patients_is_refused_before_any_work(small_manifest,
     assert "the training split holds 1 patient(s) (TCGA_" in err  # 60 % of 1 or 2 patients: 1
     assert f"of the manifest's {cases}; training needs at least 2 patients" in err and "add patients" in err
     assert not out.exists() and not list(tmp_path.glob("bundle.*"))  # no checkpoint folder either
+
+
+def test_a_case_without_a_channel_asked_for_is_named_before_any_work(small_manifest, tmp_path, capsys):
+    doc = json.loads(small_manifest.read_text(encoding="utf-8"))
+    val = next(c for c in doc["cases"] if c["split"] == "val")
+    del val["channels"]["T1"]  # a validation case: the run would have found out only at the settings selection
+    doc["cases"][0]["channels"]["FLAIR"] = str(tmp_path / "gone.nii.gz")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+    out = tmp_path / "bundle"
+    assert main(["-q", "train", "--data", str(manifest), "--out", str(out), "--channels", "FLAIR,T1",
+                 "--target", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"case '{val['id']}' has no channel 'T1' (it has 'FLAIR'" in err and "Traceback" not in err
+    assert f"case '{doc['cases'][0]['id']}', channel 'FLAIR': {tmp_path / 'gone.nii.gz'} is not there" in err
+    assert not out.exists() and not list(tmp_path.glob("bundle.*"))

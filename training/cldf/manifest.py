@@ -68,6 +68,23 @@ def load_manifest(path: str | Path) -> Manifest:
     return Manifest(path=path, name=str(raw.get("name", path.parent.name)), cases=cases)
 
 
+def check_channels(manifest: Manifest, case_ids: list[str], channels: list[str]) -> None:
+    """Every case named holds every channel asked for, as a file or folder that is there: said before any work."""
+    problems = []
+    for cid in case_ids:
+        case = manifest.case(cid)
+        missing = [ch for ch in channels if ch not in case.channels]
+        if missing:
+            problems.append(f"case '{cid}' has no channel {', '.join(repr(m) for m in missing)} "
+                            f"(it has {', '.join(repr(k) for k in case.channels) or 'none'})")
+        problems += [f"case '{cid}', channel '{ch}': {case.channels[ch]} is not there"
+                     for ch in channels if ch in case.channels and not Path(case.channels[ch]).exists()]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise InputError(f"{manifest.path}: {shown}. Training reads the channels {channels} of every training and "
+                         "validation case: fix these entries, or leave those cases out of the manifest")
+
+
 def stored_orientation(case: Case, channel: str) -> str:
     """The orientation code of a case's channel as stored (read from the header only, for files)."""
     path = Path(case.channels[channel])

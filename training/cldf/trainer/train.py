@@ -49,7 +49,7 @@ from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_ca
 from ..config import CLDFConfig, apply_settings
 from ..defaults import DEVICE
 from ..device import device_name, resolve_device
-from ..manifest import check_training_split, load_manifest, split_cases, stored_orientation
+from ..manifest import check_channels, check_training_split, load_manifest, split_cases, stored_orientation
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
 from ..sides import check_side_settings, side_labels
@@ -161,6 +161,7 @@ def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.devi
     manifest = load_manifest(req.manifest)
     splits = split_cases(manifest, cfg.data.split_fractions, req.seed)
     check_training_split(splits, manifest)
+    check_channels(manifest, splits["train"] + splits["val"], list(cfg.data.channels))
     if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
         cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
     check_side_settings(cfg, req.target_labels)
