@@ -222,19 +222,26 @@ def test_library_notes_are_printed_only_when_asked_for_and_warnings_stand_out(fl
     assert not torchvision if not flags else all("LiteMedSAM does not need them" in t for t in torchvision)
 
 
+def _refused_training(doc: dict, folder, capsys) -> str:
+    """`cldf train` on the manifest ``doc``: refused (exit 2) before any work, nothing written; its error."""
+    manifest = folder / "manifest.json"
+    manifest.write_text(json.dumps(doc), encoding="utf-8")
+    out = folder / "bundle"
+    assert main(["-q", "train", "--data", str(manifest), "--out", str(out), "--channels", "FLAIR,T1",
+                 "--target", "1", "--device", "cpu"]) == 2
+    assert not out.exists() and not list(folder.glob("bundle.*"))  # no checkpoint folder either
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("cldf train: error: ")
+    return err
+
+
 @pytest.mark.parametrize("cases", [1, 2])
 def test_training_on_too_few_patients_is_refused_before_any_work(small_manifest, tmp_path, capsys, cases):
     doc = json.loads(small_manifest.read_text(encoding="utf-8"))
     doc["cases"] = [{k: v for k, v in c.items() if k != "split"} for c in doc["cases"][:cases]]
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(doc), encoding="utf-8")
-    out = tmp_path / "bundle"
-    assert main(["-q", "train", "--data", str(manifest), "--out", str(out), "--channels", "FLAIR,T1",
-                 "--target", "1", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
+    err = _refused_training(doc, tmp_path, capsys)
     assert "the training split holds 1 patient(s) (TCGA_" in err  # 60 % of 1 or 2 patients: 1
     assert f"of the manifest's {cases}; training needs at least 2 patients" in err and "add patients" in err
-    assert not out.exists() and not list(tmp_path.glob("bundle.*"))  # no checkpoint folder either
 
 
 def test_a_case_without_a_channel_asked_for_is_named_before_any_work(small_manifest, tmp_path, capsys):
@@ -242,12 +249,6 @@ def test_a_case_without_a_channel_asked_for_is_named_before_any_work(small_manif
     val = next(c for c in doc["cases"] if c["split"] == "val")
     del val["channels"]["T1"]  # a validation case: the run would have found out only at the settings selection
     doc["cases"][0]["channels"]["FLAIR"] = str(tmp_path / "gone.nii.gz")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps(doc), encoding="utf-8")
-    out = tmp_path / "bundle"
-    assert main(["-q", "train", "--data", str(manifest), "--out", str(out), "--channels", "FLAIR,T1",
-                 "--target", "1", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert f"case '{val['id']}' has no channel 'T1' (it has 'FLAIR'" in err and "Traceback" not in err
+    err = _refused_training(doc, tmp_path, capsys)
+    assert f"case '{val['id']}' has no channel 'T1' (it has 'FLAIR'" in err
     assert f"case '{doc['cases'][0]['id']}', channel 'FLAIR': {tmp_path / 'gone.nii.gz'} is not there" in err
-    assert not out.exists() and not list(tmp_path.glob("bundle.*"))
