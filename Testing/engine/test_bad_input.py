@@ -332,6 +332,38 @@ def test_a_resealed_but_malformed_card_is_refused_clearly(copy, change, message)
         load_bundle(copy)
 
 
+def _setting(key: str, value):
+    section, name = key.split(".")
+    return lambda c: c["config"][section].__setitem__(name, value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("data.resolution", 65, "data.resolution is 65; the diffusion U-Net halves it 2 times, so it must be a multiple "
+                            "of 4"),
+    ("data.orientation", "XYZ", "data.orientation is 'XYZ'; it must be an orientation code such as \"LPS\""),
+    ("data.orientation", "LLS", "data.orientation is 'LLS'"),
+    ("data.percentiles", [99, 1], "data.percentiles is .99, 1.; it must be two numbers, 0 <= low < high <= 100"),
+    ("cluster.k", 1, "cluster.k is 1; it must be at least 2"),
+    ("cluster.rule", "largest", "cluster.rule is 'largest'; it must be one of .'nearest', 'closer_than_background'."),
+    ("cluster.presence_threshold", 1.5, "cluster.presence_threshold is 1.5; it must be in .0, 1."),
+    ("maps.cam_method", "scorecam", "maps.cam_method is 'scorecam'; it must be one of .'layercam'"),
+    ("maps.cam_layers", [0, 7], "maps.cam_layers names layer 7; the CAM classifier has layers 0..2"),
+    ("maps.mg_timesteps", [10, 5000], "maps.mg_timesteps holds 5000; the schedule's timesteps go to 999"),
+    ("postprocess.min_component_fraction", 2.0, "postprocess.min_component_fraction is 2.0; it must be in .0, 1."),
+    ("refine.method", "crf", "refine.method is 'crf'; it must be one of .'none', 'sam'."),
+    ("refine.channel", "T2", "refine.channel is 'T2'; it must be one of data.channels .'FLAIR', 'T1'."),
+    ("student.segmenter", "nnunet", "student.segmenter is 'nnunet'; it must be one of .'cldf', 'student'."),
+    ("student.threshold", 0, "student.threshold is 0; it must be in .0, 1."),
+    ("diffusion.schedule", "quadratic", "diffusion.schedule is 'quadratic'; it must be one of .'linear_beta'"),
+    ("decoder.hidden", [], "decoder.hidden is ..; it must be a list of one or more"),
+])
+def test_a_resealed_card_with_a_setting_out_of_its_allowed_set_is_refused_naming_it(copy, key, value, message):
+    """The seal guards against accidents; a deliberate reseal still meets the settings' own rules."""
+    _edit(copy, _setting(key, value), reseal=True)
+    with pytest.raises(BundleError, match=f"unusable 'config' section: setting {message}"):
+        load_bundle(copy)
+
+
 def test_a_card_that_is_a_list_is_refused(copy):
     (copy / "bundle.json").write_text("[1, 2, 3]")
     with pytest.raises(BundleError, match="not a JSON object"):

@@ -252,3 +252,12 @@ def test_a_case_without_a_channel_asked_for_is_named_before_any_work(small_manif
     err = _refused_training(doc, tmp_path, capsys)
     assert f"case '{val['id']}' has no channel 'T1' (it has 'FLAIR'" in err
     assert f"case '{doc['cases'][0]['id']}', channel 'FLAIR': {tmp_path / 'gone.nii.gz'} is not there" in err
+
+
+def test_a_setting_out_of_its_range_is_refused_before_any_work(small_manifest, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["-q", "train", "--data", str(small_manifest), "--out", str(out), "--channels", "FLAIR,T1",
+                 "--target", "1", "--device", "cpu", "--set", "data.resolution=65"]) == 2
+    assert "setting data.resolution is 65; the diffusion U-Net halves it 2 times, so it must be a multiple of 4" \
+        in capsys.readouterr().err
+    assert not out.exists()

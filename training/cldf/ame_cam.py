@@ -28,9 +28,9 @@ from monai.networks.nets import ResNet
 from torch import nn
 
 from .config import AmeCamConfig
+from .config.constraints import STEM_STRIDES
 
 N_EXITS = 4
-STEM_STRIDES = (1, 2, 4)
 
 
 def check_config(cfg: AmeCamConfig) -> None:

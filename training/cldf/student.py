@@ -14,6 +14,7 @@ import torch
 from . import cases
 from .bundle import Bundle
 from .config import StudentConfig
+from .config.constraints import SEGMENTERS
 from .defaults import BATCH_SIZE, DEVICE
 from .device import autocast, resolve_device
 from .postprocess import keep_main_components
@@ -130,9 +131,6 @@ class StudentJob(SliceJob):
         self.result.mask = keep_main_components(self.result.mask, rule)
         if self.result.coarse_mask is not None:
             self.result.coarse_mask = keep_main_components(self.result.coarse_mask, rule)
-
-
-SEGMENTERS = ("cldf", "student")
 
 
 def make_segmenter(bundle: Bundle, segmenter: str | None = None, device: str = DEVICE, batch_size: int = BATCH_SIZE,

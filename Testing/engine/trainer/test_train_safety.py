@@ -94,7 +94,7 @@ def test_a_finished_bundle_and_foreign_folders_are_refused_before_any_work(finis
 def test_an_unknown_intensity_augmentation_is_refused_before_any_work(small_manifest, tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(["-q", *train_args(small_manifest, out, "--no-select", "--set", "cam_classifier.intensity=strong")]) == 2
-    assert "unknown intensity augmentation 'strong'; choose one of ['narrow', 'wide']" in capsys.readouterr().err
+    assert "setting cam_classifier.intensity is 'strong'; it must be one of ['narrow', 'wide']" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "bundle.checkpoints").exists()
 
 
@@ -286,7 +286,7 @@ def test_the_settings_selection_resumes_after_the_last_finished_grid_point(tiny_
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["cam_classifier.sides=middle"], "unknown cam_classifier.sides 'middle'"),
+    (["cam_classifier.sides=middle"], "setting cam_classifier.sides is 'middle'; it must be one of ['whole', 'left'"),
     (["cam_classifier.sides=left", "data.orientation=PLS"], "needs axial slices whose columns run left-right"),
     (["cam_classifier.sides=left"], "needs cam_classifier.flips = false"),
     (["noisy_classifier.sides=both"], "noisy_classifier.sides must stay 'whole'"),

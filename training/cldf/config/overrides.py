@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .constraints import check_config
 from .sections import CLDFConfig
 
 
@@ -27,6 +28,7 @@ def apply_settings(config: CLDFConfig, settings: dict[str, Any]) -> CLDFConfig:
     out = CLDFConfig.from_dict(config.to_dict())
     for key, value in settings.items():
         out.set(key, value)
+    check_config(out)  # once all are set: settings that must agree may change together
     return out
 
 

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .constraints import check_config
 from .final_stages import RefineConfig, StudentConfig
 from .map_sources import AmeCamConfig, CpfCteConfig
 
@@ -257,7 +258,9 @@ class CLDFConfig:
             older = {k.split(".")[1]: v for k, v in ADDED_LATER.items() if k.split(".")[0] == f.name}
             given = {**older, **{k: _restore(v, names[k]) for k, v in sub.items()}} if sub else {}
             kwargs[f.name] = dataclasses.replace(base, **given)
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        check_config(config)  # ranges, allowed sets and agreements: a hand-edited card stops here
+        return config
 
     def get(self, key: str) -> Any:
         """A setting by its ``section.name`` key."""

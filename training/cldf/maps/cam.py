@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ame_cam import AmeCam
+from ..config.constraints import CAM_METHODS
 from ..cpf_cte import CpfCte
 from ..models import SliceClassifier
 from .ame import AmeCamMap
@@ -67,9 +68,6 @@ class LayerCAM(_CAM):
     @staticmethod
     def combine(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return F.relu((F.relu(grads) * acts).sum(dim=1))
-
-
-CAM_METHODS = ("layercam", "gradcam", "ame-cam", "cpf-cte")
 
 
 def build_cam(method: str, classifier: SliceClassifier, layers: Sequence[int], gradcam_layer: int,
