@@ -174,3 +174,35 @@ def test_a_pipeline_that_finds_nothing_leaves_the_bundle_without_a_student(copy,
     bundle = load_bundle(copy)  # installed, sealed, and segmenting with the pipeline
     assert "nothing to train a student on" in bundle.card["student"]["skipped"]
     assert bundle.student is None and bundle.config.student.segmenter == "cldf"
+
+
+def test_the_segmenters_validation_score_is_said_and_recorded_and_a_low_one_warned(tiny_bundle, case_paths,
+                                                                                     tmp_path, caplog):
+    card = json.loads((tiny_bundle / "bundle.json").read_text())
+    row = next(r for r in card["student"]["table"] if r["segmenter"] == "student"
+               and r["min_component_fraction"] == card["config"]["student"]["min_component_fraction"])
+    with caplog.at_level("INFO"):
+        assert main(["segment", "--bundle", str(tiny_bundle), "--input", f"FLAIR={case_paths['FLAIR']}",
+                     "--input", f"T1={case_paths['T1']}", "--segmenter", "student", "--no-maps",
+                     "--out", str(tmp_path / "out")]) == 0
+    marker = json.loads((tmp_path / "out" / "cldf-result.json").read_text())
+    assert marker["validation"] == {"segmenter": "student", "dice_3d": row["dice_3d"],
+                                    "patients": len(card["student"]["validation_cases"])}
+    said = {r.getMessage(): r.levelname for r in caplog.records}
+    if row["dice_3d"] < 0.3:  # a tiny bundle trained for seconds
+        assert said[f"bundle 'tiny' scored a 3D Dice of {row['dice_3d']:.2f} on its 1 validation patients (below 0.3): its masks are "
+                     "unreliable; train it on more patients or for longer"] == "WARNING"
+    else:
+        assert any(m.endswith(f"3D Dice {row['dice_3d']:.2f} on 1 validation patients (student)") for m in said)
+
+
+@pytest.mark.parametrize("name,segmenter,dice", [("brain-mri-flair-t1", None, 0.8335),
+                                                 ("brain-mri-flair-t1", "cldf", 0.7132),
+                                                 ("abdomen-ct-spleen", None, 0.8063)])
+def test_the_shipped_cards_give_their_validation_scores(name, segmenter, dice):
+    from cldf.card import validation_score
+    from conftest import REPO
+
+    card = json.loads((REPO / "CLDFSegmentation/Resources/Models" / name / "bundle.json").read_text())
+    score = validation_score(card, segmenter)
+    assert score.dice_3d == dice and score.patients == len(card["student"]["validation_cases"]) and not score.low

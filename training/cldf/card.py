@@ -16,6 +16,7 @@ from typing import Any
 from .defaults import TARGET_COLOR, TARGET_NAME
 
 FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
+LOW_VALIDATION_DICE = 0.3  # a bundle whose shipped segmenter scored below this 3D Dice on validation is said to be weak
 SEALED = ("format_version", "name", "task", "channels", "config", "files", "untrained_cdm")
 
 
@@ -62,14 +63,55 @@ def parse_card(bundle_dir: str | Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class ValidationScore:
+    """How the bundle's own segmenter did on its validation patients, as its card records it."""
+
+    segmenter: str
+    dice_3d: float
+    patients: int
+
+    @property
+    def low(self) -> bool:
+        return self.dice_3d < LOW_VALIDATION_DICE
+
+    def says(self) -> str:
+        return f"3D Dice {self.dice_3d:.2f} on {self.patients} validation patients ({self.segmenter})"
+
+    def warning(self, name: str) -> str:
+        return (f"bundle '{name}' scored a 3D Dice of {self.dice_3d:.2f} on its {self.patients} validation patients "
+                f"(below {LOW_VALIDATION_DICE}): its masks are unreliable; train it on more patients or for longer")
+
+
+@dataclass(frozen=True)
 class CardSummary:
-    """What a bundle list shows: the bundle's name, its channels in input order and its target."""
+    """What a bundle list shows: the bundle's name, its channels in input order, its target and how it scored on
+    its validation patients (None when it was not validated)."""
 
     path: Path
     name: str
     channels: tuple[str, ...]
     target: str
     color: tuple[int, int, int]
+    validation: ValidationScore | None = None
+
+
+def validation_score(card: dict[str, Any], segmenter: str | None = None) -> ValidationScore | None:
+    """``segmenter``'s (default: the bundle's) row of the student's validation table, else, for the pipeline, the
+    chosen rule's row of its own selection table."""
+    student = card.get("student") or {}
+    settings = (card.get("config") or {}).get("student") or {}
+    segmenter = segmenter or settings.get("segmenter", "cldf")
+    name = "student+sam" if segmenter == "student" and settings.get("refine") == "sam" else segmenter
+    rule = settings.get("min_component_fraction") if segmenter == "student" else None
+    for row in student.get("table") or []:
+        if row.get("segmenter") == name and (rule is None or row.get("min_component_fraction") == rule):
+            return ValidationScore(name, float(row["dice_3d"]), len(student.get("validation_cases") or []))
+    chosen_rule = ((card.get("selection") or {}).get("postprocess")) or {}
+    for row in chosen_rule.get("table") or []:
+        if all(row.get("settings", {}).get(k) == v for k, v in chosen_rule.get("chosen", {}).items()
+               if k in row.get("settings", {})):
+            return ValidationScore("cldf", float(row["val_dice_3d"]), len(chosen_rule.get("validation_cases") or []))
+    return None
 
 
 def card_summary(bundle_dir: str | Path) -> CardSummary:
@@ -82,4 +124,4 @@ def card_summary(bundle_dir: str | Path) -> CardSummary:
         raise BundleError(f"{root / 'bundle.json'} is corrupted ('channels' must list the channel names)")
     color = task.get("color", TARGET_COLOR)
     return CardSummary(root, str(card.get("name", root.name)), tuple(channels), str(task.get("target", TARGET_NAME)),
-                       (int(color[0]), int(color[1]), int(color[2])))
+                       (int(color[0]), int(color[1]), int(color[2])), validation_score(card))

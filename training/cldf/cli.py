@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shlex
@@ -116,9 +117,11 @@ def cmd_segment(args, argv) -> int:
     with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
         bundle = load_bundle(args.bundle)
         job = _segmenter(args, bundle, extra).start(inputs, args.decoder_seed)
+        score = _say_validation(bundle, job.kind)
         result = job.run(progress=not args.quiet)
         result.has_maps = result.has_maps and not args.no_maps
         provenance = {"bundle": bundle.id, "segmenter": job.kind,
+                      "validation": dataclasses.asdict(score) if score else None,
                       "inputs": {k: str(v) for k, v in inputs.items()}, "command": "cldf " + shlex.join(argv)}
         paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
     n_pos = int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum())
@@ -126,6 +129,22 @@ def cmd_segment(args, argv) -> int:
           f"({provenance['segmenter']})")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
+
+
+def _say_validation(bundle, segmenter: str):
+    """The segmenter's validation score from the card, said before the run; a warning when it is low."""
+    from .card import validation_score
+
+    score = validation_score(bundle.card, segmenter)
+    name = bundle.card.get("name", bundle.path.name)
+    if score is None:
+        logging.getLogger("cldf").warning("bundle '%s' records no validation score: how well it segments is unknown",
+                                          name)
+    elif score.low:
+        logging.getLogger("cldf").warning(score.warning(name))
+    else:
+        logging.getLogger("cldf").info("bundle %s: %s", bundle.id, score.says())
+    return score
 
 
 def _extra_maps(args) -> tuple[str, ...]:
