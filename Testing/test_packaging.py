@@ -28,9 +28,9 @@ def cmake_list(name: str) -> list[str]:
 
 def files_under(root: Path) -> set[Path]:
     """Files that ship: not caches, not hidden ones, not a training run's checkpoints or unfinished bundle
-    (``<bundle>.checkpoints``, ``<bundle>.partial``; older versions kept checkpoints in ``<bundle>/.checkpoints``)."""
+    (``<bundle>.checkpoints``, ``<bundle>.student-checkpoints``, ``<bundle>.partial``; older versions kept checkpoints in ``<bundle>/.checkpoints``)."""
     return {p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-            and not any(part.startswith(".") or part.endswith((".checkpoints", ".partial"))
+            and not any(part.startswith(".") or part.endswith(("checkpoints", ".partial"))
                         for part in p.relative_to(root).parts)}
 
 
@@ -93,7 +93,7 @@ def test_the_engine_imports_neither_slicer_nor_qt():
 
 #: engine modules the Slicer module may import at load time, before torch and the rest are installed
 TORCH_FREE = {"cldf.defaults", "cldf.atomic", "cldf.config", "cldf.config.sections", "cldf.config.overrides",
-              "cldf.config.presets", "cldf.config.map_sources", "cldf.config.final_stages"}
+              "cldf.config.presets", "cldf.config.map_sources", "cldf.config.final_stages", "cldf.config.constraints"}
 
 
 def test_torch_is_imported_lazily_by_the_module_and_library():
