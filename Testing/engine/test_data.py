@@ -53,7 +53,7 @@ def test_refuses_channels_on_different_grids(tmp_path, pair, change):
 def test_refuses_a_2d_image(tmp_path, pair):
     flat = tmp_path / "flat.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 24), np.float32)), str(flat))
-    with pytest.raises(InputError, match="is 2D; a 3D volume"):
+    with pytest.raises(InputError, match="is a 2D image; a 3D volume"):
         read_channels({"FLAIR": flat, "T1": pair["T1"]}, ["FLAIR", "T1"])
 
 

@@ -100,7 +100,7 @@ def test_a_tampered_cpf_cte_file_is_refused(cpf_bundle, tmp_path):
 
 @pytest.mark.parametrize("setting,message", [
     ("data.resolution=64", "changes cpf_cte settings only (--set cpf_cte.KEY=VALUE), not data.resolution"),
-    ("cpf_cte.patch=5", "cpf_cte.patch must divide the slice size 32, not 5"),
+    ("cpf_cte.patch=5", "setting cpf_cte.patch is 5; it must divide data.resolution (32)"),
     ("cpf_cte.top_k=oops", "setting cpf_cte.top_k must be int"),
 ])
 def test_the_command_refuses_other_settings_before_any_work(tiny_bundle, small_manifest, tmp_path, capsys,
