@@ -84,15 +84,13 @@ class ValidationScore:
 
 @dataclass(frozen=True)
 class CardSummary:
-    """What a bundle list shows: the bundle's name, its channels in input order, its target and how it scored on
-    its validation patients (None when it was not validated)."""
+    """What a bundle list shows: the bundle's name, its channels in input order and its target."""
 
     path: Path
     name: str
     channels: tuple[str, ...]
     target: str
     color: tuple[int, int, int]
-    validation: ValidationScore | None = None
 
 
 def validation_score(card: dict[str, Any], segmenter: str | None = None) -> ValidationScore | None:
@@ -124,4 +122,4 @@ def card_summary(bundle_dir: str | Path) -> CardSummary:
         raise BundleError(f"{root / 'bundle.json'} is corrupted ('channels' must list the channel names)")
     color = task.get("color", TARGET_COLOR)
     return CardSummary(root, str(card.get("name", root.name)), tuple(channels), str(task.get("target", TARGET_NAME)),
-                       (int(color[0]), int(color[1]), int(color[2])), validation_score(card))
+                       (int(color[0]), int(color[1]), int(color[2])))
