@@ -162,6 +162,46 @@ def write_image(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(
     return path
 
 
+def write_dicom_series(volume: sitk.Image, folder: Path, modality: str, **tags: str) -> Path:
+    """``volume`` as a DICOM series, one file per slice along its third axis (axial, identity direction).
+
+    ``tags``: more DICOM tags by keyword-free ``gggg_eeee`` names, e.g. ``{"0028_1052": "-1024"}`` (GDCM writes the
+    stored values so that the series reads back as ``volume``'s values).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    sx, sy, sz = volume.GetSpacing()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(volume.GetDepth()):
+        s = volume[:, :, z]
+        for tag, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.1", "0020|0013": str(z + 1),
+                           "0020|0032": f"0\\0\\{sz * z}", "0020|0037": "1\\0\\0\\0\\1\\0",
+                           "0028|0030": f"{sy}\\{sx}", "0018|0050": str(sz), "0008|0060": modality,
+                           **{k.replace("_", "|"): v for k, v in tags.items()}}.items():
+            s.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def in_hounsfield(levels: np.ndarray) -> np.ndarray:
+    """8-bit abdomen-window CT levels ([-125, 275] HU -> 0..255, as the BTCV scans) -> whole Hounsfield units.
+
+    0 stands for anything at or below -125 HU and 255 for anything at or above 275 HU: they become -1000 HU (air)
+    and +1000 HU (bone), which the window clips back to exactly 0 and 255.
+    """
+    hu = np.rint(-125.0 + levels.astype(np.float64) * 400.0 / 255.0)
+    return np.where(levels == 0, -1000, np.where(levels == 255, 1000, hu)).astype(np.int16)
+
+
+@pytest.fixture(scope="session")
+def btcv_root() -> Path:
+    root = data_root() / "btcv"
+    if not (root / "manifest.json").is_file():
+        pytest.skip(f"real BTCV data not found at {root} (set CLDF_DATA to the folder holding btcv/)")
+    return root
+
+
 def oblique_direction() -> tuple[float, ...]:
     """A right-handed rotation (det +1) about an oblique axis."""
     axis = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])

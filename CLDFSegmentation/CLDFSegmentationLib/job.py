@@ -95,6 +95,11 @@ class CLDFSegmentationJob:
         return list(self._engine.warnings) if self._engine is not None else []
 
     @property
+    def intensities(self) -> dict[str, dict]:
+        """Per channel, what was done to the input's intensities (CT in HU through the bundle's window, or none)."""
+        return dict(self._engine.intensities) if self._engine is not None else {}
+
+    @property
     def running(self) -> bool:
         """True while the worker is at work (loading, segmenting, finishing the batch of a cancelled run, or
         clustering for re-decisions after the run)."""

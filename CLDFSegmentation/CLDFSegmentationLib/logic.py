@@ -11,7 +11,7 @@ from . import display
 from .bundles import bundleCard
 from .job import CLDFSegmentationJob, RunRequest
 from .labels import sliceLabels
-from .nodes import checkVolumeNode, imageFromVolume
+from .nodes import checkStoredValues, checkVolumeNode, imageFromVolume
 from .parameters import CLDFSegmentationParameterNode, moduleParameterNode
 from .runoutputs import CLDFSegmentationResult, showResult
 from .segmentations import exportLabelmap
@@ -53,13 +53,14 @@ class CLDFSegmentationLogic:
         the clustering can be changed afterwards (`CLDFSegmentationJob.requestRedecision`) without the networks.
 
         No node is added before every check has passed, and a refused run leaves the scene as it was: nodes
-        that are no usable volume (a label map, empty, under a transform not applied to its voxels) and slice
-        labels that do not fit raise here; channel names, grids, 2D, constant or NaN voxels and bundles that fail
+        that are no usable volume (a label map, empty, under a transform not applied to its voxels, loaded from a
+        NIfTI file whose NaN voxels Slicer's reader made 0) and slice labels that do not fit raise here; channel names, grids, 2D, constant or NaN voxels and bundles that fail
         verification raise from `step` / `poll` (``ValueError``; ``FileNotFoundError`` for a missing bundle).
         """
         card = bundleCard(bundlePath)
         for channel, node in inputVolumes.items():
             checkVolumeNode(node, channel)
+            checkStoredValues(node, channel)
         reference = inputVolumes.get(card.channels[0])
         labels = sliceLabels(reference) if reference is not None else None  # weak labels made on this input
         images = {channel: imageFromVolume(node) for channel, node in inputVolumes.items()}

@@ -6,6 +6,8 @@ conversion lives here and nowhere else.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 import slicer
@@ -34,6 +36,23 @@ def checkVolumeNode(node, channel: str) -> None:
             f"channel '{channel}': volume '{node.GetName()}' is under the transform '{transform.GetName()}', which is "
             "not applied to its voxels; harden it first (Data module: right-click the volume > Harden transform) "
             "so that it is segmented where it is shown")
+
+
+def checkStoredValues(node, channel: str) -> None:
+    """Refuse a volume whose NIfTI file holds NaN or infinite voxels, which Slicer's reader loaded as 0: the file
+    is read as stored while the node is unchanged since it was loaded (an edited node is taken as it is)."""
+    storage = node.GetStorageNode()
+    if storage is None or not storage.GetFileName() or node.GetModifiedSinceRead():
+        return
+    path = Path(storage.GetFileName())
+    if not path.name.lower().endswith((".nii", ".nii.gz")) or not path.is_file():
+        return
+    from cldf.images import check_nifti_data
+
+    try:
+        check_nifti_data(path, channel)
+    except ValueError as e:
+        raise ValueError(f"{e} (volume '{node.GetName()}': Slicer shows them as 0)") from None
 
 
 def _isIdentity(transform) -> bool:

@@ -49,6 +49,7 @@ def createOutputs(engineJob, card, inputNodes: dict, images: dict, labels: np.nd
     import torch
 
     from cldf import __version__
+    from cldf.hounsfield import describe
     from cldf.orientation import slice_order
 
     segmenter = engineJob.segmenter
@@ -60,7 +61,7 @@ def createOutputs(engineJob, card, inputNodes: dict, images: dict, labels: np.nd
     provenance = {"Bundle": bundle.id, "BundlePath": str(bundle.path), "Device": str(segmenter.device),
                   "Segmenter": engineJob.kind,
                   **({"DecoderSeed": engineJob.decoder_seed} if engineJob.kind == "cldf" else {}),
-                  "NoiseSeed": bundle.config.maps.noise_seed,
+                  "NoiseSeed": bundle.config.maps.noise_seed, "Intensities": describe(engineJob.intensities),
                   "Versions": f"cldf {__version__}, torch {torch.__version__}"}
     orientation = "" if grid is reference else bundle.config.data.orientation
     before = nodeIDs()

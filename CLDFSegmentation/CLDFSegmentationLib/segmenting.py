@@ -100,7 +100,11 @@ class Segmenting:
         self._decision = (p.presenceThreshold, p.clusterK, p.clusterRule)  # the run's own: nothing to re-decide
         self.showDisplay()
         c.panel.showChart(job.result.chart)
-        c.panel.showStatus("Segmentation finished" + "".join(f". Warning: {w}" for w in job.warnings))
+        from cldf.hounsfield import describe
+
+        windowed = describe(job.intensities, windowed_only=True)
+        c.panel.showStatus("Segmentation finished" + (f" ({windowed})" if windowed else "")
+                           + "".join(f". Warning: {w}" for w in job.warnings))
 
     def cancel(self) -> None:
         """Stop the run at once: the scene keeps exactly the nodes it had before Segment; the worker ends its batch

@@ -23,7 +23,7 @@ from cldf.cli import main
 from cldf.images import InputError, read_channels, read_image
 from cldf.manifest import load_manifest
 from cldf.weak_labels import weak_slice_labels
-from conftest import oblique_direction, write_image
+from conftest import oblique_direction, write_dicom_series, write_image
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root ignores file permissions
 
@@ -116,20 +116,9 @@ def test_an_unreadable_file_is_reported_as_such(scan, tmp_path):
 
 def test_a_dicom_series_folder_is_read_and_an_empty_folder_explained(scan, tmp_path):
     a, image = scan
-    series = tmp_path / "dicom"
-    series.mkdir()
     volume = sitk.Cast(sitk.GetImageFromArray(a[:6, :64, :64]), sitk.sitkInt16)
     volume.SetSpacing((0.8, 0.8, 2.5))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(volume.GetDepth()):
-        s = volume[:, :, z]
-        for tag, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.1", "0020|0013": str(z + 1),
-                           "0020|0032": f"0\\0\\{2.5 * z}", "0020|0037": "1\\0\\0\\0\\1\\0",
-                           "0028|0030": "0.8\\0.8", "0018|0050": "2.5", "0008|0060": "MR"}.items():
-            s.SetMetaData(tag, value)
-        writer.SetFileName(str(series / f"{z:03d}.dcm"))
-        writer.Execute(s)
+    series = write_dicom_series(volume, tmp_path / "dicom", "MR")
     read = read_image(series, "FLAIR")
     assert read.GetSize() == (64, 64, 6)
     np.testing.assert_allclose(read.GetSpacing(), (0.8, 0.8, 2.5), atol=1e-4)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cldf.bundle import BundleError, correct_orientation, load_bundle, read_card, write_card
+from cldf.bundle import BundleError, correct_setting, load_bundle, read_card, write_card
 from cldf.cli import main
 from cldf.evaluation.demo import SAMPLE_DIR
 from cldf.manifest import load_manifest, stored_orientation
@@ -184,7 +184,7 @@ def test_cldf_card_corrects_the_orientation_and_keeps_weights_and_history(tiny_c
 def test_a_bad_correction_is_refused_and_changes_nothing(tiny_copy, orientation, because, message):
     text = (tiny_copy / "bundle.json").read_bytes()
     with pytest.raises(ValueError, match=message):
-        correct_orientation(tiny_copy, orientation, because)
+        correct_setting(tiny_copy, "data.orientation", orientation, because)
     assert (tiny_copy / "bundle.json").read_bytes() == text
 
 
@@ -199,7 +199,7 @@ def test_a_tampered_card_is_refused_not_resealed(tiny_copy):
     card["config"]["data"]["resolution"] = 65
     (tiny_copy / "bundle.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(BundleError, match="edited after the bundle was made"):
-        correct_orientation(tiny_copy, "ASR", "headers fixed")
+        correct_setting(tiny_copy, "data.orientation", "ASR", "headers fixed")
 
 
 def test_sides_need_columns_that_run_left_right(tiny_copy):
@@ -207,4 +207,4 @@ def test_sides_need_columns_that_run_left_right(tiny_copy):
     card["config"]["cam_classifier"]["sides"], card["config"]["cam_classifier"]["flips"] = "left", False
     write_card(tiny_copy / "bundle.json", card)
     with pytest.raises(ValueError, match="columns run left-right"):
-        correct_orientation(tiny_copy, "PLS", "headers fixed")
+        correct_setting(tiny_copy, "data.orientation", "PLS", "headers fixed")

@@ -119,6 +119,22 @@ def test_a_volume_with_a_nan_or_an_infinite_voxel_is_refused(inputs, brain_bundl
     refused(inputs, brain_bundle, "channel 'T1' contains 1 NaN or infinite voxels", added)
 
 
+def test_a_nifti_whose_nan_voxels_slicer_loaded_as_0_is_refused_from_its_file(inputs, slab_files, brain_bundle,
+                                                                              added, tmp_path):
+    image = sitk.Cast(sitk.ReadImage(str(slab_files["T1"])), sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(image)
+    array[3, 10, 10:12] = np.nan
+    nan_file = sitk.GetImageFromArray(array)
+    nan_file.CopyInformation(image)
+    sitk.WriteImage(nan_file, str(tmp_path / "t1-nan.nii.gz"))
+    inputs["T1"] = loadVolume(tmp_path / "t1-nan.nii.gz", "T1 with NaN")
+    assert np.isfinite(slicer.util.arrayFromVolume(inputs["T1"])).all()  # what the scene's reader made of them
+    refused(inputs, brain_bundle, r"holds 2 NaN or infinite voxels.*'T1 with NaN': Slicer shows them as 0", added)
+    slicer.util.arrayFromVolume(inputs["T1"])[3, 10, 10:12] = 0  # the user set them on purpose: taken as it is
+    slicer.util.arrayFromVolumeModified(inputs["T1"])
+    CLDFSegmentationLogic().start(inputs, brain_bundle, device="cpu", refine="none").load()
+
+
 def test_a_constant_volume_is_refused(inputs, brain_bundle, added):
     slicer.util.updateVolumeFromArray(inputs["FLAIR"], np.full((11, 256, 256), 7, np.int16))
     refused(inputs, brain_bundle, "channel 'FLAIR' is constant: every voxel is 7", added)

@@ -179,31 +179,40 @@ def update_card(bundle_dir: str | Path, **entries: Any) -> None:
     write_card(path, doc)
 
 
-def correct_orientation(bundle_dir: str | Path, orientation: str, because: str, command: str = "") -> dict[str, Any]:
-    """Make a card name the orientation its training arrays really had; the weights stay as they are.
+CORRECTABLE = ("data.orientation", "data.ct_window")  # what the training scans were, not what the networks learnt
 
-    For a bundle trained on files whose headers misstated their orientation (right voxels, wrong
-    direction): its networks learnt the arrays as stored, so every scan must be reoriented to the
-    orientation those arrays really had, which files with corrected headers then report. The change,
-    its reason and the seal it replaces are appended to the card's ``corrections``; resealed.
+
+def correct_setting(bundle_dir: str | Path, key: str, value: Any, because: str, command: str = "") -> dict[str, Any]:
+    """Make a card say what its training scans really were; the weights stay as they are.
+
+    ``data.orientation``: for a bundle trained on files whose headers misstated their orientation (right voxels,
+    wrong direction), the orientation its training arrays really had, which files with corrected headers then
+    report. ``data.ct_window``: the Hounsfield window 8-bit CT training scans were made with, so that inputs in
+    HU go through it (`cldf.hounsfield`). The change, its reason and the seal it replaces are appended to the
+    card's ``corrections``; resealed, after the new settings pass every rule of `CLDFConfig`.
 
     Returns:
         The correction entry.
     """
     root = Path(bundle_dir)
     card = read_card(root)  # a tampered card is refused, never resealed
+    if key not in CORRECTABLE:
+        raise ValueError(f"{key} is not a setting a card may correct ({', '.join(CORRECTABLE)})")
     if not because.strip():
-        raise ValueError("say why the recorded orientation is wrong (e.g. which headers were corrected)")
-    orientation = check_orientation(orientation)
+        raise ValueError(f"say why the recorded {key} is wrong (e.g. which headers were corrected)")
+    section, name = key.split(".")
     config = card["config"]
-    before = config["data"].get("orientation", "")
-    if before == orientation:
-        raise ValueError(f"{root / 'bundle.json'} already records the orientation {orientation}; nothing to correct")
-    check_sides(config.get("cam_classifier", {}).get("sides", "whole"), orientation)
-    entry = {"setting": "data.orientation", "from": before, "to": orientation, "because": because.strip(),
+    if key == "data.orientation":
+        value = check_orientation(value)
+        check_sides(config.get("cam_classifier", {}).get("sides", "whole"), value)
+    before = config[section].get(name, CLDFConfig().get(key))
+    if before == value:
+        raise ValueError(f"{root / 'bundle.json'} already records {key} = {value}; nothing to correct")
+    corrected = {**config, section: {**config[section], name: value}}
+    CLDFConfig.from_dict(corrected)  # every setting's rule, before anything is written
+    entry = {"setting": key, "from": before, "to": value, "because": because.strip(),
              "seal_before": card["seal"], "command": command, "date": date.today().isoformat()}
-    update_card(root, config={**config, "data": {**config["data"], "orientation": orientation}},
-                corrections=[*card.get("corrections", []), entry])
+    update_card(root, config=corrected, corrections=[*card.get("corrections", []), entry])
     return entry
 
 

@@ -8,7 +8,7 @@ Ground truth is read by `read_truth`, for scoring only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from .config import DataConfig
+from .hounsfield import to_bundle_units
 from .images import InputError, read_images, stack_channels
 from .manifest import Manifest
 from .slices import normalise, robust_range, to_slices
@@ -27,16 +28,19 @@ class CaseVolume:
     """One case on the bundle's grid.
 
     Attributes:
-        volume: ``(C, Z, Y, X)`` intensities as stored, channels in the bundle's order.
+        volume: ``(C, Z, Y, X)`` intensities in the units of the bundle's training scans (a CT in HU put
+            through the bundle's ``data.ct_window``, else as stored), channels in the bundle's order.
         reference: the first channel's image on that grid (geometry of every output).
         ranges: ``(C, 2)`` each channel's robust intensity range (`slices.robust_range`).
         normalised: ``volume`` with each range mapped to [-1, 1].
+        intensities: per channel, what was done to its intensities (`hounsfield.to_bundle_units`).
     """
 
     volume: np.ndarray
     reference: sitk.Image
     ranges: np.ndarray
     normalised: np.ndarray
+    intensities: dict[str, dict] = field(default_factory=dict)
 
     @property
     def in_plane_spacing(self) -> tuple[float, float]:
@@ -57,8 +61,9 @@ def case_from_images(images: dict[str, sitk.Image], data: DataConfig, reorient_t
     """
     code = data.orientation if reorient_to_bundle else ""
     volume, reference = stack_channels(images, list(data.channels), code)
+    volume, intensities = to_bundle_units(volume, list(data.channels), data.ct_window, images)
     ranges = robust_range(volume, tuple(data.percentiles))
-    return CaseVolume(volume, reference, ranges, normalise(volume, tuple(data.percentiles), ranges))
+    return CaseVolume(volume, reference, ranges, normalise(volume, tuple(data.percentiles), ranges), intensities)
 
 
 def read_case(channels: dict[str, str | Path], data: DataConfig, reorient_to_bundle: bool = True) -> CaseVolume:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import shlex
@@ -106,7 +105,9 @@ def cmd_train(args, argv) -> int:
 
 def cmd_segment(args, argv) -> int:
     from .bundle import load_bundle
+    from .hounsfield import describe
     from .outputs import staging_folder, write_result
+    from .slice_job import provenance
 
     if bool(args.inputs) == (args.data is not None):
         raise ValueError("give either --input NAME=PATH (one volume) or --data MANIFEST (a cohort)")
@@ -117,21 +118,20 @@ def cmd_segment(args, argv) -> int:
     with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
         bundle = load_bundle(args.bundle)
         job = _segmenter(args, bundle, extra).start(inputs, args.decoder_seed)
-        score = _say_validation(bundle, job.kind)
+        _say_validation(bundle, job.kind)
+        if describe(job.intensities, windowed_only=True):
+            logging.getLogger("cldf").info("intensities: %s", describe(job.intensities, windowed_only=True))
         result = job.run(progress=not args.quiet)
         result.has_maps = result.has_maps and not args.no_maps
-        provenance = {"bundle": bundle.id, "segmenter": job.kind,
-                      "validation": dataclasses.asdict(score) if score else None,
-                      "inputs": {k: str(v) for k, v in inputs.items()}, "command": "cldf " + shlex.join(argv)}
-        paths = write_result(result, args.out, args.format, args.overwrite, provenance, staging)
+        record = provenance(job, inputs, "cldf " + shlex.join(argv))
+        paths = write_result(result, args.out, args.format, args.overwrite, record, staging)
     n_pos = int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum())
-    print(f"{job.total} slices, {n_pos} with a mask, {int(result.mask.sum())} mask voxels "
-          f"({provenance['segmenter']})")
+    print(f"{job.total} slices, {n_pos} with a mask, {int(result.mask.sum())} mask voxels ({job.kind})")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
 
 
-def _say_validation(bundle, segmenter: str):
+def _say_validation(bundle, segmenter: str) -> None:
     """The segmenter's validation score from the card, said before the run; a warning when it is low."""
     from .card import validation_score
 
@@ -144,7 +144,6 @@ def _say_validation(bundle, segmenter: str):
         logging.getLogger("cldf").warning(score.warning(name))
     else:
         logging.getLogger("cldf").info("bundle %s: %s", bundle.id, score.says())
-    return score
 
 
 def _extra_maps(args) -> tuple[str, ...]:
@@ -314,16 +313,20 @@ def cmd_tune(args, argv) -> int:
 
 
 def cmd_card(args, argv) -> int:
-    from .bundle import correct_orientation, read_card
+    from .bundle import correct_setting, read_card
 
-    if args.orientation is not None:
-        entry = correct_orientation(args.bundle, args.orientation, args.because, "cldf " + shlex.join(argv))
-        print(f"{args.bundle}: orientation {entry['from'] or 'unset'} -> {entry['to']}; weights unchanged, resealed")
+    asked = {"data.orientation": args.orientation, "data.ct_window": args.ct_window}
+    for key, value in ((k, v) for k, v in asked.items() if v is not None):
+        entry = correct_setting(args.bundle, key, value, args.because, "cldf " + shlex.join(argv))
+        print(f"{args.bundle}: {key} {entry['from'] or 'unset'} -> {entry['to']}; weights unchanged, resealed")
     card = read_card(args.bundle)
     data = card["config"]["data"]
+    window = data.get("ct_window")
     print(f"bundle {card.get('name', 'bundle')}@{card['seal'][:12]}: channels {', '.join(card['channels'])}; "
           f"slices of {data['resolution']} x {data['resolution']}, cut after reorienting every scan to "
-          f"{data.get('orientation') or 'none (the stored voxel order)'}")
+          f"{data.get('orientation') or 'none (the stored voxel order)'}; "
+          + (f"CT in HU goes through the window [{window[0]:g}, {window[1]:g}] -> 0..255" if window else
+             "intensities used as given"))
     for c in card.get("corrections", []):
         print(f"corrected {c['date']}: {c['setting']} {c['from'] or 'unset'} -> {c['to']} ({c['because']})")
     return 0

@@ -19,7 +19,7 @@ map, the seeds derived from them and the final mask, on the input's voxel grid.
   cldf segment  --bundle my-bundle --input FLAIR=flair.nii.gz --input T1=t1.nii.gz --out results/
   cldf evaluate --bundle my-bundle --data manifest.json --split test --out report.json
   cldf results  --bundle my-bundle --bundle other-bundle   (the paper's tables from recorded test metrics)
-  cldf card     --bundle my-bundle   (channels, resolution, the orientation scans are reoriented to)
+  cldf card     --bundle my-bundle   (channels, resolution, orientation, the Hounsfield window CT goes through)
   cldf demo     (segment a sample with the shipped brain bundle, write a PNG montage)
   cldf bench    (seconds per slice and peak memory: fast path vs the paper-literal path)
 
@@ -253,17 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-refine", action="store_true",
                    help="leave refinement as it is (weighing it runs SAM on every validation slice with a mask)")
 
-    c = sub.add_parser("card", help="what a bundle records about its scans; correct the orientation it records",
-                       description="Print a bundle's id, channels, resolution and the orientation every scan is "
-                                   "reoriented to before slicing. With --orientation: for a bundle trained on files "
-                                   "whose headers misstated their orientation (right voxels, wrong direction), record "
-                                   "the orientation its training arrays really had, which the corrected files now "
-                                   "report; the weights stay as they are, the card is resealed and keeps the "
+    c = sub.add_parser("card", help="what a bundle records about its scans; correct what it records about them",
+                       description="Print a bundle's id, channels, resolution, the orientation every scan is "
+                                   "reoriented to before slicing and the Hounsfield window CT goes through. "
+                                   "With --orientation: for a bundle trained on files whose headers misstated their "
+                                   "orientation (right voxels, wrong direction), record the orientation its training "
+                                   "arrays really had, which the corrected files now report. With --ct-window: record "
+                                   "the window its 8-bit CT training scans were made with, so that CT in HU goes "
+                                   "through it. The weights stay as they are; the card is resealed and keeps the "
                                    "correction, its reason and the seal it replaces under 'corrections'.")
     c.add_argument("--bundle", required=True, type=Path)
     c.add_argument("--orientation", default=None, metavar="CODE",
                    help="the orientation code the training arrays really had, e.g. LPS")
-    c.add_argument("--because", default="", help="why (kept in the card); needed with --orientation")
+    c.add_argument("--ct-window", default=None, nargs=2, type=float, metavar=("LOW", "HIGH"),
+                   help="the Hounsfield window the training scans were made with (mapped to 0..255), e.g. -125 275")
+    c.add_argument("--because", default="", help="why (kept in the card); needed with --orientation or --ct-window")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))

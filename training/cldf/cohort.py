@@ -23,7 +23,7 @@ from .bundle import Bundle
 from .images import InputError
 from .manifest import Case, Manifest
 from .outputs import MARKER, write_result
-from .slice_job import VolumeSegmenter
+from .slice_job import VolumeSegmenter, provenance
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,15 @@ def _segment_case(segmenter: VolumeSegmenter, bundle: Bundle, case: Case, folder
                   command: str, write_maps: bool) -> None:
     t0 = time.time()
     inputs = {c: case.channels[c] for c in bundle.channels}
-    result = segmenter.start(inputs).run(progress=False)
+    job = segmenter.start(inputs)
+    result = job.run(progress=False)
     result.has_maps = result.has_maps and write_maps
     spacing = result.reference.GetSpacing()
     summary = {"case": case.id, "slices": len(result.presence),
                "positive_slices": int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum()),
                "mask_ml": round(float(result.mask.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0, 3),
                "seconds": round(time.time() - t0, 1)}
-    provenance = {"bundle": bundle.id, "inputs": {k: str(v) for k, v in inputs.items()}, "command": command,
-                  "summary": summary}
-    write_result(result, folder, fmt, overwrite, provenance)
+    write_result(result, folder, fmt, overwrite, provenance(job, inputs, command, summary=summary))
 
 
 def write_summary(out: Path) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .hounsfield import MODALITY_TAG, RESCALE_TAG
 from .orientation import reorient
 
 
@@ -64,7 +65,7 @@ def read_image(path: Path, name: str) -> sitk.Image:
         raise InputError(f"channel '{name}': {path} is not an image this tool can read, or it is corrupted; "
                          f"give {IMAGE_FORMATS}") from None
     if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_data(path, name)
+        check_nifti_data(path, name)
     return image
 
 
@@ -92,14 +93,19 @@ def _read_series(folder: Path, name: str) -> sitk.Image:
                          "put the series to segment in a folder of its own")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError:
         raise InputError(f"channel '{name}': the DICOM series in {folder} cannot be read as one volume "
                          "(missing or inconsistent slices?)") from None
+    for tag in (MODALITY_TAG, RESCALE_TAG):  # the modality and rescale say whether a series is CT in HU
+        if reader.HasMetaDataKey(0, tag):
+            image.SetMetaData(tag, reader.GetMetaData(0, tag))
+    return image
 
 
-def _check_nifti_data(path: Path, name: str) -> None:
+def check_nifti_data(path: Path, name: str) -> None:
     """NIfTI data read in full, as stored: SimpleITK pads a truncated file and reads NaN and Inf as 0."""
     import nibabel
 

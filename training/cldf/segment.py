@@ -22,7 +22,7 @@ from .features import DiffusionFeatures, EncoderFeatures
 from .maps import CDMSaliency, MeanGradient, build_cam, normalise_per_slice
 from .postprocess import SliceEvidence, keep_main_components, keep_slices
 from .seeds import FOREGROUND, body_mask, fuse_seeds
-from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner, input_warnings
+from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner
 from .slice_maps import SliceMaps, slice_presence
 from .slices import from_slices
 from .variants import OWN_NETWORKS, VARIANTS
@@ -234,14 +234,13 @@ class SegmentationJob(SliceJob):
     kind = "cldf"
 
     def __init__(self, segmenter: Segmenter, case: cases.CaseVolume, decoder_seed: int = 0, keep_cache: bool = False):
-        super().__init__(case.volume.shape[1])
         if decoder_seed not in segmenter.bundle.decoders[segmenter.variant]:
             raise ValueError(f"the bundle has no decoder with seed {decoder_seed}")
+        super().__init__(case, segmenter.bundle)
         self.segmenter = segmenter
         self.decoder_seed = decoder_seed
         cfg = segmenter.cfg.data
         volume, reference, normalised = case.volume, case.reference, case.normalised
-        self.warnings = input_warnings(case, segmenter.bundle)
         self.slices = case.slices(cfg.resolution)
         r = segmenter.cam_resolution
         self.cam_slices = case.slices(r) if r else None  # the CAM source's own slices

@@ -7,6 +7,7 @@ what the whole volume does once every slice is done (`_finish`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import cases
 from .bundle import Bundle
+from .card import validation_score
 from .config import CLDFConfig
 from .images import read_images
 from .plausibility import intensity_warnings, same_image_warnings
@@ -35,12 +37,13 @@ class SliceJob:
     kind: str  # which segmenter makes the mask: "cldf" (the pipeline) or "student"
     segmenter: object  # has ``batch_size`` and ``to(device)``
     result: VolumeResult
-    warnings: list[str]
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, case: cases.CaseVolume, bundle: Bundle):
+        self.total = case.volume.shape[1]
         self.done = 0
         self.cancelled = False
+        self.warnings = input_warnings(case, bundle)  # what is unusual about the input for this bundle
+        self.intensities = case.intensities  # per channel, what was done to its intensities (HU windowed or not)
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -117,6 +120,16 @@ class VolumeSegmenter:
 
     def _job(self, case: cases.CaseVolume, decoder_seed: int, keep_cache: bool) -> SliceJob:
         raise NotImplementedError
+
+
+def provenance(job: SliceJob, inputs: dict[str, str | Path], command: str, **more) -> dict:
+    """What ``cldf-result.json`` records about a run: the bundle, the segmenter and its validation score, what was
+    done to the input's intensities, the inputs and the command (the CLI's and cohort runs' one record)."""
+    bundle = job.segmenter.bundle
+    score = validation_score(bundle.card, job.kind)
+    return {"bundle": bundle.id, "segmenter": job.kind, "validation": dataclasses.asdict(score) if score else None,
+            "intensities": job.intensities, "inputs": {k: str(v) for k, v in inputs.items()}, "command": command,
+            **more}
 
 
 def input_warnings(case: cases.CaseVolume, bundle: Bundle) -> list[str]:

@@ -18,7 +18,7 @@ from .config.constraints import SEGMENTERS
 from .defaults import BATCH_SIZE, DEVICE
 from .device import autocast, resolve_device
 from .postprocess import keep_main_components
-from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner, input_warnings
+from .slice_job import SliceJob, VolumeSegmenter, bundle_refiner
 from .slices import from_slices, to_slices
 from .volume_result import VolumeResult
 
@@ -96,9 +96,8 @@ class StudentJob(SliceJob):
     kind = "student"
 
     def __init__(self, segmenter: StudentSegmenter, case: cases.CaseVolume):
-        super().__init__(case.volume.shape[1])
+        super().__init__(case, segmenter.bundle)
         self.segmenter = segmenter
-        self.warnings = input_warnings(case, segmenter.bundle)
         self.slices = student_slices(case.normalised, segmenter.cfg.student)
         self.map_slices = case.slices(segmenter.cfg.data.resolution) if segmenter.maps is not None else None
         self.refine_image = case.normalised[segmenter.refine_channel] if segmenter.refiner is not None else None

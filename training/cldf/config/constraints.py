@@ -58,6 +58,11 @@ def _orientation_ok(code: str) -> bool:
     return code == "" or (len(code) == 3 and all(sum(c in axis for c in code) == 1 for axis in AXES))
 
 
+def _ct_window_ok(v: Any) -> bool:
+    return v is None or (len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                         and -2000 <= v[0] < v[1] <= 4000)
+
+
 POSITIVE, COUNT, FRACTION = at_least(1), at_least(0), between(0, 1)
 RATE = between(0, 10, open_low=True)
 NETWORK = {"channels": each(POSITIVE), "num_res_blocks": POSITIVE, "norm_num_groups": POSITIVE,
@@ -76,7 +81,8 @@ RULES: dict[str, dict[str, Rule]] = {
              "body_threshold": between(-1, 1),
              "split_fractions": Rule(lambda v: len(v) == 3 and min(v) >= 0 and abs(sum(v) - 1) < 1e-6,
                                      "three fractions (train, validation, test) summing to 1"),
-             "orientation": Rule(_orientation_ok, 'an orientation code such as "LPS" or "RAS" (or "")')},
+             "orientation": Rule(_orientation_ok, 'an orientation code such as "LPS" or "RAS" (or "")'),
+             "ct_window": Rule(_ct_window_ok, "null or two Hounsfield values, -2000 <= low < high <= 4000")},
     "diffusion": {**NETWORK, **TRAINING, "num_train_timesteps": at_least(2), "schedule": one_of(*SCHEDULES),
                   "beta_start": between(0, 1, True, True), "beta_end": between(0, 1, True, True)},
     "noisy_classifier": CLASSIFIER,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..defaults import ABDOMEN_CT_WINDOW
 from .overrides import apply_settings
 from .sections import (
     AmeCamConfig,
@@ -58,15 +59,17 @@ PAPER = CLDFConfig(
 _AME_CAM: dict[str, Any] = {"ame_cam.enabled": True, "ame_cam.top_fraction": 0.05, "ame_cam.hard_negatives": 0.5}
 # The abdominal bundles were trained with the narrow intensity augmentation (the CPU recipe now uses the wide one).
 _NARROW: dict[str, Any] = {"cam_classifier.intensity": "narrow"}
+# The BTCV scans are 8-bit CT: the abdomen window in HU mapped to 0..255. CT given in HU goes through it.
+_BTCV: dict[str, Any] = {"data.channels": ["CT"], "data.ct_window": list(ABDOMEN_CT_WINDOW), **_AME_CAM, **_NARROW}
 # Organs with sides: the CAM classifier sees the patient's halves, never mirrored (`cldf.sides`).
 _NO_FLIPS: dict[str, Any] = {"cam_classifier.flips": False}
 
 RECIPES: dict[str, dict[str, Any]] = {
     "brain-mri-flair-t1": {"data.channels": ["FLAIR", "T1"], **_AME_CAM},
-    "abdomen-ct-kidney": {"data.channels": ["CT"], **_AME_CAM, **_NARROW, **_NO_FLIPS, "cam_classifier.sides": "both",
+    "abdomen-ct-kidney": {**_BTCV, **_NO_FLIPS, "cam_classifier.sides": "both",
                           "cam_classifier.left_labels": [3], "cam_classifier.right_labels": [2]},
-    "abdomen-ct-spleen": {"data.channels": ["CT"], **_AME_CAM, **_NARROW, **_NO_FLIPS, "cam_classifier.sides": "left"},
-    "abdomen-ct-liver": {"data.channels": ["CT"], **_AME_CAM, **_NARROW},
+    "abdomen-ct-spleen": {**_BTCV, **_NO_FLIPS, "cam_classifier.sides": "left"},
+    "abdomen-ct-liver": _BTCV,
 }
 
 PRESETS: dict[str, CLDFConfig] = {"cpu": CPU, "paper": PAPER,

@@ -34,6 +34,9 @@ class DataConfig:
             before slicing, so that slices are cut along the same anatomical axis
             however a scan is stored; set from the first training case; "" keeps
             the stored voxel order.
+        ct_window: the Hounsfield window the training scans were made with (HU clipped to it, mapped
+            linearly onto 0..255); a channel given in HU goes through it first (`cldf.hounsfield`).
+            None: the training scans were used as given (MR; a CT cohort trained in its own units).
     """
 
     channels: list[str] = field(default_factory=lambda: ["FLAIR", "T1"])
@@ -43,6 +46,7 @@ class DataConfig:
     body_threshold: float = -0.8
     split_fractions: tuple[float, float, float] = (0.6, 0.15, 0.25)
     orientation: str = ""
+    ct_window: tuple[float, float] | None = None
 
 
 @dataclass

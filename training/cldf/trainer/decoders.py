@@ -145,7 +145,8 @@ def add_decoders(bundle_dir: Path, manifest_path: Path, device: str = DEVICE, co
     if not train_ids:
         raise ValueError(f"{bundle_dir}/bundle.json records no training split; retrain the bundle with `cldf train`")
     data = cached_slice_set(manifest, train_ids, cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
-                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction, cfg.data.orientation)
+                          card.get("task", {}).get("mask_labels"), cfg.data.positive_fraction, cfg.data.orientation,
+                          ct_window=cfg.data.ct_window)
     dev = resolve_device(device)
     t0 = time.time()
     seeds = tuple(sorted(bundle.decoders["cdm"]))

@@ -38,10 +38,12 @@ def load_slice_set(
     target_labels: list[int] | None,
     positive_fraction: float,
     orientation: str = "",
+    ct_window: tuple[float, float] | None = None,
 ) -> SliceSet:
-    """Images of the given cases (reoriented to ``orientation``) with their weak slice labels; ambiguous slices dropped."""
+    """Images of the given cases (reoriented to ``orientation``; CT in HU through ``ct_window``) with their weak
+    slice labels; ambiguous slices dropped."""
     data = DataConfig(channels=list(channels), resolution=resolution, percentiles=tuple(percentiles),
-                      orientation=orientation)
+                      orientation=orientation, ct_window=ct_window)
     images, labels, index, ranges = [], [], [], []
     for i, cid in enumerate(case_ids):
         case = manifest.case(cid)

@@ -40,11 +40,13 @@ def cache_root() -> Path:
 
 def cached_slice_set(manifest: Manifest, case_ids: list[str], channels: list[str], resolution: int,
                      percentiles: tuple[float, float], target_labels: list[int] | None, positive_fraction: float,
-                     orientation: str = "", root: Path | None = None, progress: bool = True) -> SliceSet:
+                     orientation: str = "", root: Path | None = None, progress: bool = True,
+                     ct_window: tuple[float, float] | None = None) -> SliceSet:
     """`slice_set.load_slice_set`, from the cache when it holds these cases and settings, else built into it first."""
     settings = {"version": CACHE_VERSION, "channels": list(channels), "resolution": resolution,
                 "percentiles": list(percentiles), "target_labels": target_labels,
-                "positive_fraction": positive_fraction, "orientation": orientation}
+                "positive_fraction": positive_fraction, "orientation": orientation,
+                **({"ct_window": list(ct_window)} if ct_window is not None else {})}  # older caches stay valid
     cases = [manifest.case(cid) for cid in case_ids]
     files = {c.id: _input_files(c, channels) for c in cases}
     key = hashlib.sha256(json.dumps({"settings": settings, "files": files}, sort_keys=True).encode()).hexdigest()
@@ -107,7 +109,7 @@ def _build(folder: Path, manifest: Manifest, cases: list[Case], settings: dict, 
     for i, case in enumerate(tqdm(cases, desc="slice cache", unit="case", disable=not progress)):
         one = load_slice_set(manifest, [case.id], settings["channels"], settings["resolution"],
                              tuple(settings["percentiles"]), settings["target_labels"], settings["positive_fraction"],
-                             settings["orientation"])
+                             settings["orientation"], settings.get("ct_window"))
         np.save(work / f"case-{i}.npy", one.images.numpy())
         labels.append(one.labels.numpy())
         index.append(np.full(len(one.labels), i, np.int64))

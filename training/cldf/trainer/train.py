@@ -49,7 +49,9 @@ from ..bundle import Bundle, decoders_state, load_bundle, save_bundle, update_ca
 from ..config import CLDFConfig, apply_settings
 from ..defaults import DEVICE
 from ..device import device_name, resolve_device
-from ..manifest import check_channels, check_training_split, load_manifest, split_cases, stored_orientation
+from ..hounsfield import DEFAULT_CT_WINDOW, any_hounsfield
+from ..images import read_images
+from ..manifest import Case, check_channels, check_training_split, load_manifest, split_cases, stored_orientation
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
 from ..sides import check_side_settings, side_labels
@@ -164,6 +166,7 @@ def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.devi
     check_channels(manifest, splits["train"] + splits["val"], list(cfg.data.channels))
     if not cfg.data.orientation:  # slices are cut along the first training case's axes; every volume is reoriented
         cfg.data.orientation = stored_orientation(manifest.case(splits["train"][0]), cfg.data.channels[0])
+    _choose_ct_window(cfg, manifest.case(splits["train"][0]))
     check_side_settings(cfg, req.target_labels)
     fingerprint = run_folder.run_fingerprint(req)
     run_folder.check_run(ckdir, fingerprint, splits)
@@ -173,6 +176,7 @@ def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.devi
         train_set = cached_slice_set(
             manifest, splits["train"], cfg.data.channels, cfg.data.resolution, tuple(cfg.data.percentiles),
             req.target_labels, cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress and ranks.main,
+            ct_window=cfg.data.ct_window,
         )
     if len(torch.unique(train_set.labels)) < 2:
         raise ValueError("the training split needs both positive and negative slices")
@@ -180,6 +184,17 @@ def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.devi
     if ranks.main:
         run_folder.record_run(ckdir, fingerprint, splits)  # every refusal comes before: nothing is written until here
     return manifest, splits, train_set
+
+
+def _choose_ct_window(cfg: CLDFConfig, first: Case) -> None:
+    """A cohort in Hounsfield units trains through a window (recorded in the card, so inputs in HU get the same):
+    ``data.ct_window`` when set, else the abdomen window."""
+    if cfg.data.ct_window is not None:
+        return
+    if any_hounsfield(read_images({c: first.channels[c] for c in cfg.data.channels}, list(cfg.data.channels))):
+        cfg.data.ct_window = DEFAULT_CT_WINDOW
+        log.info("the training cases are CT in Hounsfield units: every scan goes through the window [%g, %g] HU "
+                 "(data.ct_window; --set data.ct_window=[LOW,HIGH] chooses another)", *DEFAULT_CT_WINDOW)
 
 
 def _fit_networks(req: TrainRequest, cfg: CLDFConfig, train_set: SliceSet, ckdir: Path, device: torch.device,

@@ -63,7 +63,8 @@ def train_ame_stage(cfg: CLDFConfig, manifest: Manifest, splits: dict[str, list[
 
     def slice_set(ids: list[str]) -> SliceSet:
         return cached_slice_set(manifest, ids, cfg.data.channels, r, tuple(cfg.data.percentiles), req.target_labels,
-                                cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress)
+                                cfg.data.positive_fraction, cfg.data.orientation, progress=req.progress,
+                                ct_window=cfg.data.ct_window)
 
     data = train_set if r == cfg.data.resolution else slice_set(train_set.case_ids)
     val_set = slice_set(splits["val"]) if splits.get("val") else None

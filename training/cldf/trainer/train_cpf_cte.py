@@ -114,7 +114,7 @@ def validation_auc(net: CpfCte, val_set: SliceSet, device: torch.device, batch: 
 def _slices(manifest: Manifest, ids: list[str], cfg: CLDFConfig, target_labels, progress: bool) -> SliceSet:
     d = cfg.data
     return cached_slice_set(manifest, ids, d.channels, d.resolution, tuple(d.percentiles), target_labels,
-                            d.positive_fraction, d.orientation, progress=progress)
+                            d.positive_fraction, d.orientation, progress=progress, ct_window=d.ct_window)
 
 
 def add_cpf_cte(bundle_dir: Path, manifest_path: Path, device: str, settings: dict[str, Any] | None = None,
