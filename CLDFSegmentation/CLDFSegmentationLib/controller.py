@@ -83,8 +83,8 @@ class CLDFSegmentationController:
         card, problem = self.bundleCard()
         channels = card.channels if card else ()
         ready = card is not None and self.parameters.inputVolumes(channels) is not None
-        text = problem or (f"Segments: {card.target}. Channels: {', '.join(channels)}." if card else
-                           "Choose a model bundle.")
+        text = problem or (f"Segments: {card.target}. Channels: {', '.join(channels)}. "
+                           f"{card.says(self.parameters.segmenter)}" if card else "Choose a model bundle.")
         running = self.running
         return PanelState(segmentText="Cancel" if running else "Segment", segmentEnabled=running or ready,
                           exportEnabled=not running and self.parameters.outputs() is not None,

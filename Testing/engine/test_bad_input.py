@@ -10,7 +10,6 @@ import errno
 import gzip
 import json
 import os
-import re
 import shutil
 
 import numpy as np
@@ -155,44 +154,6 @@ def test_4d_and_vector_images_are_refused(scan, tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.stack([a, a, a], -1), isVector=True), str(vector))
     with pytest.raises(InputError, match="3 components per voxel"):
         read_channels({"FLAIR": vector}, ["FLAIR"])
-
-
-def _kind(kind: str, a: np.ndarray, folder) -> object:
-    """One input kind that is not a 3D scalar volume, made from a real slab ``a`` (Z, Y, X)."""
-    if kind == "2D":
-        return write_image(a[0], folder / "slice.nii.gz")
-    if kind == "PNG":
-        path = folder / "slice.png"
-        sitk.WriteImage(sitk.GetImageFromArray(np.clip(a[0] / a.max() * 255, 0, 255).astype(np.uint8)), str(path))
-        return path
-    if kind == "4D":
-        path = folder / "4d.nii.gz"
-        sitk.WriteImage(sitk.JoinSeries([sitk.GetImageFromArray(a)] * 2), str(path))
-        return path
-    if kind == "vector":
-        path = folder / "rgb.nrrd"
-        sitk.WriteImage(sitk.GetImageFromArray(np.stack([a, a, a], -1), isVector=True), str(path))
-        return path
-    return write_image(a[:1], folder / "one-slice.nii.gz")
-
-
-@pytest.mark.parametrize("kind,message", [
-    ("2D", "channel 'FLAIR' is a 2D image; a 3D volume"),
-    ("PNG", "channel 'FLAIR' is a 2D image; a 3D volume"),
-    ("4D", "channel 'FLAIR' is 4D .several volumes in one file.; give each channel as its own 3D volume"),
-    ("vector", "channel 'FLAIR' has 3 components per voxel; give one scalar volume per channel"),
-    ("one slice", "channel 'FLAIR' is a single 2D slice"),
-])
-def test_each_input_kind_that_is_not_a_volume_is_refused_before_any_work(tiny_bundle, case_paths, scan, tmp_path,
-                                                                         capsys, kind, message):
-    """Through the command line with a bundle that reorients its inputs: the checks come before orientation."""
-    assert load_bundle(tiny_bundle).config.data.orientation
-    bad = _kind(kind, scan[0][:6, :40, :40], tmp_path)
-    code = _segment(tiny_bundle, {"FLAIR": bad, "T1": case_paths["T1"]}, tmp_path / "out")
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and "sitk::ERROR" not in err
-    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64])

@@ -208,3 +208,23 @@ def test_the_shipped_cards_give_their_validation_scores(name, segmenter, dice):
     card = json.loads((REPO / "CLDFSegmentation/Resources/Models" / name / "bundle.json").read_text())
     score = validation_score(card, segmenter)
     assert score.dice_3d == dice and score.patients == len(card["student"]["validation_cases"]) and not score.low
+
+
+def test_the_panel_line_gives_each_segmenters_validation_score_and_warns_when_low_or_missing(tiny_bundle, tmp_path):
+    from cldf.bundle import write_card
+    from cldf.card import card_summary
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "bundle.json").read_text())
+    for row in card["student"]["table"]:
+        row["dice_3d"] = 0.8 if row["segmenter"] == "student" else 0.1
+    card["selection"] = {}  # the pipeline's own rule table gone: only the student's table speaks for it
+    write_card(copy / "bundle.json", card)
+    summary = card_summary(copy)
+    assert summary.says("student").startswith("Validation: 3D Dice 0.80 on 1 validation patients (student)")
+    assert summary.says("cldf") == ("Warning: bundle 'tiny' scored a 3D Dice of 0.10 on its 1 validation patients "
+                                    "(below 0.3): its masks are unreliable; train it on more patients or for longer.")
+    card.pop("student")
+    write_card(copy / "bundle.json", card)
+    assert "no validation score" in card_summary(copy).says("bundle")

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .defaults import TARGET_COLOR, TARGET_NAME
+from .defaults import SEGMENTER_CHOICES, TARGET_COLOR, TARGET_NAME
 
 FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
 LOW_VALIDATION_DICE = 0.3  # a bundle whose shipped segmenter scored below this 3D Dice on validation is said to be weak
@@ -84,13 +84,22 @@ class ValidationScore:
 
 @dataclass(frozen=True)
 class CardSummary:
-    """What a bundle list shows: the bundle's name, its channels in input order and its target."""
+    """What a bundle list shows: the bundle's name, its channels in input order, its target, and how each choice of
+    segmenter ("bundle", "cldf", "student") scored on its validation patients (None: not recorded)."""
 
     path: Path
     name: str
     channels: tuple[str, ...]
     target: str
     color: tuple[int, int, int]
+    validation: dict[str, ValidationScore | None] = field(default_factory=dict)
+
+    def says(self, segmenter: str = "bundle") -> str:
+        """The panel's line on a segmenter's validation score, a warning when it is low or missing."""
+        score = self.validation.get(segmenter)
+        if score is None:
+            return "Warning: no validation score is recorded; how well it segments is unknown."
+        return f"Warning: {score.warning(self.name)}." if score.low else f"Validation: {score.says()}."
 
 
 def validation_score(card: dict[str, Any], segmenter: str | None = None) -> ValidationScore | None:
@@ -121,5 +130,6 @@ def card_summary(bundle_dir: str | Path) -> CardSummary:
     if not isinstance(channels, list) or not channels or not all(isinstance(c, str) for c in channels):
         raise BundleError(f"{root / 'bundle.json'} is corrupted ('channels' must list the channel names)")
     color = task.get("color", TARGET_COLOR)
+    scores = {choice: validation_score(card, None if choice == "bundle" else choice) for choice in SEGMENTER_CHOICES}
     return CardSummary(root, str(card.get("name", root.name)), tuple(channels), str(task.get("target", TARGET_NAME)),
-                       (int(color[0]), int(color[1]), int(color[2])))
+                       (int(color[0]), int(color[1]), int(color[2])), scores)

@@ -4,6 +4,9 @@ preset (256 x 256, the paper's networks) trains to the end on real scans that wa
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,11 +14,12 @@ import SimpleITK as sitk
 
 from cldf.bundle import load_bundle
 from cldf.cli import main
-from cldf.trainer.train import BUDGET_SHARES
+from cldf.config import CLDFConfig
+from cldf.trainer.stages import BUDGET_SHARES, TrainRequest
 from conftest import TINY_STUDENT
 
 BUNDLE_FILES = {"bundle.json", "cdm.safetensors", "noisy_classifier.safetensors", "cam_classifier.safetensors",
-                "decoders.safetensors", "student.safetensors"}
+                "decoders.safetensors"}
 
 
 def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(small_manifest, tmp_path):
@@ -24,21 +28,66 @@ def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(s
             "--device", "cpu", "--decoder-seeds", "0", "--no-select", "--time-budget", "0.1",
             "--set", "data.resolution=32", "--set", "diffusion.steps=1000000", "--set", "noisy_classifier.steps=1000000",
             "--set", "cam_classifier.steps=1", "--set", "decoder.epochs=1", "--set", "decoder.pixels_per_class=32",
-            *TINY_STUDENT]
+            "--set", "student.enabled=false"]  # the student's budget: below
     assert main(args) == 0
     assert set(p.name for p in out.iterdir()) == BUNDLE_FILES
     training = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["training"]
     budget = training["time_budget"]
     assert budget["minutes"] == 0.1 and budget["shares"] == BUDGET_SHARES
     stopped = budget["stopped_at_share"]
-    assert {"cdm", "noisy_classifier"} <= set(stopped) and "cam_classifier" not in stopped  # 1 step: done
-    for name in ("cdm", "noisy_classifier"):  # each stopped at a step boundary soon after its share
+    assert {"cdm", "noisy_classifier"} <= set(stopped) and "cam_classifier" not in stopped  # 1 step, taken however little is left
+    for name in ("cdm", "noisy_classifier"):  # each stopped at a step boundary
         assert 0 < stopped[name] < 1_000_000
-        share_s = 6.0 * BUDGET_SHARES[name]  # the card keeps wall-clocks to 0.1 s: a share of 2.4 s can read 2.4
-        assert share_s - 0.05 <= training["wall_clock_s"][name] < share_s + 10.0
-    student = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["student"]
-    assert student["cases_with_pseudo_masks"] == 1 < student["training_cases"]  # its share ends after the first case
+    trained = ("cdm", "noisy_classifier", "cam_classifier", "decoders")  # no selection, AME-CAM, CPF-CTE, student
+    cdm_share = 6.0 * BUDGET_SHARES["cdm"] / sum(BUDGET_SHARES[s] for s in trained)  # less what ran before it
+    seconds = training["wall_clock_s"]
+    assert seconds["cdm"] < cdm_share + 1.0 and seconds["cdm"] + seconds["noisy_classifier"] < 6.0 + 1.0
     load_bundle(out)
+    # the student alone within a budget: its pseudo-masks' share ends after the first case, its training and
+    # validation then take what is left
+    assert main(["-q", "student", "--bundle", str(out), "--data", str(small_manifest), "--device", "cpu",
+                 "--time-budget", "0.01", *TINY_STUDENT]) == 0
+    student = json.loads((out / "bundle.json").read_text(encoding="utf-8"))["student"]
+    assert student["cases_with_pseudo_masks"] == 1 < student["training_cases"]
+
+
+def test_a_student_whose_time_is_already_spent_is_left_out_and_the_card_says_why(tiny_bundle, small_manifest,
+                                                                                 tmp_path, caplog):
+    from cldf.bundle import update_card
+    from cldf.manifest import load_manifest
+    from cldf.trainer.train import _student_stage
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    card = json.loads((copy / "bundle.json").read_text(encoding="utf-8"))
+    (copy / "student.safetensors").unlink()
+    update_card(copy, files={k: v for k, v in card["files"].items() if k != "student.safetensors"}, student={},
+                config={**card["config"], "student": {**card["config"]["student"], "segmenter": "cldf"}})
+    cfg = load_bundle(copy).config
+    req = TrainRequest(manifest=small_manifest, out=copy, config=cfg, device="cpu", progress=False,
+                       time_budget_min=1.0, started=time.monotonic() - 61.0)  # the minute is gone
+    with caplog.at_level("WARNING"):
+        _student_stage(copy, cfg, load_manifest(small_manifest), req, tmp_path / "checkpoints")
+    assert "time budget (1 min) was spent before the student's stage" in caplog.text
+    bundle = load_bundle(copy)
+    assert bundle.student is None and "time budget" in bundle.card["student"]["skipped"]
+    assert not (tmp_path / "checkpoints").exists()  # no work was started
+
+
+def test_each_stage_gets_its_share_of_what_is_left_among_the_stages_still_to_run():
+    req = TrainRequest(manifest=Path("m.json"), out=Path("b"), config=CLDFConfig(), time_budget_min=10.0,
+                       started=time.monotonic() - 60.0)  # a minute gone: 540 s left
+    runs = ("cdm", "noisy_classifier", "cam_classifier", "selection", "decoders", "postprocess", "student")
+    assert req.stage_seconds("cdm") == pytest.approx(540 * 0.40 / sum(BUDGET_SHARES[s] for s in runs), abs=1.0)
+    assert req.stage_seconds("student") == pytest.approx(540.0, abs=1.0)  # the last stage: all that is left
+    req.select = False  # no selection: its shares go to the others
+    assert req.stage_seconds("decoders") == pytest.approx(540 * 0.10 / 0.15, abs=1.0)
+    student_only = TrainRequest(manifest=Path("m.json"), out=Path("b"), config=CLDFConfig(), time_budget_min=1.0,
+                                budget_stages=("student",))
+    assert student_only.stage_seconds("student") == pytest.approx(60.0, abs=1.0)
+    late = TrainRequest(manifest=Path("m.json"), out=Path("b"), config=CLDFConfig(), time_budget_min=1.0,
+                        started=time.monotonic() - 120.0)
+    assert late.stage_seconds("cdm") == 0.0  # over budget: every stage stops at its first step boundary
 
 
 def test_the_paper_preset_trains_to_the_end_on_real_scans_and_segments(small_manifest, case_paths, tmp_path):

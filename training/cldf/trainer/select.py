@@ -91,13 +91,21 @@ class _Features:
 
 
 def _collect(seg: Segmenter, images, ids: torch.Tensor, desc: str, progress: bool, sources: list[str],
-             store: TensorStore) -> _Slices:
-    """Every source's CAM and presence; the mean gradient and the features once (these into ``store``)."""
+             store: TensorStore, seconds: float = float("inf")) -> _Slices:
+    """Every source's CAM and presence; the mean gradient and the features once (these into ``store``).
+
+    ``seconds``: no batch is started once they are used (the first always runs); ``ids`` then keeps the slices done.
+    """
     cams: dict[str, list] = {m: [] for m in sources}
     presences: dict[str, list] = {m: [] for m in sources}
     mgs, bodies = [], []
     feats = _Features(store, len(seg.features.block_channels))
+    t0 = time.time()
     for start in tqdm(range(0, len(images), seg.batch_size), desc=desc, disable=not progress, leave=False):
+        if start and time.time() - t0 >= seconds:
+            log.info("%s: %d of %d slices, the share of the time budget used", desc, start, len(images))
+            ids = ids[:start]
+            break
         x = images[start : start + seg.batch_size].to(seg.device)
         with autocast(seg.device):
             for m in sources:
@@ -114,7 +122,7 @@ def _collect(seg: Segmenter, images, ids: torch.Tensor, desc: str, progress: boo
 
 
 def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_labels, progress: bool,
-                sources: list[str], store: TensorStore):
+                sources: list[str], store: TensorStore, seconds: float = float("inf")):
     """Validation slices with target > positive_fraction, their maps, features and ground truth."""
     cfg = seg.cfg.data
     images, ids, truths, shapes = [], [], [], []
@@ -130,8 +138,9 @@ def _val_slices(seg: Segmenter, manifest: Manifest, case_ids: list[str], target_
             negatives[m].append(seg.presence(slices[gt.sum(axis=(1, 2)) == 0], m))
         truths += [gt[z].copy() for z in positive]  # copies: a view would keep the whole volume in memory
         shapes += [gt.shape[1:]] * len(positive)
-    data = _collect(seg, torch.cat(images), torch.cat(ids), "validation maps", progress, sources, store)
-    return data, truths, shapes, {m: torch.cat(v) for m, v in negatives.items()}
+    data = _collect(seg, torch.cat(images), torch.cat(ids), "validation maps", progress, sources, store, seconds)
+    n = len(data.x_ids)
+    return data, truths[:n], shapes[:n], {m: torch.cat(v) for m, v in negatives.items()}
 
 
 def choose_gate(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, list[dict]]:
@@ -173,9 +182,11 @@ def _select_settings(bundle: Bundle, train_set: SliceSet, manifest: Manifest, va
     pos = (train_set.labels == 1).nonzero()[:, 0]
     if len(pos) > SELECT_TRAIN_SLICES:
         pos = pos[torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))[:SELECT_TRAIN_SLICES]].sort().values
-    train = _collect(seg, _Rows(train_set.images, pos), pos, "training maps", progress, sources, train_store)
+    # under a time budget, each set of maps takes at most a third of it and the grid points the rest
+    train = _collect(seg, _Rows(train_set.images, pos), pos, "training maps", progress, sources, train_store,
+                     seconds / 3)
     val, truths, shapes, negative_presence = _val_slices(seg, manifest, val_ids, target_labels, progress, sources,
-                                                         val_store)
+                                                         val_store, seconds / 3)
     size = tuple(train_set.images.shape[-2:])
     rows, gate_rows = [], []
     combos = list(itertools.product(sources, *DECODER_GRID.values()))

@@ -2,7 +2,7 @@
 
 Every network stage of `train`, `train_ame` and `train_cpf_cte` is a `Stage` (which slices a step draws, and its
 loss) run by `fit`: AdamW, checkpointed in the run's checkpoint folder at least every minute and
-at the end, resumed from there, stopped at a step boundary by Ctrl-C or by its share of
+at the end, resumed from there, stopped at a step boundary by Ctrl-C or by its share of what is left of
 ``--time-budget`` (`BUDGET_SHARES`). Only slice labels reach this module; masks never do.
 """
 
@@ -33,9 +33,11 @@ from .slice_set import SliceSet
 
 log = logging.getLogger(__name__)
 
-# Each stage's share of ``--time-budget``, in proportion to what it takes on the paper's preset.
+# Each stage's share of ``--time-budget``, in proportion to what it takes on the paper's preset, in the order the
+# stages run ("postprocess": the volume-level rules chosen after the decoders).
 BUDGET_SHARES = {"cdm": 0.40, "noisy_classifier": 0.15, "cam_classifier": 0.08, "ame_classifier": 0.08,
-                 "ame_aggregator": 0.02, "cpf_cte": 0.02, "selection": 0.1, "decoders": 0.1, "student": 0.05}
+                 "ame_aggregator": 0.02, "cpf_cte": 0.02, "selection": 0.06, "decoders": 0.1, "postprocess": 0.04,
+                 "student": 0.05}
 SELECT_PATIENTS = 24  # selection's cost and memory stop growing with the cohort here
 MIN_VAL_PATIENTS = 2  # settings selection needs this many validation patients
 
@@ -60,17 +62,34 @@ class TrainRequest:
     keep_checkpoints: bool = False
     progress: bool = True
     extra_card: dict = field(default_factory=dict)
-    time_budget_min: float | None = None  # wall-clock for the whole run, split over the stages (`BUDGET_SHARES`)
+    time_budget_min: float | None = None  # wall-clock for this run, split over its stages (`BUDGET_SHARES`)
+    budget_stages: tuple[str, ...] | None = None  # the stages the budget is split over (None: those the config trains)
+    started: float = field(default_factory=time.monotonic)  # the budget's clock starts with the run
     budget_stops: dict[str, int] = field(default_factory=dict)  # filled in: steps of the stages stopped at their share
     select_patients: int = SELECT_PATIENTS  # settings are chosen on at most this many validation patients
     workers: int | None = None  # DataLoader worker processes (default: 4 on CUDA, none on the CPU)
     ranks: Ranks = SINGLE  # set by `train` under torchrun
 
     def stage_seconds(self, stage: str) -> float:
-        """The seconds a stage may run: its share of the time budget (unlimited without one)."""
+        """The seconds a stage may run from now on (unlimited without a time budget): its share of what is left of
+        the budget, among the stages still to run, so that what a stage leaves over (or overruns, and whatever runs
+        between the stages) goes to (or comes from) the later ones and the run ends with its budget."""
         if self.time_budget_min is None:
             return float("inf")
-        return self.time_budget_min * 60.0 * BUDGET_SHARES[stage]
+        left = self.time_budget_min * 60.0 - (time.monotonic() - self.started)
+        stages = self._budgeted()
+        later = stages[stages.index(stage):] if stage in stages else (stage,)
+        return max(0.0, left) * BUDGET_SHARES[stage] / sum(BUDGET_SHARES[s] for s in later)
+
+    def _budgeted(self) -> tuple[str, ...]:
+        if self.budget_stages is not None:
+            return self.budget_stages
+        c = self.config
+        ame = c.ame_cam.enabled or c.maps.cam_method == "ame-cam"
+        cpf = c.cpf_cte.enabled or c.maps.cam_method == "cpf-cte"
+        runs = {"ame_classifier": ame, "ame_aggregator": ame, "cpf_cte": cpf, "selection": self.select,
+                "postprocess": self.select, "student": c.student.enabled}
+        return tuple(s for s in BUDGET_SHARES if runs.get(s, True))
 
 
 @dataclass
@@ -154,20 +173,27 @@ def classifier_stage(data: SliceSet, schedule: NoiseSchedule, cfg: ClassifierCon
     return Stage(data, draw, seed, loss)
 
 
+def _budget_total(bar: tqdm, done: int, steps: int, rate: float, seconds_left: float) -> None:
+    """Under a time budget the bar runs to the step the budget is expected to stop at, so its ETA means it."""
+    bar.total = min(steps, done + max(1, int(rate * max(0.0, seconds_left))))
+
+
 def fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
-        ckdir: Path, device: torch.device, req: TrainRequest) -> Fitted:
+        ckdir: Path, device: torch.device, req: TrainRequest, seconds: float | None = None) -> Fitted:
     """AdamW for ``steps`` steps, resuming from and saving to ``ckdir/name`` (process 0 saves).
 
-    Stops early, at a step boundary, once the stage has used its share of ``req.time_budget_min``.
+    Stops early, at a step boundary, once the stage has used ``seconds`` from now (default: its share of what is
+    left of ``req.time_budget_min``, `TrainRequest.stage_seconds`).
     """
     ranks = req.ranks if stage.parallel else SINGLE
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     meta = load_checkpoint(ckdir / name, model, opt) or {"step": 0, "seconds": 0.0, "loss": []}
     model.to(device)
-    limit = req.stage_seconds(name)
-    if meta["step"] < steps and meta["seconds"] >= limit:
+    limit = meta["seconds"] + (req.stage_seconds(name) if seconds is None else seconds)
+    spent = meta["step"] > 0 and meta["seconds"] >= limit  # a stage always takes its first step
+    if meta["step"] < steps and spent:
         req.budget_stops[name] = meta["step"]
-    if meta["step"] >= steps or meta["seconds"] >= limit:
+    if meta["step"] >= steps or spent:
         return Fitted(float(meta["seconds"]), meta["step"])
     if meta["step"]:
         log.info("%s: continuing from the checkpoint at step %d of %d", name, meta["step"], steps)
@@ -177,6 +203,7 @@ def fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
                           req.workers)
     bar = tqdm(initial=meta["step"], total=steps, desc=name, unit="step", disable=not (req.progress and req.ranks.main))
     t_start, t_saved, running = time.time(), time.time(), []
+    first, t_first = meta["step"], time.time()
     with StopAtStepBoundary() as stop:  # Ctrl-C, SIGTERM (or Cancel in Slicer) end the step in progress, save, stop
         for step, (x, y) in zip(range(meta["step"], steps), batches):
             loss = stage.loss(net, x, y, StepDraws(stage.seed, step, stage.draw, ranks.rank, ranks.world))
@@ -189,6 +216,9 @@ def fit(name: str, model: torch.nn.Module, stage: Stage, steps: int, lr: float,
                 meta["loss"].append([step + 1, sum(running) / len(running)])
                 bar.set_postfix(loss=f"{meta['loss'][-1][1]:.4f}")
                 running = []
+            if limit < float("inf"):
+                _budget_total(bar, step + 1, steps, (step + 1 - first) / (time.time() - t_first),
+                              limit - meta["seconds"] - (time.time() - t_start))
             over = step + 1 < steps and meta["seconds"] + time.time() - t_start >= limit  # (the last step ends it anyway)
             halt = any_rank(stop.requested or over, ranks, device)  # every process stops at the same step
             if halt or time.time() - t_saved > req.checkpoint_every_s or step + 1 == steps:

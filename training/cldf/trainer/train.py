@@ -136,10 +136,15 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
 
 
 def _student_stage(partial: Path, cfg: CLDFConfig, manifest, req: TrainRequest, ckdir: Path) -> None:
-    """The student on the finished bundle; a pipeline that found the target nowhere leaves the bundle without one
-    (warned and noted in the card) rather than losing the rest of the run."""
+    """The student on the finished bundle; a pipeline that found the target nowhere, or a time budget already
+    spent, leaves the bundle without one (warned and noted in the card) rather than losing the rest of the run."""
     from .train_student import NothingToLearn, train_student
 
+    if req.stage_seconds("student") <= 0:
+        reason = f"the time budget ({req.time_budget_min:g} min) was spent before the student's stage"
+        log.warning("no student: %s; the bundle segments with the pipeline", reason)
+        update_card(partial, student={"skipped": reason})
+        return
     bundle = load_bundle(partial)
     bundle.config.student = cfg.student  # as asked, not the card's copy of it
     try:
@@ -331,11 +336,10 @@ def _select_postprocess(bundle: Bundle, manifest, val_ids: list[str], req: Train
     """The post-processing rule chosen on whole validation volumes (cached in the checkpoint folder)."""
     path = ckdir / "postprocess.json"
     if not path.is_file():
-        used = json.loads((ckdir / "selection.json").read_text())["seconds"]
         atomic.write_json(path, postprocess_selection(bundle, manifest, val_ids, req.target_labels, req.decoder_seeds,
                                                 req.device, req.progress, req.select_refine,
                                                 cache=ckdir / "postprocess-volumes",
-                                                seconds=req.stage_seconds("selection") - used))
+                                                seconds=req.stage_seconds("postprocess")))
     return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
 
 

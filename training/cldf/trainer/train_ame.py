@@ -17,6 +17,7 @@ Only slice labels reach this module (`slice_set.SliceSet`), as in `train`.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -126,8 +127,10 @@ def fit_multi_exit(net: AmeCam, data: SliceSet, val_set: SliceSet | None, cfg: C
     stage = _classifier_stage(net, data, cfg, seed, device)
     seconds = 0.0
     stops = sorted({*range(acfg.eval_every, acfg.steps, acfg.eval_every), acfg.steps})
+    deadline = time.monotonic() + req.stage_seconds("ame_classifier")  # one share for all the chunks
     for stop in stops:
-        fitted = fit("ame_classifier", net.classifier, stage, stop, acfg.lr, ckdir, device, req)
+        fitted = fit("ame_classifier", net.classifier, stage, stop, acfg.lr, ckdir, device, req,
+                     max(0.0, deadline - time.monotonic()))
         seconds = fitted.seconds
         if fitted.steps < stop:  # its share of the time budget is used
             break

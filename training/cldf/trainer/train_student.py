@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 # hundredths of a second): the student keeps it only when it gains more than this on the validation score.
 SAM_MARGIN = 0.02
 CHOSEN_ON_VALIDATION = ("segmenter", "refine", "min_component_fraction")
-PSEUDO_MASK_SHARE = 0.5  # of the student's share of --time-budget: the rest trains it
+# The student's share of --time-budget: half makes the pseudo-masks, then training takes 60 % of what is left
+# (validation, which cannot stop part-way, the rest).
+PSEUDO_MASK_SHARE, TRAINING_SHARE = 0.5, 0.6
 
 
 class NothingToLearn(ValueError):
@@ -72,14 +74,15 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
         net = build_student(cfg, len(bundle.channels))
     flips = bundle.config.cam_classifier.flips  # no flips where the anatomy has sides
     fitted = fit("student", net, student_stage(data, cfg, flips, device), cfg.steps, cfg.lr, ckdir / _training_id(cfg),
-                 device, req)
+                 device, req, req.stage_seconds("student") * TRAINING_SHARE)
     seconds["training"] = fitted.seconds
     net.eval().requires_grad_(False)
     bundle.student = net
     t1 = time.time()
-    val_ids = split.get("val", []) if req.select else []  # without selection the pipeline stays the segmenter
+    val_ids = list(split.get("val", [])) if req.select else []  # without selection the pipeline stays the segmenter
     chosen, rows = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
-                                  ckdir / "student-validation", req.progress, req.select_refine)
+                                  ckdir / "student-validation", req.progress, req.select_refine,
+                                  req.stage_seconds("student"))
     seconds["validation"] = time.time() - t1
     card = {**_data_card(data), "training_cases": len(split["train"]),
             "cases_with_pseudo_masks": len(targets), "steps": fitted.steps, "wall_clock_s": {k: round(v, 1) for k, v in seconds.items()},
@@ -159,17 +162,28 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, d: StepDraws, flips: bool) ->
 
 
 def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels, device: str,
-                   folder: Path, progress: bool = True, refine: bool = True) -> tuple[dict, list[dict]]:
+                   folder: Path, progress: bool = True, refine: bool = True,
+                   seconds: float = math.inf) -> tuple[dict, list[dict]]:
     """The bundle's segmenter on the validation patients: the pipeline as shipped, or the student, with or
     (``refine``) without LiteMedSAM, under each whole-volume rule of `STUDENT_RULES`; returns the chosen
-    settings and the table, best first. Without validation patients the pipeline stays the segmenter."""
+    settings and the table, best first. Without validation patients the pipeline stays the segmenter.
+
+    ``seconds``: no further patient is started once they are used (the first always runs); ``val_ids`` is left
+    holding the patients scored.
+    """
     if not val_ids:
         return {"student.segmenter": "cldf"}, []
     from ..slice_job import bundle_refiner
 
     refiner = bundle_refiner(bundle, "sam", 8) if refine else None
     scores: dict[tuple[str, float], list[tuple[float, list[float]]]] = {}
-    for cid in tqdm(val_ids, desc="student validation", unit="case", disable=not progress):
+    start = time.monotonic()
+    for n, cid in enumerate(tqdm(list(val_ids), desc="student validation", unit="case", disable=not progress)):
+        if n and time.monotonic() - start >= seconds:
+            log.warning("student validation: the time budget is spent; the segmenter is chosen on %d of %d "
+                        "validation patients", n, len(val_ids))
+            del val_ids[n:]
+            break
         for key, value in _validation_case(bundle, manifest, cid, target_labels, device, folder, refiner).items():
             scores.setdefault(key, []).append(value)
     rows = []
@@ -246,7 +260,7 @@ def add_student(bundle_dir: Path, manifest_path: Path, device: str, settings: di
     ckdir = beside(Path(bundle_dir).resolve(), "student-checkpoints")
     req = TrainRequest(manifest=Path(manifest_path), out=Path(bundle_dir), config=bundle.config, device=device,
                        target_labels=bundle.card.get("task", {}).get("mask_labels"), progress=progress,
-                       time_budget_min=time_budget_min, command=command)
+                       time_budget_min=time_budget_min, budget_stages=("student",), command=command)
     card = train_student(bundle, load_manifest(manifest_path), req, ckdir)
     if not keep_checkpoints:
         shutil.rmtree(ckdir, ignore_errors=True)
