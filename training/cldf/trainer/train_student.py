@@ -79,8 +79,8 @@ def train_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: 
     net.eval().requires_grad_(False)
     bundle.student = net
     t1 = time.time()
-    val_ids = list(split.get("val", [])) if req.select else []  # without selection the pipeline stays the segmenter
-    chosen, rows = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
+    val_ids = split.get("val", []) if req.select else []  # without selection the pipeline stays the segmenter
+    chosen, rows, val_ids = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
                                   ckdir / "student-validation", req.progress, req.select_refine,
                                   req.stage_seconds("student"))
     seconds["validation"] = time.time() - t1
@@ -163,27 +163,28 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, d: StepDraws, flips: bool) ->
 
 def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels, device: str,
                    folder: Path, progress: bool = True, refine: bool = True,
-                   seconds: float = math.inf) -> tuple[dict, list[dict]]:
+                   seconds: float = math.inf) -> tuple[dict, list[dict], list[str]]:
     """The bundle's segmenter on the validation patients: the pipeline as shipped, or the student, with or
     (``refine``) without LiteMedSAM, under each whole-volume rule of `STUDENT_RULES`; returns the chosen
-    settings and the table, best first. Without validation patients the pipeline stays the segmenter.
+    settings, the table (best first) and the patients scored. Without validation patients the pipeline stays
+    the segmenter.
 
-    ``seconds``: no further patient is started once they are used (the first always runs); ``val_ids`` is left
-    holding the patients scored.
+    ``seconds``: no further patient is started once they are used (the first always runs).
     """
     if not val_ids:
-        return {"student.segmenter": "cldf"}, []
+        return {"student.segmenter": "cldf"}, [], []
     from ..slice_job import bundle_refiner
 
     refiner = bundle_refiner(bundle, "sam", 8) if refine else None
     scores: dict[tuple[str, float], list[tuple[float, list[float]]]] = {}
     start = time.monotonic()
-    for n, cid in enumerate(tqdm(list(val_ids), desc="student validation", unit="case", disable=not progress)):
-        if n and time.monotonic() - start >= seconds:
+    scored: list[str] = []
+    for cid in tqdm(val_ids, desc="student validation", unit="case", disable=not progress):
+        if scored and time.monotonic() - start >= seconds:
             log.warning("student validation: the time budget is spent; the segmenter is chosen on %d of %d "
-                        "validation patients", n, len(val_ids))
-            del val_ids[n:]
+                        "validation patients", len(scored), len(val_ids))
             break
+        scored.append(cid)
         for key, value in _validation_case(bundle, manifest, cid, target_labels, device, folder, refiner).items():
             scores.setdefault(key, []).append(value)
     rows = []
@@ -196,9 +197,9 @@ def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], targe
     rows.sort(key=lambda r: -r["score"] + (SAM_MARGIN if r["segmenter"] == "student+sam" else 0.0))
     best = rows[0]
     if best["segmenter"] == "cldf":
-        return {"student.segmenter": "cldf"}, rows
+        return {"student.segmenter": "cldf"}, rows, scored
     return {"student.segmenter": "student", "student.refine": "sam" if best["segmenter"] == "student+sam" else "none",
-            "student.min_component_fraction": best["min_component_fraction"]}, rows
+            "student.min_component_fraction": best["min_component_fraction"]}, rows, scored
 
 
 def _validation_case(bundle: Bundle, manifest: Manifest, cid: str, target_labels, device: str,
