@@ -25,16 +25,21 @@ def _complete(out) -> set[str]:
     return {p.parent.name for p in out.glob(f"*/{MARKER}")}
 
 
-def test_a_killed_cohort_run_resumes_and_writes_only_the_rest(tiny_bundle, small_manifest, tmp_path, monkeypatch):
-    out = tmp_path / "cohort"
-    doc = json.loads(small_manifest.read_text(encoding="utf-8"))
-    root = small_manifest.parent  # 40 cases, so that the run cannot end before the interruption reaches it
+def _ten_times(manifest, tmp_path):
+    """The manifest's cases ten times over, under new ids, as a manifest in tmp_path."""
+    doc = json.loads(manifest.read_text(encoding="utf-8"))
+    root = manifest.parent
     doc["cases"] = [{**c, "id": f"{c['id']}-{k}", "channels": {n: str(root / v) for n, v in c["channels"].items()},
                      **({"mask": str(root / c["mask"])} if c.get("mask") else {})}
                     for k in range(10) for c in doc["cases"]]
     many = tmp_path / "many.json"
     many.write_text(json.dumps(doc), encoding="utf-8")
-    cmd = [sys.executable, "-m", "cldf", "-q", "segment", "--bundle", str(tiny_bundle), "--data", str(many),
+    return many
+
+
+def test_a_killed_cohort_run_resumes_and_writes_only_the_rest(tiny_bundle, small_manifest, tmp_path, monkeypatch):
+    out = tmp_path / "cohort"
+    cmd = [sys.executable, "-m", "cldf", "-q", "segment", "--bundle", str(tiny_bundle), "--data", str(small_manifest),
            "--out", str(out), "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -55,13 +60,7 @@ def test_a_killed_cohort_run_resumes_and_writes_only_the_rest(tiny_bundle, small
 
 def test_ctrl_c_in_a_cohort_run_says_that_running_it_again_resumes(tiny_bundle, small_manifest, tmp_path):
     out = tmp_path / "cohort"
-    doc = json.loads(small_manifest.read_text(encoding="utf-8"))
-    root = small_manifest.parent  # 40 cases, so that the run cannot end before the interruption reaches it
-    doc["cases"] = [{**c, "id": f"{c['id']}-{k}", "channels": {n: str(root / v) for n, v in c["channels"].items()},
-                     **({"mask": str(root / c["mask"])} if c.get("mask") else {})}
-                    for k in range(10) for c in doc["cases"]]
-    many = tmp_path / "many.json"
-    many.write_text(json.dumps(doc), encoding="utf-8")
+    many = _ten_times(small_manifest, tmp_path)  # so that the run cannot end before the interruption reaches it
     cmd = [sys.executable, "-m", "cldf", "-q", "segment", "--bundle", str(tiny_bundle), "--data", str(many),
            "--out", str(out), "--device", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
