@@ -163,19 +163,24 @@ def write_image(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0), origin=(
 
 
 def write_dicom_series(volume: sitk.Image, folder: Path, modality: str, **tags: str) -> Path:
-    """``volume`` as a DICOM series, one file per slice along its third axis (axial, identity direction).
+    """``volume`` as a DICOM series, one file per slice along its third axis, placed and oriented as ``volume``
+    (one study, one frame of reference, as a scanner writes them).
 
     ``tags``: more DICOM tags by keyword-free ``gggg_eeee`` names, e.g. ``{"0028_1052": "-1024"}`` (GDCM writes the
     stored values so that the series reads back as ``volume``'s values).
     """
     folder.mkdir(parents=True, exist_ok=True)
     sx, sy, sz = volume.GetSpacing()
+    d = volume.GetDirection()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for z in range(volume.GetDepth()):
         s = volume[:, :, z]
-        for tag, value in {"0020|000e": "1.2.826.0.1.3680043.2.1125.1", "0020|0013": str(z + 1),
-                           "0020|0032": f"0\\0\\{sz * z}", "0020|0037": "1\\0\\0\\0\\1\\0",
+        position = volume.TransformIndexToPhysicalPoint((0, 0, z))
+        for tag, value in {"0020|000d": "1.2.826.0.1.3680043.2.1125.3", "0020|000e": "1.2.826.0.1.3680043.2.1125.1",
+                           "0020|0052": "1.2.826.0.1.3680043.2.1125.2", "0010|0020": "CLDF-TEST",
+                           "0020|0013": str(z + 1), "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                           "0020|0037": "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7])),
                            "0028|0030": f"{sy}\\{sx}", "0018|0050": str(sz), "0008|0060": modality,
                            **{k.replace("_", "|"): v for k, v in tags.items()}}.items():
             s.SetMetaData(tag, value)

@@ -51,13 +51,15 @@ def createOutputs(engineJob, card, inputNodes: dict, images: dict, labels: np.nd
     from cldf import __version__
     from cldf.hounsfield import describe
     from cldf.orientation import slice_order
+    from cldf.terminology import slicer_entry
 
     segmenter = engineJob.segmenter
     bundle = segmenter.bundle
     first = bundle.channels[0]
     reference = inputNodes[first]
     grid = _engineGrid(reference, images[first], engineJob.result.reference)
-    segmentation = newSegmentation(grid, f"{reference.GetName()} {card.target}", card.target, card.color)
+    segmentation = newSegmentation(grid, f"{reference.GetName()} {card.target}", card.target, card.color,
+                                   slicer_entry(card.code) if card.code else "")
     provenance = {"Bundle": bundle.id, "BundlePath": str(bundle.path), "Device": str(segmenter.device),
                   "Segmenter": engineJob.kind,
                   **({"DecoderSeed": engineJob.decoder_seed} if engineJob.kind == "cldf" else {}),

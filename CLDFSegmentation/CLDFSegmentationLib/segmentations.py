@@ -18,22 +18,12 @@ from .nodes import ijkToRas, nodeIDs, removeNodes, removeNodesAddedSince
 
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
-_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
-_NO_REGION = "~^^~Anatomic codes - DICOM master list~^^~^^"
-#: Standard terminology (SNOMED CT codes, Slicer's "TerminologyEntry" tag) of the shipped bundles' targets
-TERMINOLOGY = {
-    "kidney": f"{_ANATOMY}~SCT^64033007^Kidney{_NO_REGION}",
-    "spleen": f"{_ANATOMY}~SCT^78961009^Spleen{_NO_REGION}",
-    "liver": f"{_ANATOMY}~SCT^10200004^Liver{_NO_REGION}",
-    "tumour": ("Segmentation category and type - 3D Slicer General Anatomy list"
-               "~SCT^49755003^Morphologically Altered Structure~SCT^108369006^Neoplasm~^^"
-               "~Anatomic codes - DICOM master list~SCT^12738006^Brain~^^"),
-}
-
-
-def newSegmentation(reference, name: str, segmentName: str, color: tuple[int, int, int]):
+def newSegmentation(reference, name: str, segmentName: str, color: tuple[int, int, int], terminology: str = ""):
     """A segmentation node, not yet in the scene, with one empty segment (named and coloured explicitly) on the
     reference's grid; a first, empty slice is written into it, so a segment that cannot be filled fails here.
+
+    ``terminology``: the segment's standard codes as Slicer's terminology entry (`cldf.terminology.slicer_entry`);
+    empty for a bundle whose card records none.
 
     Returns:
         the node and the segment's ID.
@@ -44,8 +34,8 @@ def newSegmentation(reference, name: str, segmentName: str, color: tuple[int, in
     segmentId = node.GetSegmentation().AddEmptySegment("", segmentName, [c / 255.0 for c in color])
     if not segmentId:
         raise RuntimeError(f"the segment '{segmentName}' could not be created in '{name}'")
-    if segmentName.lower() in TERMINOLOGY:  # a target of its own name keeps just its name and colour
-        node.GetSegmentation().GetSegment(segmentId).SetTag("TerminologyEntry", TERMINOLOGY[segmentName.lower()])
+    if terminology:
+        node.GetSegmentation().GetSegment(segmentId).SetTerminology(terminology)
     x, y, _ = reference.GetImageData().GetDimensions()
     _writeSegment(node, segmentId, np.zeros((1, y, x), np.uint8), reference, 0,
                   slicer.vtkSlicerSegmentationsModuleLogic.MODE_MERGE_MAX)

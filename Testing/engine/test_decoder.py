@@ -62,6 +62,16 @@ def test_fit_returns_self_with_fitted_attributes_and_is_seeded():
     assert a.loss_history_[-1] < a.loss_history_[0]
 
 
+def test_fit_within_a_time_limit_stops_at_a_batch_boundary_after_the_first_batch():
+    feats, labels = _blobs(2)
+    cfg = DecoderConfig(epochs=3, batch_slices=2)
+    whole = PixelDecoder(cfg).fit(feats, labels, progress=False)
+    cut = PixelDecoder(cfg).fit(feats, labels, progress=False, seconds=0.0)
+    assert whole.epochs_ == 3 and len(whole.loss_history_) == 12
+    assert cut.epochs_ == 0.25 and cut.loss_history_ == whole.loss_history_[:1]  # the same first step, then stopped
+    assert cut.foreground_prototype_.shape == whole.foreground_prototype_.shape
+
+
 def test_state_round_trip_gives_the_same_embeddings():
     feats, labels = _blobs(1)
     a = PixelDecoder(DecoderConfig(epochs=1)).fit(feats, labels, progress=False)

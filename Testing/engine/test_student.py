@@ -141,6 +141,23 @@ def test_cldf_student_retrains_a_bundles_student_with_the_settings_given(copy, s
     assert "student settings only" in capsys.readouterr().err
 
 
+def test_cldf_student_choose_weighs_the_student_again_and_changes_no_weight(copy, small_manifest):
+    from cldf.config.grids import STUDENT_THRESHOLDS
+
+    files = json.loads((copy / "bundle.json").read_text())["files"]
+    assert main(["-q", "student", "--bundle", str(copy), "--data", str(small_manifest), "--device", "cpu",
+                 "--choose"]) == 0
+    card = json.loads((copy / "bundle.json").read_text())
+    assert card["files"] == files and card["student"]["rechosen"]["command"].startswith("cldf -q student")
+    rows = card["student"]["table"]
+    assert {r["threshold"] for r in rows if r["segmenter"] == "student"} == set(STUDENT_THRESHOLDS)
+    assert {r["segmenter"] for r in rows} == {"cldf", "student", "student+sam"}
+    chosen = card["student"]["chosen"]
+    if chosen["student.segmenter"] == "student":
+        assert card["config"]["student"]["threshold"] == chosen["student.threshold"] == rows[0]["threshold"]
+    assert load_bundle(copy).student is not None
+
+
 def test_evaluate_gives_the_student_rows_alone(tiny_bundle, small_manifest):
     from cldf.evaluation.evaluate import evaluate
     from cldf.manifest import load_manifest
@@ -179,8 +196,10 @@ def test_a_pipeline_that_finds_nothing_leaves_the_bundle_without_a_student(copy,
 def test_the_segmenters_validation_score_is_said_and_recorded_and_a_low_one_warned(tiny_bundle, case_paths,
                                                                                      tmp_path, caplog):
     card = json.loads((tiny_bundle / "bundle.json").read_text())
+    settings = card["config"]["student"]
     row = next(r for r in card["student"]["table"] if r["segmenter"] == "student"
-               and r["min_component_fraction"] == card["config"]["student"]["min_component_fraction"])
+               and r["min_component_fraction"] == settings["min_component_fraction"]
+               and r["threshold"] == settings["threshold"])
     with caplog.at_level("INFO"):
         assert main(["segment", "--bundle", str(tiny_bundle), "--input", f"FLAIR={case_paths['FLAIR']}",
                      "--input", f"T1={case_paths['T1']}", "--segmenter", "student", "--no-maps",

@@ -32,6 +32,7 @@ from .decoder import PixelDecoder
 from .models import NoiseSchedule, SliceClassifier, build_cdm, build_student
 from .orientation import check_orientation
 from .sides import check_sides, on_sides, sided
+from .terminology import SegmentCode
 
 NETWORK_FILES = ("cdm", "noisy_classifier", "cam_classifier", "decoders")
 OPTIONAL_FILES = ("ame_cam", "student", "cpf_cte")  # required only when bundle.json lists them
@@ -213,6 +214,23 @@ def correct_setting(bundle_dir: str | Path, key: str, value: Any, because: str, 
     entry = {"setting": key, "from": before, "to": value, "because": because.strip(),
              "seal_before": card["seal"], "command": command, "date": date.today().isoformat()}
     update_card(root, config=corrected, corrections=[*card.get("corrections", []), entry])
+    return entry
+
+
+def set_segment_code(bundle_dir: str | Path, code: SegmentCode, command: str = "") -> dict[str, Any]:
+    """Record the target's standard codes in the card (``task.code``) and reseal it; the weights stay as they are.
+
+    The change and the seal it replaces are appended to the card's ``corrections``, as `correct_setting` does.
+    """
+    root = Path(bundle_dir)
+    card = read_card(root)
+    task = card.get("task") or {}
+    before = task.get("code")
+    if before == code.to_card():
+        raise ValueError(f"{root / 'bundle.json'} already records the code {code}; nothing to change")
+    entry = {"setting": "task.code", "from": before, "to": code.to_card(), "because": "the target's standard codes",
+             "seal_before": card["seal"], "command": command, "date": date.today().isoformat()}
+    update_card(root, task={**task, "code": code.to_card()}, corrections=[*card.get("corrections", []), entry])
     return entry
 
 

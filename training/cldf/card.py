@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .defaults import SEGMENTER_CHOICES, TARGET_COLOR, TARGET_NAME
+from .terminology import SegmentCode
 
 FORMAT_VERSION = 2  # 2: bundle.json carries a seal over its settings
 LOW_VALIDATION_DICE = 0.3  # a bundle whose shipped segmenter scored below this 3D Dice on validation is said to be weak
@@ -59,7 +60,19 @@ def parse_card(bundle_dir: str | Path) -> dict[str, Any]:
             "match its seal. Refusing to use it; restore the original bundle.json (segment-time choices are options "
             "of `cldf segment` and the Slicer module, not edits of the card)"
         )
+    segment_code(card, path)
     return card
+
+
+def segment_code(card: dict[str, Any], path: Path | str = "bundle.json") -> SegmentCode | None:
+    """The card's ``task.code`` checked (`terminology.SegmentCode`); None when it records none."""
+    task = card.get("task") or {}
+    if "code" not in task:
+        return None
+    try:
+        return SegmentCode.from_card(task["code"])
+    except ValueError as e:
+        raise BundleError(f"{path}: {e}; correct it with `cldf card --code`") from None
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,7 @@ class CardSummary:
     target: str
     color: tuple[int, int, int]
     validation: dict[str, ValidationScore | None] = field(default_factory=dict)
+    code: SegmentCode | None = None  # the target's standard codes (`terminology`), when the card records them
 
     def says(self, segmenter: str = "bundle") -> str:
         """The panel's line on a segmenter's validation score, a warning when it is low or missing."""
@@ -110,8 +124,10 @@ def validation_score(card: dict[str, Any], segmenter: str | None = None) -> Vali
     segmenter = segmenter or settings.get("segmenter", "cldf")
     name = "student+sam" if segmenter == "student" and settings.get("refine") == "sam" else segmenter
     rule = settings.get("min_component_fraction") if segmenter == "student" else None
+    threshold = settings.get("threshold", 0.5) if segmenter == "student" else None
     for row in student.get("table") or []:
-        if row.get("segmenter") == name and (rule is None or row.get("min_component_fraction") == rule):
+        if row.get("segmenter") == name and (rule is None or row.get("min_component_fraction") == rule) and \
+                (threshold is None or row.get("threshold", 0.5) == threshold):
             return ValidationScore(name, float(row["dice_3d"]), len(student.get("validation_cases") or []))
     chosen_rule = ((card.get("selection") or {}).get("postprocess")) or {}
     for row in chosen_rule.get("table") or []:
@@ -132,4 +148,4 @@ def card_summary(bundle_dir: str | Path) -> CardSummary:
     color = task.get("color", TARGET_COLOR)
     scores = {choice: validation_score(card, None if choice == "bundle" else choice) for choice in SEGMENTER_CHOICES}
     return CardSummary(root, str(card.get("name", root.name)), tuple(channels), str(task.get("target", TARGET_NAME)),
-                       (int(color[0]), int(color[1]), int(color[2])), scores)
+                       (int(color[0]), int(color[1]), int(color[2])), scores, segment_code(card, root / "bundle.json"))

@@ -117,6 +117,7 @@ def cmd_segment(args, argv) -> int:
     extra = _extra_maps(args)
     with staging_folder(args.out, args.overwrite) as staging:  # an unwritable --out fails here, before any work
         bundle = load_bundle(args.bundle)
+        series = _series(args.format, bundle, inputs)
         job = _segmenter(args, bundle, extra).start(inputs, args.decoder_seed)
         _say_validation(bundle, job.kind)
         if describe(job.intensities, windowed_only=True):
@@ -124,11 +125,24 @@ def cmd_segment(args, argv) -> int:
         result = job.run(progress=not args.quiet)
         result.has_maps = result.has_maps and not args.no_maps
         record = provenance(job, inputs, "cldf " + shlex.join(argv))
-        paths = write_result(result, args.out, args.format, args.overwrite, record, staging)
+        paths = write_result(result, args.out, "nifti" if series else args.format, args.overwrite, record, staging,
+                             series=series)
     n_pos = int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum())
     print(f"{job.total} slices, {n_pos} with a mask, {int(result.mask.sum())} mask voxels ({job.kind})")
     print(f"wrote {', '.join(p.name for p in paths.values())} to {args.out}")
     return 0
+
+
+def _series(fmt: str, bundle, inputs: dict):
+    """The DICOM series a ``--format dicom-seg`` run writes its Segmentation of (checked before any work)."""
+    from . import dicom_seg
+
+    if fmt != dicom_seg.FORMAT:
+        return None
+    first = bundle.channels[0]
+    if first not in inputs:
+        raise ValueError(f"the bundle's first channel '{first}' is not among the inputs: give --input {first}=SERIES")
+    return dicom_seg.source(inputs[first], bundle.card, first)
 
 
 def _say_validation(bundle, segmenter: str) -> None:
@@ -276,10 +290,12 @@ def cmd_student(args, argv) -> int:
 
     settings = dict(parse_override(o) for o in args.set)
     card = add_student(args.bundle, args.data, args.device, settings, "cldf " + shlex.join(argv),
-                       progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, time_budget_min=args.time_budget)
+                       progress=not args.quiet, keep_checkpoints=args.keep_checkpoints, time_budget_min=args.time_budget,
+                       choose_only=args.choose)
     best = card["table"][0] if card["table"] else None
-    print(f"student trained on {card['training_slices']} slices ({card['slices_with_pseudo_mask']} with a pseudo-mask); "
-          f"the bundle segments with {card['chosen']['student.segmenter']}"
+    print(("student weighed again" if args.choose else
+           f"student trained on {card['training_slices']} slices ({card['slices_with_pseudo_mask']} with a pseudo-mask)")
+          + f"; the bundle segments with {card['chosen']['student.segmenter']}"
           + (f" (validation: 3D Dice {best['dice_3d']:.3f}, any-target slice Dice {best['target_slice_dice']:.3f})"
              if best else " (no validation patients to weigh the student on)")
           + f"; written into {args.bundle}")
@@ -313,13 +329,19 @@ def cmd_tune(args, argv) -> int:
 
 
 def cmd_card(args, argv) -> int:
-    from .bundle import correct_setting, read_card
+    from .bundle import correct_setting, read_card, set_segment_code
+    from .card import segment_code
 
     asked = {"data.orientation": args.orientation, "data.ct_window": args.ct_window}
     for key, value in ((k, v) for k, v in asked.items() if v is not None):
         entry = correct_setting(args.bundle, key, value, args.because, "cldf " + shlex.join(argv))
         print(f"{args.bundle}: {key} {entry['from'] or 'unset'} -> {entry['to']}; weights unchanged, resealed")
+    if args.code:
+        code = _code_argument(args.code, read_card(args.bundle))
+        set_segment_code(args.bundle, code, "cldf " + shlex.join(argv))
+        print(f"{args.bundle}: the target is coded {code}; weights unchanged, resealed")
     card = read_card(args.bundle)
+    code = segment_code(card)
     data = card["config"]["data"]
     window = data.get("ct_window")
     print(f"bundle {card.get('name', 'bundle')}@{card['seal'][:12]}: channels {', '.join(card['channels'])}; "
@@ -327,9 +349,26 @@ def cmd_card(args, argv) -> int:
           f"{data.get('orientation') or 'none (the stored voxel order)'}; "
           + (f"CT in HU goes through the window [{window[0]:g}, {window[1]:g}] -> 0..255" if window else
              "intensities used as given"))
+    print(f"target: {card.get('task', {}).get('target', 'target')}, "
+          + (f"coded {code}" if code else "without standard codes (add them with `cldf card --code`)"))
     for c in card.get("corrections", []):
         print(f"corrected {c['date']}: {c['setting']} {c['from'] or 'unset'} -> {c['to']} ({c['because']})")
     return 0
+
+
+def _code_argument(words: list[str], card: dict):
+    from .terminology import SegmentCode, known_code, parse_code
+
+    if words == ["known"]:
+        target = str(card.get("task", {}).get("target", ""))
+        code = known_code(target)
+        if code is None:
+            raise ValueError(f"no codes are known for the target '{target}': give CATEGORY TYPE [MODIFIER], each "
+                             "SCHEME^VALUE^MEANING (SNOMED CT codes: DICOM PS3.16, CID 7150 and 7151)")
+        return code
+    if len(words) not in (2, 3):
+        raise ValueError("--code takes 'known' or CATEGORY TYPE [MODIFIER], each SCHEME^VALUE^MEANING")
+    return SegmentCode(*(parse_code(w, f"--code {part}") for w, part in zip(words, ("category", "type", "modifier"))))
 
 
 def cmd_demo(args, argv) -> int:

@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "else all); the parts together are one run")
     s.add_argument("--out", required=True, type=Path, help="output directory")
     s.add_argument("--device", choices=DEVICES, default=DEVICE)
-    s.add_argument("--format", choices=["nifti", "nrrd"], default="nifti", help=".nii.gz (default) or .nrrd")
+    s.add_argument("--format", choices=["nifti", "nrrd", "dicom-seg"], default="nifti",
+                   help=".nii.gz (default) or .nrrd; dicom-seg: .nii.gz and the mask as a DICOM Segmentation "
+                        "(mask.seg.dcm) of the input series, which must then be a DICOM series folder")
     s.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     s.add_argument("--decoder-seed", type=int, default=0, help="which shipped pixel decoder to use")
     s.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="slices per step")
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     _added_stage(st, "student", "student.steps=1000")
     st.add_argument("--time-budget", type=_positive_float, default=None, metavar="MINUTES",
                     help="stop the student's training at its share of this wall-clock budget")
+    st.add_argument("--choose", action="store_true",
+                    help="train nothing: weigh the bundle's student again on its validation patients (segmenter, "
+                         "refinement, threshold, whole-volume rule) and record the choice in bundle.json")
 
     cp = sub.add_parser("cpf-cte", help="add CPF-CTE (a ViT patch classifier) as a map source to a finished bundle",
                         description="Train the CPF-CTE classifier (Context Patch Fusion with Class Token Enhancement: "
@@ -260,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "orientation (right voxels, wrong direction), record the orientation its training "
                                    "arrays really had, which the corrected files now report. With --ct-window: record "
                                    "the window its 8-bit CT training scans were made with, so that CT in HU goes "
-                                   "through it. The weights stay as they are; the card is resealed and keeps the "
+                                   "through it. With --code: record the target's SNOMED CT codes, which DICOM SEG, "
+                                   "Slicer's terminology and cldf-result.json carry. The weights stay as they are; the card is resealed and keeps the "
                                    "correction, its reason and the seal it replaces under 'corrections'.")
     c.add_argument("--bundle", required=True, type=Path)
     c.add_argument("--orientation", default=None, metavar="CODE",
@@ -268,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ct-window", default=None, nargs=2, type=float, metavar=("LOW", "HIGH"),
                    help="the Hounsfield window the training scans were made with (mapped to 0..255), e.g. -125 275")
     c.add_argument("--because", default="", help="why (kept in the card); needed with --orientation or --ct-window")
+    c.add_argument("--code", default=None, nargs="+", metavar="CODE",
+                   help="record the target's standard codes: 'known' (those of a target the project knows by name: "
+                        "tumour, kidney, spleen, liver) or CATEGORY TYPE [MODIFIER], each SCHEME^VALUE^MEANING, "
+                        "e.g. SCT^91723000^'Anatomical Structure' SCT^78961009^Spleen")
 
     d = sub.add_parser("demo", help="segment a sample with the shipped brain bundle and write a PNG montage")
     d.add_argument("--out", type=Path, default=Path("demo-output"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import atomic
+from . import atomic, dicom_seg
 from .bundle import Bundle
 from .images import InputError
 from .manifest import Case, Manifest
@@ -71,6 +71,8 @@ def segment_cohort(segmenter: VolumeSegmenter, manifest: Manifest, out: Path, fm
     if missing:
         raise InputError(f"case(s) {', '.join(missing[:5])} in {manifest.path} lack channel(s) of the bundle "
                          f"{bundle.channels}")
+    if fmt == dicom_seg.FORMAT:
+        dicom_seg.check(bundle.card, {c.id: Path(c.channels[bundle.channels[0]]) for c in cases})
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, list[str]] = {"written": [], "skipped": [], "failed": []}
     bar = tqdm(cases, desc=f"cases (part {part.index}/{part.count})", unit="case", disable=not progress)
@@ -96,6 +98,8 @@ def _segment_case(segmenter: VolumeSegmenter, bundle: Bundle, case: Case, folder
                   command: str, write_maps: bool) -> None:
     t0 = time.time()
     inputs = {c: case.channels[c] for c in bundle.channels}
+    series = dicom_seg.source(inputs[bundle.channels[0]], bundle.card, bundle.channels[0]) \
+        if fmt == dicom_seg.FORMAT else None
     job = segmenter.start(inputs)
     result = job.run(progress=False)
     result.has_maps = result.has_maps and write_maps
@@ -104,7 +108,8 @@ def _segment_case(segmenter: VolumeSegmenter, bundle: Bundle, case: Case, folder
                "positive_slices": int(result.mask.reshape(len(result.mask), -1).any(axis=1).sum()),
                "mask_ml": round(float(result.mask.sum()) * spacing[0] * spacing[1] * spacing[2] / 1000.0, 3),
                "seconds": round(time.time() - t0, 1)}
-    write_result(result, folder, fmt, overwrite, provenance(job, inputs, command, summary=summary))
+    write_result(result, folder, "nifti" if series else fmt, overwrite, provenance(job, inputs, command, summary=summary),
+                 series=series)
 
 
 def write_summary(out: Path) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -82,13 +84,16 @@ class PixelDecoder:
     def __init__(self, cfg: DecoderConfig):
         self.cfg = cfg
 
-    def fit(self, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], progress: bool = True) -> "PixelDecoder":
+    def fit(self, features: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], progress: bool = True,
+            seconds: float = math.inf) -> "PixelDecoder":
         """Train on seed pixels.
 
         Args:
             features: per slice ``(P_i, D)`` features at its seed pixels: a list, or any sequence that
                 reads them on indexing (`training.tensorstore.TensorStore`); one batch is held at a time.
             labels: per slice ``(P_i,)`` seed labels (1 foreground, 2 background).
+            seconds: stop at a batch boundary once they are used (the first batch always runs);
+                ``epochs_`` then says how far training got.
         """
         if not len(features):
             raise ValueError("no seed pixels to train the pixel decoder on: no positive slice produced seeds")
@@ -101,23 +106,26 @@ class PixelDecoder:
         self.mlp_.in_std.copy_(std.clamp_min(1e-6))
         opt = torch.optim.SGD(self.mlp_.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         self.loss_history_: list[float] = []
-        n = len(features)
-        bar = tqdm(total=cfg.epochs * -(-n // cfg.batch_slices), desc="pixel decoder", disable=not progress, leave=False)
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=g).tolist()
-            for start in range(0, n, cfg.batch_slices):
-                x, y = self._batch([features[i] for i in order[start : start + cfg.batch_slices]],
-                                   [labels[i] for i in order[start : start + cfg.batch_slices]], g)
-                if len(torch.unique(y)) < 2:
-                    bar.update()
-                    continue
-                loss = supervised_contrastive_loss(F.normalize(self.mlp_(x), dim=1), y, cfg.temperature)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                self.loss_history_.append(loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+        n, t0, batches = len(features), time.monotonic(), -(-len(features) // cfg.batch_slices)
+        bar = tqdm(total=cfg.epochs * batches, desc="pixel decoder", disable=not progress, leave=False)
+        starts = [start for _ in range(cfg.epochs) for start in range(0, n, cfg.batch_slices)]
+        for done, start in enumerate(starts):
+            if done and time.monotonic() - t0 >= seconds:
+                break
+            if start == 0:
+                order = torch.randperm(n, generator=g).tolist()
+            x, y = self._batch([features[i] for i in order[start : start + cfg.batch_slices]],
+                               [labels[i] for i in order[start : start + cfg.batch_slices]], g)
+            bar.update()
+            self.epochs_ = (done + 1) / batches
+            if len(torch.unique(y)) < 2:
+                continue
+            loss = supervised_contrastive_loss(F.normalize(self.mlp_(x), dim=1), y, cfg.temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.loss_history_.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
         self.mlp_.eval()
         with torch.no_grad():

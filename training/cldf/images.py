@@ -18,6 +18,8 @@ import SimpleITK as sitk
 from .hounsfield import MODALITY_TAG, RESCALE_TAG
 from .orientation import reorient
 
+POSITION_TAG = "0020|0032"  # Image Position (Patient)
+
 
 class InputError(ValueError):
     """Input that cannot be processed; the message says what to do."""
@@ -94,15 +96,39 @@ def _read_series(folder: Path, name: str) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
     reader.MetaDataDictionaryArrayUpdateOn()
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # uneven slices are said below, in words
     try:
         image = reader.Execute()
     except RuntimeError:
         raise InputError(f"channel '{name}': the DICOM series in {folder} cannot be read as one volume "
                          "(missing or inconsistent slices?)") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    _check_even_spacing(reader, image, folder, name)
     for tag in (MODALITY_TAG, RESCALE_TAG):  # the modality and rescale say whether a series is CT in HU
         if reader.HasMetaDataKey(0, tag):
             image.SetMetaData(tag, reader.GetMetaData(0, tag))
     return image
+
+
+def _check_even_spacing(reader: sitk.ImageSeriesReader, image: sitk.Image, folder: Path, name: str) -> None:
+    """Refuse a series whose slices are not evenly spaced along their normal (a gap, a repeated or a missing slice):
+    read as one volume it would get one mean spacing, and every mask on it would be misplaced."""
+    files = reader.GetFileNames()
+    if len(files) < 3 or not all(reader.HasMetaDataKey(i, POSITION_TAG) for i in range(len(files))):
+        return
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    where = np.array([[float(v) for v in reader.GetMetaData(i, POSITION_TAG).split("\\")] for i in range(len(files))])
+    steps = np.diff(where @ normal)
+    usual = float(np.median(steps))
+    odd = np.flatnonzero(np.abs(steps - usual) > max(0.01, 0.01 * abs(usual)))
+    if odd.size:
+        i = int(odd[0])
+        raise InputError(f"channel '{name}': the slices of the DICOM series in {folder} are not evenly spaced "
+                         f"({steps[i]:g} mm between {Path(files[i]).name} and {Path(files[i + 1]).name}, "
+                         f"{usual:g} mm elsewhere: a missing, repeated or extra slice?). Export the whole series "
+                         "again, or resample it to even spacing (e.g. in Slicer) and give that file")
 
 
 def check_nifti_data(path: Path, name: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from . import dicom_seg
 from .atomic import current_umask
 from .volume_result import VolumeResult
 
@@ -46,7 +47,7 @@ def output_paths(out_dir: Path, fmt: str, extra: tuple[str, ...] = (), maps: boo
 
 
 def _our_names() -> set[str]:
-    names = {MARKER, "slices.csv"}
+    names = {MARKER, "slices.csv", dicom_seg.FILE_NAME}
     for suffix in FORMATS.values():
         names |= {f"{n}{suffix}" for n in (*MAP_NAMES, *EXTRA_FILE_NAMES.values())}
     return names
@@ -139,18 +140,19 @@ def map_to_uint8(m: np.ndarray) -> np.ndarray:
 
 def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", overwrite: bool = False,
                  provenance: dict[str, Any] | None = None, staging: Path | None = None,
-                 also_ours: tuple[str, ...] = ()) -> dict[str, Path]:
+                 also_ours: tuple[str, ...] = (), series: dicom_seg.SeriesSource | None = None) -> dict[str, Path]:
     """Write cam, mean_gradient, seeds, mask, any extra map (cdm_saliency), slices.csv and the marker (the mask
     alone of the four when the run computed no maps, ``result.has_maps``).
 
     Maps are on the input's own voxel grid (`VolumeResult.on_input_grid`); cam, mean_gradient and
     cdm_saliency as 8-bit 0..255 for 0..1. ``staging``: a folder from `staging_folder` made before the
-    run (else one is made here). Returns the final paths.
+    run (else one is made here). ``series``: also write the mask as a DICOM Segmentation of that series
+    (`dicom_seg.FILE_NAME`). Returns the final paths.
     """
     out_dir = Path(out_dir)
     if staging is None:
         with staging_folder(out_dir, overwrite, also_ours) as folder:
-            return write_result(result, out_dir, fmt, overwrite, provenance, folder, also_ours)
+            return write_result(result, out_dir, fmt, overwrite, provenance, folder, also_ours, series)
     result = result.on_input_grid()
     extra = tuple(result.extra)
     paths = output_paths(staging, fmt, extra, result.has_maps)
@@ -165,13 +167,17 @@ def write_result(result: VolumeResult, out_dir: str | Path, fmt: str = "nifti", 
         for name, array in arrays.items():
             write_volume(array, result.reference, paths[name])
         _write_slices(result, paths["slices"])
+        if series is not None:
+            paths["dicom_seg"] = staging / dicom_seg.FILE_NAME
+            dicom_seg.write(result.mask, result.reference, series, paths["dicom_seg"])
         marker = {"complete": True, "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "files": sorted(p.name for p in paths.values()), "map_scale": MAP_SCALE, **(provenance or {})}
         (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     except (OSError, RuntimeError) as e:
         raise OutputError(f"writing the results failed ({_reason(e, staging)}); nothing was written to {out_dir}") from None
     commit(staging, out_dir, overwrite, also_ours)
-    return output_paths(out_dir, fmt, extra, result.has_maps) | {"marker": out_dir / MARKER}
+    final = {name: out_dir / p.name for name, p in paths.items()}
+    return final | {"marker": out_dir / MARKER}
 
 
 def _write_slices(result: VolumeResult, path: Path) -> None:

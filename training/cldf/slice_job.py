@@ -123,11 +123,15 @@ class VolumeSegmenter:
 
 
 def provenance(job: SliceJob, inputs: dict[str, str | Path], command: str, **more) -> dict:
-    """What ``cldf-result.json`` records about a run: the bundle, the segmenter and its validation score, what was
-    done to the input's intensities, the inputs and the command (the CLI's and cohort runs' one record)."""
+    """What ``cldf-result.json`` records about a run: the bundle, its target and the target's standard codes, the
+    segmenter and its validation score, what was done to the input's intensities, the inputs and the command (the
+    CLI's and cohort runs' one record)."""
     bundle = job.segmenter.bundle
     score = validation_score(bundle.card, job.kind)
-    return {"bundle": bundle.id, "segmenter": job.kind, "validation": dataclasses.asdict(score) if score else None,
+    task = bundle.card.get("task") or {}
+    target = {"name": task.get("target"), "code": task.get("code")}  # the code: `terminology.SegmentCode.to_card`
+    return {"bundle": bundle.id, "target": target, "segmenter": job.kind,
+            "validation": dataclasses.asdict(score) if score else None,
             "intensities": job.intensities, "inputs": {k: str(v) for k, v in inputs.items()}, "command": command,
             **more}
 

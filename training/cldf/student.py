@@ -40,11 +40,18 @@ def probabilities(net: torch.nn.Module, x: torch.Tensor, device: torch.device) -
         return torch.sigmoid(net(x.to(device)).float())[:, 0].cpu()
 
 
-def raw_mask(bundle: Bundle, case: cases.CaseVolume, device: torch.device, batch_size: int = BATCH_SIZE) -> np.ndarray:
-    """The student's ``(Z, Y, X)`` mask of a whole case on its grid, before refinement and the whole-volume rule."""
+def probability_volume(bundle: Bundle, case: cases.CaseVolume, device: torch.device,
+                       batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """The student's ``(Z, Y, X)`` target probabilities of a whole case on its grid (its mask: above
+    ``student.threshold``, before refinement and the whole-volume rule)."""
     x = student_slices(case.normalised, bundle.config.student)
     p = torch.cat([probabilities(bundle.student, b, device) for b in x.split(batch_size)])
-    return from_slices(p, case.volume.shape[2:]) > bundle.config.student.threshold
+    return from_slices(p, case.volume.shape[2:])
+
+
+def raw_mask(bundle: Bundle, case: cases.CaseVolume, device: torch.device, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """The student's ``(Z, Y, X)`` mask of a whole case on its grid, before refinement and the whole-volume rule."""
+    return probability_volume(bundle, case, device, batch_size) > bundle.config.student.threshold
 
 
 class StudentSegmenter(VolumeSegmenter):

@@ -132,3 +132,27 @@ def test_the_paper_preset_on_a_cpu_warns_about_its_memory_before_any_work(small_
               "--channels", "FLAIR,T1", "--device", "cpu", "--preset", "paper"])
     assert "more than 23 GB at the paper's 16" in caplog.text and "diffusion.batch_size=2" in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_a_selection_whose_share_holds_no_grid_point_is_left_out_and_the_preset_kept(tiny_bundle, small_manifest,
+                                                                                     tmp_path, caplog):
+    from cldf.manifest import load_manifest
+    from cldf.trainer.slicecache import cached_slice_set
+    from cldf.trainer.train import _select
+
+    bundle = load_bundle(tiny_bundle)
+    cfg, card = bundle.config, bundle.card
+    manifest = load_manifest(small_manifest)
+    split = card["training"]["split"]
+    data = cached_slice_set(manifest, split["train"], cfg.data.channels, cfg.data.resolution,
+                            tuple(cfg.data.percentiles), [1], cfg.data.positive_fraction, cfg.data.orientation)
+    req = TrainRequest(manifest=small_manifest, out=tmp_path / "b", config=cfg, device="cpu", progress=False,
+                       time_budget_min=0.01, budget_stages=("selection",))  # 0.6 s: one batch of maps takes more
+    before = cfg.to_dict()
+    with caplog.at_level("WARNING"):
+        chosen = _select(bundle, data, manifest, split["val"], req, tmp_path)
+    assert chosen.to_dict() == before and req.budget_stops["selection"] == 0
+    assert "settings selection skipped: its share of the time budget" in caplog.text
+    record = json.loads((tmp_path / "selection.json").read_text(encoding="utf-8"))
+    assert record["table"] == [] and "preset's settings were kept" in record["skipped"]
+    assert _select(bundle, data, manifest, split["val"], req, tmp_path).to_dict() == before  # resumed: the same

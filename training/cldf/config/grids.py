@@ -30,3 +30,7 @@ POSTPROCESS_GRID = {
 
 # The student's whole-volume rule, chosen on whole validation volumes like the pipeline's ("off" first).
 STUDENT_RULES = [0.0, 0.1, 0.25, 0.5]
+# The student's probability threshold, chosen with its rule (the default first): a higher one cuts where a mask
+# spills into neighbouring tissue at lower confidence. With LiteMedSAM the student's mask at the default threshold
+# is what SAM redraws.
+STUDENT_THRESHOLDS = [0.5, 0.7, 0.9]

@@ -32,6 +32,11 @@ from .tensorstore import TensorStore
 
 log = logging.getLogger(__name__)
 
+# Under a time budget the seeds and their features take this share of the decoders' seconds; the decoders'
+# training shares the rest.
+SEED_FEATURE_SHARE = 0.5
+
+
 def seed_features(bundle: Bundle, data: SliceSet, device: torch.device, variants: list[str], store_dir: Path,
                   batch: int | None = None, progress: bool = True, cam_images=None, seconds: float = float("inf"),
                   ) -> tuple[dict[str, TensorStore], dict[str, TensorStore], int]:
@@ -91,12 +96,16 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
                  progress: bool = True, cam_images=None, seconds: float = float("inf")):
     """One decoder per (variant, seed), reusing those already in ``done`` and calling ``save`` after each new one.
 
+    ``seconds``: the whole stage's time (seeds, features and every decoder's training), after which each decoder
+    still to train stops at a batch boundary (the card's ``epochs`` says where).
+
     Returns:
         the decoders by variant and seed, and a card of seed counts and final losses.
     """
     cfg = bundle.config
+    deadline = time.monotonic() + seconds
     feats, labels, visited = seed_features(bundle, data, device, variants, store_dir, progress=progress,
-                                           cam_images=cam_images, seconds=seconds)
+                                           cam_images=cam_images, seconds=seconds * SEED_FEATURE_SHARE)
     try:
         empty = [v for v in variants if not len(labels[v])]
         if empty:
@@ -106,8 +115,9 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
         card = {"seed_slices": {v: len(labels[v]) for v in variants},
                 "foreground_seeds": {v: int(sum((lab == 1).sum() for lab in labels[v])) for v in variants},
                 "background_seeds": {v: int(sum((lab == 2).sum() for lab in labels[v])) for v in variants},
-                "final_loss": {},
+                "final_loss": {}, "epochs": {},
                 **({"positive_slices_visited": visited} if visited < int((data.labels == 1).sum()) else {})}
+        to_train = sum(not any(k.startswith(f"{v}.{s}.") for k in done) for v in variants for s in decoder_seeds)
         for v in variants:
             for s in decoder_seeds:
                 prefix = f"{v}.{s}."
@@ -117,8 +127,11 @@ def fit_decoders(bundle: Bundle, data: SliceSet, device, variants: list[str], de
                     d = PixelDecoder(dcfg).load_state_dict({k[len(prefix):]: t for k, t in done.items()
                                                             if k.startswith(prefix)})
                 else:
-                    d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress)
+                    share = max(0.0, deadline - time.monotonic()) / to_train
+                    d = PixelDecoder(dcfg).fit(feats[v], labels[v], progress=progress, seconds=share)
+                    to_train -= 1
                     card["final_loss"][f"{v}.{s}"] = round(d.loss_history_[-1], 4) if d.loss_history_ else None
+                    card["epochs"][f"{v}.{s}"] = round(d.epochs_, 2)
                     done.update({f"{prefix}{k}": t for k, t in d.state_dict().items()})
                     save(done)
                 decoders[v][s] = d

@@ -65,7 +65,7 @@ class TrainRequest:
     time_budget_min: float | None = None  # wall-clock for this run, split over its stages (`BUDGET_SHARES`)
     budget_stages: tuple[str, ...] | None = None  # the stages the budget is split over (None: those the config trains)
     started: float = field(default_factory=time.monotonic)  # the budget's clock starts with the run
-    budget_stops: dict[str, int] = field(default_factory=dict)  # filled in: steps of the stages stopped at their share
+    budget_stops: dict[str, float] = field(default_factory=dict)  # filled in: steps of the stages stopped at their share
     select_patients: int = SELECT_PATIENTS  # settings are chosen on at most this many validation patients
     workers: int | None = None  # DataLoader worker processes (default: 4 on CUDA, none on the CPU)
     ranks: Ranks = SINGLE  # set by `train` under torchrun

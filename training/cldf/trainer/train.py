@@ -55,12 +55,13 @@ from ..manifest import Case, check_channels, check_training_split, load_manifest
 from ..models import NoiseSchedule, build_cdm
 from ..plausibility import intensity_card
 from ..sides import check_side_settings, side_labels
+from ..terminology import known_code
 from ..variants import bundle_variants
 from . import distributed, run_folder
 from .batches import check_intensity
 from .decoders import fit_decoders, safe_open_metadata
 from .run_folder import checkpoint_dir
-from .select import select_settings
+from .select import ShareTooShort, select_settings
 from .slice_set import SliceSet
 from .slicecache import cached_slice_set
 from .stages import BUDGET_SHARES, TrainRequest, cdm_stage, fit, fit_classifier
@@ -110,7 +111,8 @@ def _train(req: TrainRequest, cfg: CLDFConfig, out: Path, ckdir: Path, device: t
     cfg = bundle.config
     card = {
         "name": req.name,
-        "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels},
+        "task": {"target": req.target_name, "color": list(req.target_color), "mask_labels": req.target_labels,
+                 **({"code": code.to_card()} if (code := known_code(req.target_name)) else {})},
         "untrained_cdm": {"seed": untrained_seed},
         "training": _training_card(req, splits, device, seconds, train_set, cfg, decoder_card,
                                    {"ame_cam": ame_card, "cpf_cte": cpf_card}),
@@ -311,6 +313,9 @@ def _train_decoders(bundle: Bundle, data: SliceSet, device, req: TrainRequest, c
                                   req.progress, cam_images, req.stage_seconds("decoders"))
     if "positive_slices_visited" in card:
         req.budget_stops["decoders"] = card["positive_slices_visited"]
+    short = [e for e in card["epochs"].values() if e < cfg.decoder.epochs]
+    if short:
+        req.budget_stops["decoder_epochs"] = min(short)
     return decoders, card
 
 
@@ -318,13 +323,19 @@ def _select(bundle: Bundle, train_set: SliceSet, manifest, val_ids: list[str], r
     """Settings chosen on the validation split (cached in the checkpoint folder)."""
     path = ckdir / "selection.json"
     if path.is_file():
-        rows = json.loads(path.read_text())["table"]
-        return apply_settings(bundle.config, rows[0]["settings"])
+        return apply_settings(bundle.config, json.loads(path.read_text())["chosen"])
     t0 = time.time()
-    config, rows, gate_rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels,
-                                              req.decoder_seeds, req.device, req.progress,
-                                              partial=ckdir / "selection.partial.json",
-                                              seconds=req.stage_seconds("selection"))
+    try:
+        config, rows, gate_rows = select_settings(bundle, train_set, manifest, val_ids, req.target_labels,
+                                                  req.decoder_seeds, req.device, req.progress,
+                                                  partial=ckdir / "selection.partial.json",
+                                                  seconds=req.stage_seconds("selection"))
+    except ShareTooShort as e:
+        log.warning("settings selection skipped: %s; the preset's settings are kept", e)
+        req.budget_stops["selection"] = 0
+        atomic.write_json(path, {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
+                                 "skipped": f"{e}; the preset's settings were kept", "chosen": {}, "table": []})
+        return bundle.config
     doc = {"seconds": round(time.time() - t0, 1), "validation_cases": val_ids,
            "metric": "positive-slice Dice on the validation split, mean over decoder seeds",
            "chosen": rows[0]["settings"], "gate": gate_rows, "table": rows}

@@ -22,16 +22,16 @@ from monai.losses import DiceCELoss
 from tqdm.auto import tqdm
 
 from .. import atomic, cases, metrics
-from ..bundle import Bundle, add_network, load_bundle
+from ..bundle import Bundle, add_network, load_bundle, update_card
 from ..config import StudentConfig
-from ..config.grids import STUDENT_RULES
+from ..config.grids import STUDENT_RULES, STUDENT_THRESHOLDS
 from ..device import batch_for, resolve_device
 from ..manifest import Manifest
 from ..models import build_student
 from ..postprocess import keep_main_components
 from ..segment import SegmentationJob, Segmenter
 from ..slices import to_slices
-from ..student import raw_mask, student_slices
+from ..student import probability_volume, student_slices
 from .batches import StepDraws, flip, intensity_change
 from .pseudo_masks import PseudoMask, pipeline_id, pseudo_masks
 from .slice_set import SliceSet
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # LiteMedSAM multiplies a student run's time several times over on a CPU (0.67 s per slice with a mask against
 # hundredths of a second): the student keeps it only when it gains more than this on the validation score.
 SAM_MARGIN = 0.02
-CHOSEN_ON_VALIDATION = ("segmenter", "refine", "min_component_fraction")
+CHOSEN_ON_VALIDATION = ("segmenter", "refine", "threshold", "min_component_fraction")
 # The student's share of --time-budget: half makes the pseudo-masks, then training takes 60 % of what is left
 # (validation, which cannot stop part-way, the rest).
 PSEUDO_MASK_SHARE, TRAINING_SHARE = 0.5, 0.6
@@ -164,10 +164,10 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, d: StepDraws, flips: bool) ->
 def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], target_labels, device: str,
                    folder: Path, progress: bool = True, refine: bool = True,
                    seconds: float = math.inf) -> tuple[dict, list[dict], list[str]]:
-    """The bundle's segmenter on the validation patients: the pipeline as shipped, or the student, with or
-    (``refine``) without LiteMedSAM, under each whole-volume rule of `STUDENT_RULES`; returns the chosen
-    settings, the table (best first) and the patients scored. Without validation patients the pipeline stays
-    the segmenter.
+    """The bundle's segmenter on the validation patients: the pipeline as shipped, or the student at each threshold
+    of `STUDENT_THRESHOLDS` (with LiteMedSAM when ``refine``: at the first), under each whole-volume rule of
+    `STUDENT_RULES`; returns the chosen settings, the table (best first) and the patients scored. Without
+    validation patients the pipeline stays the segmenter.
 
     ``seconds``: no further patient is started once they are used (the first always runs).
     """
@@ -176,7 +176,7 @@ def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], targe
     from ..slice_job import bundle_refiner
 
     refiner = bundle_refiner(bundle, "sam", 8) if refine else None
-    scores: dict[tuple[str, float], list[tuple[float, list[float]]]] = {}
+    scores: dict[tuple[str, float | None, float], list[tuple[float, list[float]]]] = {}
     start = time.monotonic()
     scored: list[str] = []
     for cid in tqdm(val_ids, desc="student validation", unit="case", disable=not progress):
@@ -188,24 +188,27 @@ def choose_student(bundle: Bundle, manifest: Manifest, val_ids: list[str], targe
         for key, value in _validation_case(bundle, manifest, cid, target_labels, device, folder, refiner).items():
             scores.setdefault(key, []).append(value)
     rows = []
-    for (name, rule), per_case in scores.items():
+    for (name, threshold, rule), per_case in scores.items():
         dice_3d = float(np.mean([d for d, _ in per_case]))
         slices = [s for _, ss in per_case for s in ss]
         slice_dice = float(np.mean(slices)) if slices else float("nan")
-        rows.append({"segmenter": name, "min_component_fraction": rule, "dice_3d": round(dice_3d, 4),
+        rows.append({"segmenter": name, "threshold": threshold, "min_component_fraction": rule,
+                     "dice_3d": round(dice_3d, 4),
                      "target_slice_dice": round(slice_dice, 4), "score": round((dice_3d + slice_dice) / 2, 4)})
     rows.sort(key=lambda r: -r["score"] + (SAM_MARGIN if r["segmenter"] == "student+sam" else 0.0))
     best = rows[0]
     if best["segmenter"] == "cldf":
         return {"student.segmenter": "cldf"}, rows, scored
     return {"student.segmenter": "student", "student.refine": "sam" if best["segmenter"] == "student+sam" else "none",
-            "student.min_component_fraction": best["min_component_fraction"]}, rows, scored
+            "student.threshold": best["threshold"], "student.min_component_fraction": best["min_component_fraction"]}, \
+        rows, scored
 
 
 def _validation_case(bundle: Bundle, manifest: Manifest, cid: str, target_labels, device: str,
-                     folder: Path, refiner) -> dict[tuple[str, float], tuple[float, list[float]]]:
-    """One validation patient's (3D Dice, Dice per slice holding target) per segmenter and rule; the pipeline's
-    mask is saved in ``folder`` (it does not depend on the student), so a resumed run does not make it again."""
+                     folder: Path, refiner) -> dict[tuple[str, float | None, float], tuple[float, list[float]]]:
+    """One validation patient's (3D Dice, Dice per slice holding target) per segmenter, threshold and rule; the
+    pipeline's mask is saved in ``folder`` (it does not depend on the student), so a resumed run does not make it
+    again."""
     data = bundle.config.data
     case = manifest.case(cid)
     read = cases.read_case(case.channels, data)
@@ -216,14 +219,37 @@ def _validation_case(bundle: Bundle, manifest: Manifest, cid: str, target_labels
         job = SegmentationJob(Segmenter(bundle, device, batch_for(data.resolution)), read)
         with atomic.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, job.run(progress=False).mask.astype(np.uint8))
-    masks = {("cldf", bundle.config.postprocess.min_component_fraction): np.load(path).astype(bool)}
-    raw = raw_mask(bundle, read, resolve_device(device))
-    refined = _sam(refiner, read, raw) if refiner is not None else None
+    masks = {("cldf", None, bundle.config.postprocess.min_component_fraction): np.load(path).astype(bool)}
+    probability = probability_volume(bundle, read, resolve_device(device))
+    sam_threshold = STUDENT_THRESHOLDS[0]
+    refined = _sam(refiner, read, probability > sam_threshold) if refiner is not None else None
     for rule in STUDENT_RULES:
-        masks[("student", rule)] = keep_main_components(raw, rule)
+        for threshold in STUDENT_THRESHOLDS:
+            masks[("student", threshold, rule)] = keep_main_components(probability > threshold, rule)
         if refined is not None:
-            masks[("student+sam", rule)] = keep_main_components(refined, rule)
+            masks[("student+sam", sam_threshold, rule)] = keep_main_components(refined, rule)
     return {k: (metrics.dice(m, truth), metrics.target_slice_dice(m, truth)) for k, m in masks.items()}
+
+
+def rechoose_student(bundle: Bundle, manifest: Manifest, req: TrainRequest, ckdir: Path) -> dict:
+    """`choose_student` for a bundle that has its student; the card's ``student`` entry and settings take the
+    choice (the weights stay as they are). Returns the card entry."""
+    if bundle.student is None:
+        raise ValueError(f"the bundle {bundle.path} has no student to weigh: train one with `cldf student` "
+                         "(without --choose)")
+    val_ids = bundle.card.get("training", {}).get("split", {}).get("val", [])
+    if not val_ids:
+        raise ValueError(f"the bundle {bundle.path} records no validation patients to weigh its student on")
+    t0 = time.time()
+    chosen, rows, scored = choose_student(bundle, manifest, val_ids, req.target_labels, req.device,
+                                          ckdir / "student-validation", req.progress, req.select_refine)
+    card = {**bundle.card.get("student", {}), "validation_cases": scored, "chosen": chosen, "table": rows,
+            "rechosen": {"command": req.command, "wall_clock_s": round(time.time() - t0, 1)}}
+    for key, value in chosen.items():
+        bundle.config.set(key, value)
+    update_card(bundle.path, config={**bundle.card["config"], "student": bundle.config.to_dict()["student"]},
+                student=card)
+    return card
 
 
 def _sam(refiner, read: cases.CaseVolume, mask: np.ndarray) -> np.ndarray:
@@ -241,11 +267,14 @@ def _data_card(data: SliceSet) -> dict:
 
 
 def add_student(bundle_dir: Path, manifest_path: Path, device: str, settings: dict | None = None, command: str = "",
-                progress: bool = True, keep_checkpoints: bool = False, time_budget_min: float | None = None) -> dict:
+                progress: bool = True, keep_checkpoints: bool = False, time_budget_min: float | None = None,
+                choose_only: bool = False) -> dict:
     """`cldf student`: the student stage for a bundle made without it, on its recorded split; `cldf train` runs
     the same stage itself. Checkpoints wait in ``<bundle>.student-checkpoints`` until the bundle has its student.
 
     ``settings``: ``student.*`` values (e.g. ``{"student.steps": 500}``) used instead of the bundle's.
+    ``choose_only``: train nothing; weigh the bundle's student again on its validation patients (`choose_student`,
+    e.g. after its grids grew) and record the choice.
     """
     import shutil
 
@@ -262,7 +291,8 @@ def add_student(bundle_dir: Path, manifest_path: Path, device: str, settings: di
     req = TrainRequest(manifest=Path(manifest_path), out=Path(bundle_dir), config=bundle.config, device=device,
                        target_labels=bundle.card.get("task", {}).get("mask_labels"), progress=progress,
                        time_budget_min=time_budget_min, budget_stages=("student",), command=command)
-    card = train_student(bundle, load_manifest(manifest_path), req, ckdir)
+    manifest = load_manifest(manifest_path)
+    card = rechoose_student(bundle, manifest, req, ckdir) if choose_only else train_student(bundle, manifest, req, ckdir)
     if not keep_checkpoints:
         shutil.rmtree(ckdir, ignore_errors=True)
     return card
