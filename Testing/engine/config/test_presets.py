@@ -14,6 +14,7 @@ from cldf.config import ADDED_LATER, RECIPES, CLDFConfig, apply_overrides, apply
 from cldf.decoder import PixelDecoder
 from cldf.features import DiffusionFeatures, gather_at_pixels
 from cldf.models import NoiseSchedule, SliceClassifier, build_cdm
+from cldf.trainer.train_student import CHOSEN_ON_VALIDATION
 
 
 def _step(net, loss_fn):
@@ -143,7 +144,7 @@ def test_each_shipped_bundle_was_trained_with_the_recipe_named_after_it(name):
     shipped, recipe = CLDFConfig.from_dict(card["config"]).to_dict(), preset(name).to_dict()
     for section in TRAINED:
         assert shipped[section] == recipe[section], section
-    chosen_by_student = {"segmenter", "refine", "min_component_fraction"}  # the student's validation (`train_student`)
+    chosen_by_student = set(CHOSEN_ON_VALIDATION)  # the student's validation (`train_student`)
     for section, chosen in (("data", {"orientation"}), ("maps", {"cam_method"}), ("student", chosen_by_student)):
         assert {k: v for k, v in shipped[section].items() if k not in chosen} == \
                {k: v for k, v in recipe[section].items() if k not in chosen}, section

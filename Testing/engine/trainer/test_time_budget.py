@@ -51,18 +51,24 @@ def test_a_time_budget_stops_each_stage_at_its_share_and_the_bundle_records_it(s
     assert student["cases_with_pseudo_masks"] == 1 < student["training_cases"]
 
 
-def test_a_student_whose_time_is_already_spent_is_left_out_and_the_card_says_why(tiny_bundle, small_manifest,
-                                                                                 tmp_path, caplog):
+def _without_student(bundle: Path, copy: Path) -> Path:
+    """A copy of ``bundle`` as the student's stage finds it: the pipeline alone."""
     from cldf.bundle import update_card
-    from cldf.manifest import load_manifest
-    from cldf.trainer.train import _student_stage
 
-    copy = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, copy)
+    shutil.copytree(bundle, copy)
     card = json.loads((copy / "bundle.json").read_text(encoding="utf-8"))
     (copy / "student.safetensors").unlink()
     update_card(copy, files={k: v for k, v in card["files"].items() if k != "student.safetensors"}, student={},
                 config={**card["config"], "student": {**card["config"]["student"], "segmenter": "cldf"}})
+    return copy
+
+
+def test_a_student_whose_time_is_already_spent_is_left_out_and_the_card_says_why(tiny_bundle, small_manifest,
+                                                                                 tmp_path, caplog):
+    from cldf.manifest import load_manifest
+    from cldf.trainer.train import _student_stage
+
+    copy = _without_student(tiny_bundle, tmp_path / "bundle")
     cfg = load_bundle(copy).config
     req = TrainRequest(manifest=small_manifest, out=copy, config=cfg, device="cpu", progress=False,
                        time_budget_min=1.0, started=time.monotonic() - 61.0)  # the minute is gone
@@ -156,3 +162,23 @@ def test_a_selection_whose_share_holds_no_grid_point_is_left_out_and_the_preset_
     record = json.loads((tmp_path / "selection.json").read_text(encoding="utf-8"))
     assert record["table"] == [] and "preset's settings were kept" in record["skipped"]
     assert _select(bundle, data, manifest, split["val"], req, tmp_path).to_dict() == before  # resumed: the same
+
+
+def test_a_student_whose_share_cannot_take_two_volumes_through_the_pipeline_is_left_out(tiny_bundle, small_manifest,
+                                                                                         tmp_path, caplog):
+    from cldf.manifest import load_manifest
+    from cldf.trainer.train import _student_stage
+
+    copy = _without_student(tiny_bundle, tmp_path / "bundle")
+    ckdir = tmp_path / "checkpoints"
+    (ckdir / "postprocess-volumes").mkdir(parents=True)
+    (ckdir / "postprocess-volumes" / "case.safetensors").write_bytes(b"")  # one volume scored ...
+    (ckdir / "postprocess.json").write_text(json.dumps({"seconds": 100.0}), encoding="utf-8")  # ... in 100 s
+    cfg = load_bundle(copy).config
+    req = TrainRequest(manifest=small_manifest, out=copy, config=cfg, device="cpu", progress=False,
+                       time_budget_min=1.0, budget_stages=("student",))  # 60 s left, 200 s needed
+    with caplog.at_level("WARNING"):
+        _student_stage(copy, cfg, load_manifest(small_manifest), req, ckdir)
+    assert "is less than its first training case and validation patient take through the pipeline (about 200 s)" \
+        in caplog.text
+    assert load_bundle(copy).student is None and "about 200 s" in load_bundle(copy).card["student"]["skipped"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -285,9 +286,10 @@ def pointing(maps: np.ndarray, gt: np.ndarray, positive: np.ndarray) -> list[boo
 def _hd95(p: np.ndarray, g: np.ndarray, spacing, diag: float) -> float:
     if not p.any():
         return diag
-    d = compute_hausdorff_distance(
-        torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None], percentile=95, spacing=(spacing[1], spacing[0])
-    )
+    with warnings.catch_warnings():  # MONAI 1.6 warns of its own deprecated argument on every call
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"monai\.")
+        d = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None],
+                                       percentile=95, spacing=(spacing[1], spacing[0]))
     v = float(d)
     return v if math.isfinite(v) else diag
 

@@ -142,8 +142,11 @@ def _student_stage(partial: Path, cfg: CLDFConfig, manifest, req: TrainRequest, 
     spent, leaves the bundle without one (warned and noted in the card) rather than losing the rest of the run."""
     from .train_student import NothingToLearn, train_student
 
-    if req.stage_seconds("student") <= 0:
-        reason = f"the time budget ({req.time_budget_min:g} min) was spent before the student's stage"
+    seconds, needed = req.stage_seconds("student"), _student_minimum(ckdir)
+    if seconds <= 0 or seconds < needed:
+        reason = (f"the time budget ({req.time_budget_min:g} min) was spent before the student's stage" if seconds <= 0
+                  else f"the student's share of the time budget ({seconds:.0f} s) is less than its first training "
+                       f"case and validation patient take through the pipeline (about {needed:.0f} s)")
         log.warning("no student: %s; the bundle segments with the pipeline", reason)
         update_card(partial, student={"skipped": reason})
         return
@@ -154,6 +157,16 @@ def _student_stage(partial: Path, cfg: CLDFConfig, manifest, req: TrainRequest, 
     except NothingToLearn as err:
         log.warning("no student: %s; the bundle segments with the pipeline", err)
         update_card(partial, student={"skipped": str(err)})
+
+
+def _student_minimum(ckdir: Path) -> float:
+    """What the student's stage takes at least: two volumes through the pipeline (its first pseudo-mask case and
+    its first validation patient), timed on this run's post-processing selection (0 when it did not run)."""
+    path = ckdir / "postprocess.json"
+    volumes = [p for p in (ckdir / "postprocess-volumes").glob("*.safetensors") if ".refined." not in p.name]
+    if not path.is_file() or not volumes:
+        return 0.0
+    return 2.0 * json.loads(path.read_text()).get("seconds", 0.0) / len(volumes)
 
 
 def _prepare(req: TrainRequest, cfg: CLDFConfig, ckdir: Path, device: torch.device):
